@@ -1,0 +1,1 @@
+"""fedprune_jax.pruning."""
