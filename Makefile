@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test`; both bootstrap .venv from nothing (pip only).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+EXTRAS := dev,tfds,fedjax,tensorboard
+DATA ?= data
+# Pytest workers: the suite is compile-bound, two processes use both cores.
+TEST_WORKERS ?= 2
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedprune demo --data $(DATA) --workdir runs/demo
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
+
+bench: $(STAMP)
+	$(VENV)/bin/fedprune bench step
+	$(VENV)/bin/fedprune bench prune
+	$(VENV)/bin/fedprune bench engine
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,210 @@
+"""The ``fedprune`` command line: corpus, train, eval, federated, bench, presets, demo.
+
+Heavy modules (JAX, Flax, TensorFlow) are imported inside each command so that ``--help`` is
+instant and the core never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Callable, Sequence
+
+DEFAULT_SPEAKERS = 48
+DEFAULT_UTTERANCES = 40
+DEFAULT_SEED = 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
+  parser.add_argument("--config", default=default_config,
+                      help="config file (Python, defines get_config()) or a name in experiments/configs/ "
+                           f"(default: {default_config})")
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set train.steps=200 (repeatable)")
+  parser.add_argument("--workdir", default=None, help="output directory (metrics.jsonl, checkpoints)")
+  parser.add_argument("--data", default=None, help="corpus root directory (overrides data.root)")
+
+
+def _load(args: argparse.Namespace):
+  from fedprune_jax import config as config_lib
+  cfg = config_lib.load_config(args.config, args.overrides)
+  if getattr(args, "data", None):
+    cfg.data.root = args.data
+  if getattr(args, "workdir", None):
+    cfg.workdir = args.workdir
+  return cfg
+
+
+# --- corpus -------------------------------------------------------------------------------------
+
+def cmd_corpus_synth(args: argparse.Namespace) -> int:
+  from fedprune_jax.data import synth
+  out = synth.synthesize_corpus(args.out, speakers=args.speakers, utterances=args.utterances,
+                                seed=args.seed, workers=args.workers, progress=not args.quiet)
+  print(f"corpus ready: {out}")
+  return 0
+
+
+def cmd_corpus_stats(args: argparse.Namespace) -> int:
+  from fedprune_jax.data import librispeech
+  root = pathlib.Path(args.dir)
+  split_dirs = [root] if any(p.suffix == ".txt" for p in root.glob("*/*/*.trans.txt")) else sorted(
+      p for p in root.iterdir() if p.is_dir())
+  print(f"{'split':<12} {'speakers':>8} {'utterances':>10}")
+  for split_dir in split_dirs:
+    infos = librispeech.scan_split(split_dir)
+    speakers = {info.speaker_id for info in infos}
+    print(f"{split_dir.name:<12} {len(speakers):>8} {len(infos):>10}")
+  return 0
+
+
+# --- training / evaluation ----------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+  from fedprune_jax.train import centralized
+  cfg = _load(args)
+  result = centralized.train_and_evaluate(cfg)
+  print(json.dumps(result["final"], indent=2, sort_keys=True))
+  return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  from fedprune_jax.train import centralized
+  cfg = _load(args)
+  metrics = centralized.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
+  print(json.dumps(metrics, indent=2, sort_keys=True))
+  return 0
+
+
+def cmd_federated(args: argparse.Namespace) -> int:
+  from fedprune_jax.federated import runner
+  cfg = _load(args)
+  result = runner.run_federated(cfg)
+  print(json.dumps(result.get("final", {}), indent=2, sort_keys=True))
+  return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+  from fedprune_jax.models import conformer
+  print(conformer.format_preset_table())
+  return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+  """Synthesizes the embedded corpus, trains the tiny preset, prints the WER table."""
+  from fedprune_jax import config as config_lib
+  from fedprune_jax.data import synth
+  from fedprune_jax.train import centralized
+  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", speakers=DEFAULT_SPEAKERS,
+                                   utterances=DEFAULT_UTTERANCES, seed=DEFAULT_SEED, progress=True)
+  cfg = config_lib.load_config("demo", args.overrides)
+  cfg.data.root = str(corpus)
+  cfg.workdir = args.workdir
+  result = centralized.train_and_evaluate(cfg)
+  print()
+  print(centralized.format_results_table(result))
+  return 0
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+  import importlib
+  module = importlib.import_module(f"fedprune_jax.bench.{args.which}")
+  module.main(args.bench_args)
+  return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="fedprune",
+      description="Federated pruning of Conformer speech recognizers (JAX/Flax).")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  corpus = sub.add_parser("corpus", help="make or inspect a LibriSpeech-layout corpus")
+  corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+  synth_p = corpus_sub.add_parser("synth", help="write the embedded synthetic multi-speaker corpus")
+  synth_p.add_argument("--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)")
+  synth_p.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS)
+  synth_p.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES, help="utterances per speaker")
+  synth_p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+  synth_p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  synth_p.add_argument("--quiet", action="store_true", help="no progress bar")
+  synth_p.set_defaults(func=cmd_corpus_synth)
+  stats_p = corpus_sub.add_parser("stats", help="count speakers and utterances per split")
+  stats_p.add_argument("dir", help="corpus root or one split directory")
+  stats_p.set_defaults(func=cmd_corpus_stats)
+
+  train_p = sub.add_parser("train", help="centralized training + dev/test evaluation")
+  _add_config_args(train_p, "tiny_centralized")
+  train_p.set_defaults(func=cmd_train)
+
+  eval_p = sub.add_parser("eval", help="evaluate a checkpoint (WER/CER)")
+  _add_config_args(eval_p, "tiny_centralized")
+  eval_p.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
+  eval_p.add_argument("--splits", nargs="+", default=["dev", "test"])
+  eval_p.set_defaults(func=cmd_eval)
+
+  fed_p = sub.add_parser("federated", help="federated training rounds (vmap executor)")
+  _add_config_args(fed_p, "tiny_federated")
+  fed_p.set_defaults(func=cmd_federated)
+
+  presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")
+  presets_p.set_defaults(func=cmd_presets)
+
+  demo_p = sub.add_parser("demo", help="synthesize the corpus, train, print the WER table")
+  demo_p.add_argument("--data", default="data", help="where the corpus is written (default: data/)")
+  demo_p.add_argument("--workdir", default="runs/demo")
+  demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  demo_p.set_defaults(func=cmd_demo)
+
+  bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
+  bench_p.add_argument("which", choices=["step", "prune", "engine", "synth"],
+                       help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
+                            "engine: federated executors side by side; synth: corpus synthesis speed")
+  bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)")
+  bench_p.set_defaults(func=cmd_bench)
+  return parser
+
+
+def enable_compilation_cache() -> None:
+  """Persists XLA executables across runs (demo after test, repeated configs) unless disabled.
+
+  Set FEDPRUNE_JAX_CACHE to a directory to move it, or to an empty string to turn it off.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  cache_dir = os.environ.get("FEDPRUNE_JAX_CACHE", os.path.expanduser("~/.cache/fedprune_jax/xla"))
+  if not cache_dir:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command not in ("corpus",):
+    enable_compilation_cache()
+  func: Callable[[argparse.Namespace], int] = args.func
+  try:
+    return func(args)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input (config, corpus, flags): one clear line, no traceback.
+    from fedprune_jax import config as config_lib
+    from fedprune_jax.data.records import CorpusError
+    if isinstance(e, (config_lib.ConfigError, CorpusError, FileNotFoundError)):
+      print(f"fedprune: error: {e}", file=sys.stderr)
+      return 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,85 @@
+"""Experiment configs as Python files (ml_collections) with command-line overrides.
+
+A config file defines ``get_config() -> ml_collections.ConfigDict`` (the big_vision /
+ml_collections convention).  Overrides are ``dotted.key=value`` strings; values are parsed as
+Python literals where possible (``1e-3``, ``True``, ``(1, 2)``, ``'tiny'``) and kept as strings
+otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+class ConfigError(ValueError):
+  """A config file or an override is invalid; the message names it."""
+
+
+def resolve_config_path(name_or_path: str) -> pathlib.Path:
+  """Returns the config file for a path or a bare name in ``experiments/configs``."""
+  path = pathlib.Path(name_or_path)
+  if path.is_file():
+    return path
+  candidate = CONFIG_DIR / (name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
+  if candidate.is_file():
+    return candidate
+  known = sorted(p.stem for p in CONFIG_DIR.glob("*.py")) if CONFIG_DIR.is_dir() else []
+  raise ConfigError(f"config file not found: {name_or_path!r} (known configs: {', '.join(known)})")
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads ``get_config()`` from a Python file and applies ``key=value`` overrides."""
+  path = resolve_config_path(name_or_path)
+  spec = importlib.util.spec_from_file_location(f"fedprune_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # A config file is user code: say which file broke.
+    raise ConfigError(f"{path}: failed to load: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config()")
+  config = module.get_config()
+  apply_overrides(config, overrides, source=str(path))
+  return config
+
+
+def parse_value(text: str):
+  """Parses an override value as a Python literal, falling back to the raw string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config") -> None:
+  """Applies ``a.b.c=value`` overrides in place; unknown keys are an error naming the key."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = config
+    for depth, part in enumerate(parts[:-1]):
+      if part not in node:
+        raise ConfigError(f"override {key!r}: {source} has no field {'.'.join(parts[:depth + 1])!r}")
+      node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+      raise ConfigError(f"override {key!r}: {source} has no field {key!r} (fields here: {', '.join(sorted(node.keys()))})")
+    value = parse_value(raw)
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"override {key!r}: {e}") from e

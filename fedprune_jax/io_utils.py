@@ -1,0 +1,96 @@
+"""Atomic file writes and JSONL metric logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path in the target's directory; renames it onto ``path`` on success.
+
+  A crash or exception leaves the previous file (if any) untouched and no partial file behind.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  tmp_path = pathlib.Path(tmp)
+  try:
+    yield tmp_path
+    os.replace(tmp_path, path)
+  finally:
+    if tmp_path.exists():
+      tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_to_json) + "\n")
+
+
+def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes ``arrays`` to an .npz file atomically (the name is kept exactly as given)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+
+
+def _to_json(value: Any) -> Any:
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if hasattr(value, "tolist"):  # jax arrays
+    return value.tolist()
+  return str(value)
+
+
+class JsonlLogger:
+  """Appends one JSON object per line; each line is flushed so a killed run keeps its log."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = open(self.path, "a", encoding="utf-8")
+
+  def log(self, **record: Any) -> None:
+    record.setdefault("time", time.time())
+    self._file.write(json.dumps(record, sort_keys=True, default=_to_json) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> "JsonlLogger":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """Reads a JSONL file; a truncated last line (killed writer) is ignored."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return records

@@ -1,0 +1,86 @@
+"""Evaluation: greedy decoding of a split and corpus-level WER / CER."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedprune_jax import metrics
+from fedprune_jax.data import batching
+from fedprune_jax.data import tokenizer
+
+
+def eval_batches(feature_set: batching.FeatureSet, batch_size: int, num_buckets: int = 4,
+                 frame_multiple: int = 16) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+  """Length-sorted fixed-shape batches covering every utterance exactly once.
+
+  Returns:
+    ``(indices int64[n_b], batch)`` pairs; ``indices`` are the utterances in the batch's
+    real rows, so predictions can be matched to references.  At most ``num_buckets`` frame
+    lengths occur, so decoding compiles a handful of times.
+  """
+  frames = feature_set.num_frames
+  if len(frames) == 0:
+    return []
+  boundaries = np.asarray(batching.bucket_boundaries(frames, num_buckets, multiple=frame_multiple))
+  max_labels = batching.round_up(int(feature_set.num_labels.max()), 16)
+  order = np.argsort(frames, kind="stable")
+  result = []
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    bound = int(boundaries[np.searchsorted(boundaries, frames[idx].max())])
+    batch = batching.pad_batch([feature_set.example(i) for i in idx], batch_size=batch_size,
+                               max_frames=bound, max_labels=max_labels,
+                               ids=[str(feature_set.utt_ids[i]) for i in idx])
+    result.append((idx, batch))
+  return result
+
+
+def references(feature_set: batching.FeatureSet) -> list[str]:
+  """Reference transcripts, recovered exactly from the stored token ids."""
+  return [tokenizer.decode(feature_set.example(i).tokens) for i in range(len(feature_set))]
+
+
+def evaluate(model: Any, params: Any, feature_set: batching.FeatureSet, *, batch_size: int = 64,
+             num_buckets: int = 4, batches: Sequence | None = None) -> dict[str, float]:
+  """WER, CER and mean CTC loss of greedy decoding over a whole split.
+
+  Args:
+    model: an ``AsrModel`` (``decode`` and ``per_example_loss`` are used).
+    params: its params.
+    feature_set: the split's features (``batching.cached_features``).
+    batches: precomputed ``eval_batches`` (reuse across evaluations to avoid re-padding).
+
+  Returns:
+    {'wer', 'cer', 'loss', 'num_utterances'}.
+  """
+  if batches is None:
+    batches = eval_batches(feature_set, batch_size, num_buckets)
+  refs = references(feature_set)
+  hyps: list[str] = [""] * len(refs)
+  loss_sum, count = 0.0, 0.0
+  for idx, batch in batches:
+    decoded = model.decode(params, batch)
+    for row, i in enumerate(idx):
+      hyps[i] = decoded[row]
+    per_example = np.asarray(_per_example_eval_loss(model, params, batch))
+    weights = batch["weights"]
+    loss_sum += float(np.sum(per_example * weights))
+    count += float(np.sum(weights))
+  return {
+      "wer": metrics.wer(refs, hyps),
+      "cer": metrics.cer(refs, hyps),
+      "loss": loss_sum / max(count, 1.0),
+      "num_utterances": len(refs),
+  }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_eval_loss(model: Any, params: Any, batch: dict) -> jax.Array:
+  """f32[B] loss without dropout; 0 for padding rows (their CTC loss may be inf)."""
+  loss, _ = model.per_example_loss(params, batch, None, False)
+  return jnp.where(batch["weights"] > 0, loss, 0.0)
