@@ -12,10 +12,6 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-DEFAULT_SPEAKERS = 48
-DEFAULT_UTTERANCES = 40
-DEFAULT_SEED = 0
-
 
 def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
   parser.add_argument("--config", default=default_config,
@@ -41,8 +37,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_corpus_synth(args: argparse.Namespace) -> int:
   from fedprune_jax.data import synth
-  out = synth.synthesize_corpus(args.out, speakers=args.speakers, utterances=args.utterances,
-                                seed=args.seed, workers=args.workers, progress=not args.quiet)
+  sizes = {k: v for k, v in (("speakers", args.speakers), ("utterances", args.utterances)) if v is not None}
+  out = synth.synthesize_corpus(args.out, seed=args.seed, workers=args.workers, progress=not args.quiet, **sizes)
   print(f"corpus ready: {out}")
   return 0
 
@@ -97,8 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
   from fedprune_jax import config as config_lib
   from fedprune_jax.data import synth
   from fedprune_jax.train import centralized
-  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", speakers=DEFAULT_SPEAKERS,
-                                   utterances=DEFAULT_UTTERANCES, seed=DEFAULT_SEED, progress=True)
+  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", progress=True)
   cfg = config_lib.load_config("demo", args.overrides)
   cfg.data.root = str(corpus)
   cfg.workdir = args.workdir
@@ -129,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
   corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
   synth_p = corpus_sub.add_parser("synth", help="write the embedded synthetic multi-speaker corpus")
   synth_p.add_argument("--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)")
-  synth_p.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS)
-  synth_p.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES, help="utterances per speaker")
-  synth_p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+  synth_p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: 48)")
+  synth_p.add_argument("--utterances", type=int, default=None, help="utterances per speaker (default: 40)")
+  synth_p.add_argument("--seed", type=int, default=0)
   synth_p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
   synth_p.add_argument("--quiet", action="store_true", help="no progress bar")
   synth_p.set_defaults(func=cmd_corpus_synth)

@@ -3,7 +3,8 @@
 A config file defines ``get_config() -> ml_collections.ConfigDict`` (the big_vision /
 ml_collections convention).  Overrides are ``dotted.key=value`` strings; values are parsed as
 Python literals where possible (``1e-3``, ``True``, ``(1, 2)``, ``'tiny'``) and kept as strings
-otherwise.
+otherwise.  Fields named ``overrides`` are free-form maps (e.g. ``model.overrides`` holds
+ConformerConfig fields), so ``--set model.overrides.num_layers=2`` may add a new key there.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
         raise ConfigError(f"override {key!r}: {source} has no field {'.'.join(parts[:depth + 1])!r}")
       node = node[part]
     leaf = parts[-1]
-    if leaf not in node:
+    free_form = len(parts) > 1 and parts[-2] == "overrides"
+    if leaf not in node and not free_form:
       raise ConfigError(f"override {key!r}: {source} has no field {key!r} (fields here: {', '.join(sorted(node.keys()))})")
     value = parse_value(raw)
-    current = node[leaf]
+    current = node.get(leaf)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):

@@ -86,3 +86,18 @@ def run(out_dir: str | os.PathLike, speakers: int = synth.DEFAULT_SPEAKERS,
             f"{'-' if load is None else f'{load:.1f}':>5}")
     print(f"speedup {counts[-1]} vs 1 worker: {result['speedup']:.2f}x")
   return result
+
+
+def main(argv=None) -> dict:
+  """``fedprune bench synth [--speakers N] [--utterances M] [--workers W] [--out DIR]``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="fedprune bench synth",
+                                   description="corpus synthesis speed, 1 worker vs N workers")
+  parser.add_argument("--speakers", type=int, default=synth.DEFAULT_SPEAKERS)
+  parser.add_argument("--utterances", type=int, default=synth.DEFAULT_UTTERANCES)
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
+  args = parser.parse_args(argv)
+  with tempfile.TemporaryDirectory(prefix="fedprune-bench-synth-") as tmp:
+    return run(args.out or tmp, speakers=args.speakers, utterances=args.utterances, workers=args.workers)

@@ -8,6 +8,7 @@ optional mask pytree so pruned weights stay exactly zero.
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -91,7 +92,7 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
     grads = _apply_mask(grads, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = _apply_mask(optax.apply_updates(params, updates), mask)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                                "num_examples": aux["num_examples"]}
 
   return jax.jit(step, donate_argnums=(0, 1))
@@ -179,7 +180,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
       record = {"step": step, "train_minutes": train_seconds / 60.0, **{f"dev_{k}": v for k, v in dev.items()}}
       history.append(record)
       log.log(**record)
-      bar.write(f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}")
+      bar.write(f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}",
+                file=sys.stderr)
     if train_seconds >= budget_s:
       stop_reason = f"time budget ({cfg.train.max_minutes} min)"
       break

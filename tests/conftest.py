@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny synthetic corpus (data we make, read by the real loaders)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+  """6 speakers x 4 utterances in LibriSpeech layout: 4 train, 1 dev, 1 test speaker."""
+  from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("corpus") / "synth"
+  return synth.synthesize_corpus(root, speakers=6, utterances=4, seed=3, workers=1, progress=False)
+
+
+# A Conformer small enough that a test compiles it in seconds.
+MICRO_MODEL = dict(d_model=32, num_layers=1, num_heads=2, conv_kernel=3, conv_groups=4,
+                   subsample_channels=8, dropout_rate=0.0)
