@@ -147,12 +147,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   history = []
   step, epoch, train_seconds = 0, 0, 0.0
   budget_s = cfg.train.max_minutes * 60.0
-  loss_window: list[float] = []
+  pending: list[dict] = []  # device metrics not yet fetched (fetching blocks, so it is batched)
+  loss_window: list[float] = []  # fetched losses since the last log record
   examples_seen = 0
   log = io_utils.JsonlLogger(workdir / "metrics.jsonl")
   bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not progress)
   batches = epoch_batches(epoch)
   stop_reason = "steps"
+  t_start = time.perf_counter()
   while step < cfg.train.steps:
     try:
       batch = next(batches)
@@ -160,31 +162,37 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
       epoch += 1
       batches = epoch_batches(epoch)
       continue
-    t0 = time.perf_counter()
+    # Dispatch is asynchronous: the host pads the next batch while the device runs this step.
     params, opt_state, m = train_step(params, opt_state, batch, jax.random.fold_in(rng, step + 1))
-    loss = float(m["loss"])  # blocks: the step's time is real, not just dispatched
-    train_seconds += time.perf_counter() - t0
+    pending.append(m)
     step += 1
-    examples_seen += int(m["num_examples"])
-    loss_window.append(loss)
     bar.update(1)
-    if step % cfg.train.log_every == 0:
-      record = {"step": step, "epoch": epoch, "train_loss": float(np.mean(loss_window)),
-                "grad_norm": float(m["grad_norm"]), "train_minutes": train_seconds / 60.0,
-                "examples_per_s": examples_seen / max(train_seconds, 1e-9)}
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-      log.log(**record)
-      loss_window = []
-    if step % cfg.train.eval_every == 0:
-      dev = evaluate_lib.evaluate(model, params, eval_sets["dev"], batches=eval_batches["dev"])
-      record = {"step": step, "train_minutes": train_seconds / 60.0, **{f"dev_{k}": v for k, v in dev.items()}}
-      history.append(record)
-      log.log(**record)
-      bar.write(f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}",
-                file=sys.stderr)
-    if train_seconds >= budget_s:
-      stop_reason = f"time budget ({cfg.train.max_minutes} min)"
-      break
+    at_log = step % cfg.train.log_every == 0
+    at_eval = step % cfg.train.eval_every == 0
+    if at_log or at_eval or step == cfg.train.steps or step % 10 == 0:
+      fetched = jax.device_get(pending)  # blocks, so the time below counts finished steps
+      pending = []
+      train_seconds += time.perf_counter() - t_start
+      examples_seen += int(sum(f["num_examples"] for f in fetched))
+      loss_window += [float(f["loss"]) for f in fetched]
+      if at_log:
+        record = {"step": step, "epoch": epoch, "train_loss": float(np.mean(loss_window)),
+                  "grad_norm": float(fetched[-1]["grad_norm"]), "train_minutes": train_seconds / 60.0,
+                  "examples_per_s": examples_seen / max(train_seconds, 1e-9)}
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+        log.log(**record)
+        loss_window = []
+      if at_eval:
+        dev = evaluate_lib.evaluate(model, params, eval_sets["dev"], batches=eval_batches["dev"])
+        record = {"step": step, "train_minutes": train_seconds / 60.0, **{f"dev_{k}": v for k, v in dev.items()}}
+        history.append(record)
+        log.log(**record)
+        bar.write(f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}",
+                  file=sys.stderr)
+      if train_seconds >= budget_s:
+        stop_reason = f"time budget ({cfg.train.max_minutes} min)"
+        break
+      t_start = time.perf_counter()  # evaluation and logging are not training time
   bar.close()
 
   final = {name: evaluate_lib.evaluate(model, params, fs, batches=eval_batches[name])
