@@ -1,0 +1,158 @@
+"""The pure client update: local optax training over padded steps.
+
+Delta convention (same as fedjax): ``delta = params_start - params_end``, a
+pseudo-gradient; the server optimizer applies the weighted mean delta as a
+gradient, so FedAvg is ``optax.sgd(1.0)``. ``params_start`` is the model the
+client actually received, i.e. the *masked* server params when a mask is
+given; pruned coordinates therefore always have delta 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, Any]]
+
+
+class ClientOutput(NamedTuple):
+  """What one client sends back (a pytree; vmapped outputs gain a [C] axis).
+
+  Attributes:
+    delta: params pytree, ``params_start - params_end``.
+    num_examples: float32 scalar, sum of example weights of one epoch.
+    metrics: dict of float32 scalars: ``loss`` (example-weighted mean training
+      loss over all live steps) and ``num_steps`` (live steps taken).
+  """
+
+  delta: PyTree
+  num_examples: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+def apply_mask(tree: PyTree, mask: PyTree | None) -> PyTree:
+  """Zeroes the pruned entries of ``tree``.
+
+  Args:
+    tree: params-like pytree.
+    mask: pytree with the params' structure whose leaves are boolean/0-1
+      arrays broadcastable to the leaf, or ``None`` (= keep the leaf as is).
+      ``mask=None`` returns ``tree`` unchanged.
+  """
+  if mask is None:
+    return tree
+  return jax.tree_util.tree_map(
+      lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
+      mask, tree, is_leaf=lambda m: m is None)
+
+
+def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true,
+                                on_false)
+
+
+def _shuffle_real_examples(data: Batch, key: jax.Array) -> Batch:
+  """Permutes the real examples among the real slots; padding stays last.
+
+  Because packing puts real examples first, sorting random keys with padding
+  pinned to +inf keeps the number of live steps (and the no-op padding steps)
+  unchanged.
+  """
+  w = data['weights']
+  s, b = w.shape
+  flat_w = w.reshape(s * b)
+  r = jax.random.uniform(key, (s * b,))
+  perm = jnp.argsort(jnp.where(flat_w > 0, r, 2.0 + jnp.arange(s * b)))
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((s * b,) + x.shape[2:])[perm].reshape(x.shape), data)
+
+
+def make_client_update(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation,
+    num_epochs: int = 1, shuffle: bool = False
+) -> Callable[..., ClientOutput]:
+  """Builds ``client_update(params, data, rng, mask=None) -> ClientOutput``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, rng) -> (scalar, aux)``; the batch is a
+      dict of ``[B, ...]`` arrays with a ``weights`` float32[B] key. It must
+      return a finite loss (e.g. 0) and zero gradients when all weights are 0.
+    optimizer: local optax optimizer, re-initialised for every client.
+    num_epochs: E passes over the client's ``[S, B, ...]`` data (``lax.scan``
+      over epochs of a ``lax.scan`` over steps).
+    shuffle: re-order the client's real examples every epoch (from the client
+      rng); padding examples stay at the tail.
+
+  The returned function is pure and vmap/jit-able. Its arguments: ``params``
+  (server params pytree), ``data`` (one client, dict of ``[S, B, ...]``),
+  ``rng`` (the client's key; step keys are ``fold_in(fold_in(rng, epoch),
+  step)``) and an optional ``mask`` pytree (see ``apply_mask``). Steps whose
+  weights are all zero leave params and optimizer state bit-identical, so a
+  client padded with extra steps trains exactly like the unpadded client.
+  """
+  if num_epochs < 1:
+    raise ValueError(f'num_epochs must be >= 1, got {num_epochs}')
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def client_update(params: PyTree, data: Batch, rng: jax.Array,
+                    mask: PyTree | None = None) -> ClientOutput:
+    if 'weights' not in data:
+      raise KeyError("client data needs a 'weights' field")
+    params_start = apply_mask(params, mask)
+    num_steps = data['weights'].shape[0]
+
+    def step(carry, xs):
+      p, opt_state, loss_sum, n_sum, steps = carry
+      batch, key = xs
+      n = jnp.sum(batch['weights'])
+      (loss, _), grads = grad_fn(p, batch, key)
+      grads = apply_mask(grads, mask)
+      updates, new_opt_state = optimizer.update(grads, opt_state, p)
+      new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)),
+                         mask)
+      live = n > 0
+      p = _tree_select(live, new_p, p)
+      opt_state = _tree_select(live, new_opt_state, opt_state)
+      loss_sum = loss_sum + jnp.where(live, loss * n, 0.0)
+      return (p, opt_state, loss_sum, n_sum + n,
+              steps + live.astype(jnp.float32)), None
+
+    def epoch(carry, e):
+      ekey = jax.random.fold_in(rng, e)
+      epoch_data = data
+      if shuffle:
+        epoch_data = _shuffle_real_examples(
+            data, jax.random.fold_in(ekey, num_steps))
+      keys = jax.vmap(lambda s: jax.random.fold_in(ekey, s))(
+          jnp.arange(num_steps))
+      carry, _ = jax.lax.scan(step, carry, (epoch_data, keys))
+      return carry, None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (params_start, optimizer.init(params_start), zero, zero, zero)
+    (p_end, _, loss_sum, n_sum, steps), _ = jax.lax.scan(
+        epoch, init, jnp.arange(num_epochs))
+    delta = jax.tree_util.tree_map(lambda a, b: a - b, params_start, p_end)
+    return ClientOutput(
+        delta=delta,
+        num_examples=jnp.sum(data['weights']).astype(jnp.float32),
+        metrics={'loss': loss_sum / jnp.maximum(n_sum, 1e-12),
+                 'num_steps': steps})
+
+  return client_update
+
+
+def client_rng(seed_key: jax.Array, round_num: int | jax.Array,
+               client_id: int | jax.Array) -> jax.Array:
+  """The client's key: ``fold_in(fold_in(seed_key, round), client_id)``.
+
+  ``seed_key`` is ``jax.random.key(seed)`` (or a PRNGKey); the key depends on
+  the client id, never on its position in the cohort or chunk.
+  """
+  return jax.random.fold_in(jax.random.fold_in(seed_key, round_num),
+                            client_id)
