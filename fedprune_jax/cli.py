@@ -75,9 +75,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
-  from fedprune_jax.federated import runner
+  from fedprune_jax.federated import job
   cfg = _load(args)
-  result = runner.run_federated(cfg)
+  result = job.run(cfg)
   print(json.dumps(result.get("final", {}), indent=2, sort_keys=True))
   return 0
 

@@ -1,0 +1,35 @@
+"""Federated training (FedAdam server, SGD clients) of the `tiny` Conformer, one client per speaker.
+
+Run: fedprune federated --config tiny_federated [--set rounds=50 --set cohort_size=32]
+Engine fields: see fedprune_jax/federated/rounds.py; `engine.vmap_size=1` maps clients inside a
+chunk sequentially (fastest for conv models on CPU); leave it None on accelerators to vmap a whole chunk.
+"""
+
+import ml_collections
+
+from fedprune_jax import config as config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  base = config_lib.load_config("tiny_centralized")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/tiny_federated"
+  c.data = base.data
+  c.data.batch_size = 8
+  c.data.max_steps = 8          # local steps per round cap (S); a speaker has ~40 utterances
+  c.data.max_frames = None
+  c.model = base.model
+
+  c.rounds = 40
+  c.cohort_size = 16
+  c.sampling = "uniform"
+  c.eval_every = 10
+
+  c.client = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.5, momentum=None,
+                                            num_epochs=1, shuffle=True))
+  c.server = ml_collections.ConfigDict(dict(optimizer="fedadam", learning_rate=2e-3, b1=0.9, b2=0.99,
+                                            eps=1e-8, momentum=None))
+  c.engine = ml_collections.ConfigDict(dict(executor="chunked", chunk_size=8, num_devices=1,
+                                            weighting="num_examples", vmap_size=1, device_loop=False))
+  return c
