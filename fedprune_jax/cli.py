@@ -84,7 +84,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
   from fedprune_jax.models import conformer
-  print(conformer.format_preset_table())
+  print(conformer.param_table())
   return 0
 
 

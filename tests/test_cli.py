@@ -1,0 +1,51 @@
+"""The `fedprune` command line: help everywhere, clear errors, small commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fedprune_jax import cli
+
+
+@pytest.mark.parametrize("argv", [[], ["corpus"], ["corpus", "synth"], ["corpus", "stats"], ["train"],
+                                  ["eval"], ["federated"], ["presets"], ["demo"], ["bench"]])
+def test_help_everywhere(argv, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv + ["--help"])
+  assert exit_info.value.code == 0
+  assert "usage: fedprune" in capsys.readouterr().out
+
+
+def test_presets_prints_param_counts(capsys):
+  assert cli.main(["presets"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "M |" in line}
+  assert set(rows) == {"tiny", "s", "m", "l"}
+  assert "115.13M" in rows["l"]  # ~ Conformer L (Gulati et al. 2020: 118.8M with its decoder)
+
+
+def test_corpus_stats_counts_speakers(tiny_corpus, capsys):
+  assert cli.main(["corpus", "stats", str(tiny_corpus)]) == 0
+  lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+  assert lines == {"dev": ["1", "4"], "test": ["1", "4"], "train": ["4", "16"]}
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "fedprune_jax.cli", "train", "--set", "train.stepz=1"],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert "has no field 'train.stepz'" in result.stderr
+  assert "Traceback" not in result.stderr
+  result = subprocess.run([sys.executable, "-m", "fedprune_jax.cli", "train", "--data", str(tmp_path / "none"),
+                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert "has no split directory 'train'" in result.stderr
+
+
+def test_cli_does_not_import_tensorflow():
+  code = "import sys; from fedprune_jax import cli; cli.build_parser(); print('tensorflow' in sys.modules)"
+  assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True).stdout.strip() == "False"
