@@ -1,0 +1,221 @@
+"""Pruning masks: pytrees that mirror a params pytree.
+
+A mask has the params' structure.  A leaf is either a boolean array of the
+param's shape (True = weight kept, False = pruned) or ``None`` for params that
+are never pruned (biases, norms, embeddings and the output layer by default).
+
+Params are addressed by slash-joined paths such as
+``"encoder/block_0/ffn1/dense_in/kernel"``.  Path patterns used to include or
+exclude params are regular expressions matched with ``re.search``; a pattern
+prefixed with ``"glob:"`` is a shell glob matched against the whole path
+(``"glob:*/mhsa/*/kernel"``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+# Kernels of Dense / Conv layers are prunable by default ...
+DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|/)kernel$",)
+# ... except the output layer, embeddings and anything that is a norm.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"(^|/)ctc_head/",
+    r"(^|/)output(_layer)?/",
+    r"(^|/)embed[^/]*/",
+    r"norm[^/]*/",
+)
+
+
+def _key_str(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """Joins a jax key path into ``"a/b/c"``."""
+  return "/".join(_key_str(k) for k in path)
+
+
+def flatten_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  """Leaves of ``tree`` with their slash paths, in jax's flatten order.
+
+  ``None`` leaves are kept (as ``None``), so a mask and its params flatten to
+  the same list of paths.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None)
+  return [(path_str(p), v) for p, v in leaves]
+
+
+def map_with_paths(fn, tree: PyTree, *rest: PyTree) -> PyTree:
+  """``jax.tree.map`` whose ``fn(path, leaf, *rest_leaves)`` sees slash paths.
+
+  ``None`` leaves of ``tree`` are passed to ``fn`` as ``None``.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest,
+      is_leaf=lambda x: x is None)
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+  """True if ``path`` matches any regex (or ``glob:``-prefixed glob)."""
+  for pat in patterns:
+    if pat.startswith("glob:"):
+      if fnmatch.fnmatchcase(path, pat[5:]):
+        return True
+    elif re.search(pat, path):
+      return True
+  return False
+
+
+def is_prunable(path: str, leaf: Any,
+                include: Iterable[str] = DEFAULT_INCLUDE,
+                exclude: Iterable[str] = DEFAULT_EXCLUDE) -> bool:
+  """Whether the param at ``path`` is pruned under the include/exclude rules."""
+  if leaf is None or np.ndim(leaf) < 1:
+    return False
+  return matches(path, include) and not matches(path, exclude)
+
+
+def init_mask(params: PyTree,
+              include: Iterable[str] = DEFAULT_INCLUDE,
+              exclude: Iterable[str] = DEFAULT_EXCLUDE) -> PyTree:
+  """All-kept mask: ``True`` arrays for prunable params, ``None`` elsewhere."""
+  include, exclude = tuple(include), tuple(exclude)
+  return map_with_paths(
+      lambda p, x: jnp.ones(np.shape(x), bool)
+      if is_prunable(p, x, include, exclude) else None, params)
+
+
+@jax.jit
+def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
+  """Zeroes pruned weights (exact zeros; ``None`` mask leaves pass through)."""
+  return jax.tree.map(
+      lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+      params, mask)
+
+
+def dense_mask(mask: PyTree, params: PyTree) -> PyTree:
+  """Mask with every ``None`` leaf replaced by an all-True array of the param's shape."""
+  if mask is None:
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+  return jax.tree.map(
+      lambda p, m: jnp.ones(jnp.shape(p), bool) if m is None
+      else jnp.asarray(m, bool), params, mask)
+
+
+def _mask_leaves(mask: PyTree) -> list[jax.Array]:
+  return [m for m in jax.tree.leaves(mask)]
+
+
+def count_kept(mask: PyTree) -> jax.Array:
+  """Number of kept entries over all non-None mask leaves (int32 scalar)."""
+  leaves = _mask_leaves(mask)
+  return sum((jnp.sum(m, dtype=jnp.int32) for m in leaves), jnp.int32(0))
+
+
+def count_total(mask: PyTree) -> int:
+  """Number of entries over all non-None mask leaves (static int)."""
+  return int(sum(int(np.prod(np.shape(m))) for m in _mask_leaves(mask)))
+
+
+def sparsity(mask: PyTree) -> jax.Array:
+  """Global sparsity: pruned / total over the prunable (non-None) leaves."""
+  total = count_total(mask)
+  if total == 0:
+    return jnp.float32(0.0)
+  return 1.0 - count_kept(mask).astype(jnp.float32) / total
+
+
+def layer_sparsity(mask: PyTree) -> dict[str, float]:
+  """Per-layer sparsity ``{path: pruned fraction}`` for non-None leaves (host)."""
+  return {p: float(1.0 - np.mean(np.asarray(m)))
+          for p, m in flatten_with_paths(mask) if m is not None}
+
+
+def param_count(params: PyTree, mask: PyTree | None = None) -> int:
+  """Number of params left after masking (all params when ``mask`` is None)."""
+  if mask is None:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  counts = jax.tree.map(
+      lambda p, m: int(np.size(p)) if m is None else int(np.sum(np.asarray(m))),
+      params, mask)
+  return int(sum(jax.tree.leaves(counts)))
+
+
+# ---------------------------------------------------------------- serialise
+
+
+def mask_to_flat(mask: PyTree) -> dict[str, np.ndarray]:
+  """``{path: bool ndarray}`` for every non-None leaf."""
+  return {p: np.asarray(m, dtype=bool)
+          for p, m in flatten_with_paths(mask) if m is not None}
+
+
+def mask_from_flat(flat: Mapping[str, np.ndarray], like: PyTree,
+                   source: str = "<flat mask>") -> PyTree:
+  """Rebuilds a mask with ``like``'s structure (params or a mask).
+
+  Paths absent from ``flat`` become ``None``.  Raises ``ValueError`` naming
+  ``source`` and the path when a shape does not match or a key is unknown.
+  """
+  flat = dict(flat)
+  known = set()
+
+  def build(path, leaf):
+    known.add(path)
+    if path not in flat:
+      return None
+    arr = np.asarray(flat[path])
+    if leaf is not None and tuple(arr.shape) != tuple(np.shape(leaf)):
+      raise ValueError(f"{source}: mask entry {path!r} has shape {arr.shape}, "
+                       f"expected {tuple(np.shape(leaf))}")
+    return jnp.asarray(arr, bool)
+
+  out = map_with_paths(build, like)
+  unknown = sorted(set(flat) - known)
+  if unknown:
+    raise ValueError(f"{source}: mask entries not in the params: {unknown[:5]}")
+  return out
+
+
+def save_mask(path: str | os.PathLike, mask: PyTree) -> None:
+  """Writes ``mask`` as an ``.npz`` keyed by param path; atomic (tmp + rename)."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mask-", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **mask_to_flat(mask))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load_mask(path: str | os.PathLike, like: PyTree) -> PyTree:
+  """Reads a mask written by ``save_mask`` into ``like``'s structure."""
+  path = os.fspath(path)
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      flat = {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read mask file ({e})") from e
+  return mask_from_flat(flat, like, source=path)
