@@ -59,20 +59,43 @@ def _to_json(value: Any) -> Any:
 
 
 class JsonlLogger:
-  """Appends one JSON object per line; each line is flushed so a killed run keeps its log."""
+  """Appends one JSON object per line; each line is flushed so a killed run keeps its log.
 
-  def __init__(self, path: str | os.PathLike):
+  With ``tensorboard_dir`` and the optional ``tensorboardX`` package installed (extra
+  ``[tensorboard]``), numeric fields are also written as TensorBoard scalars, indexed by the
+  record's ``step_key`` field.
+  """
+
+  def __init__(self, path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None,
+               step_key: str = "step"):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
+    self._step_key = step_key
+    self._tb = None
+    if tensorboard_dir is not None:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        SummaryWriter = None  # TensorBoard output is a convenience, JSONL is the record.
+      if SummaryWriter is not None:
+        self._tb = SummaryWriter(str(tensorboard_dir))
 
   def log(self, **record: Any) -> None:
     record.setdefault("time", time.time())
     self._file.write(json.dumps(record, sort_keys=True, default=_to_json) + "\n")
     self._file.flush()
+    if self._tb is not None and self._step_key in record:
+      step = int(record[self._step_key])
+      for key, value in record.items():
+        if key not in (self._step_key, "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
 
   def close(self) -> None:
     self._file.close()
+    if self._tb is not None:
+      self._tb.close()
 
   def __enter__(self) -> "JsonlLogger":
     return self
