@@ -42,10 +42,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes ``arrays`` to an .npz file atomically (the name is kept exactly as given)."""
+  """Writes ``arrays`` to an .npz file atomically and durably (fsync before the rename)."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def _to_json(value: Any) -> Any:

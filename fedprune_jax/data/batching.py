@@ -20,12 +20,12 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
 import zipfile
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from fedprune_jax import io_utils
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.data import tokenizer
 from fedprune_jax.data.records import CorpusError, Utterance
@@ -337,22 +337,8 @@ def pack_examples(examples: Sequence[Example], utt_ids: Sequence[str],
 
 def save_feature_set(fs: FeatureSet, path: str) -> None:
   """Writes ``fs`` to ``path`` (.npz) atomically: temp file + os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                             suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, version=np.int64(CACHE_VERSION),
-               **{k.name: getattr(fs, k.name)
-                  for k in dataclasses.fields(FeatureSet)})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  io_utils.save_npz_atomic(path, {"version": np.int64(CACHE_VERSION),
+                                  **{k.name: getattr(fs, k.name) for k in dataclasses.fields(FeatureSet)}})
 
 
 def load_feature_set(path: str) -> FeatureSet:

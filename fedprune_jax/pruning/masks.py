@@ -16,13 +16,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedprune_jax import io_utils
 
 PyTree = Any
 
@@ -194,20 +195,7 @@ def mask_from_flat(flat: Mapping[str, np.ndarray], like: PyTree,
 
 def save_mask(path: str | os.PathLike, mask: PyTree) -> None:
   """Writes ``mask`` as an ``.npz`` keyed by param path; atomic (tmp + rename)."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mask-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **mask_to_flat(mask))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  io_utils.save_npz_atomic(path, mask_to_flat(mask))
 
 
 def load_mask(path: str | os.PathLike, like: PyTree) -> PyTree:
