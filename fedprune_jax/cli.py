@@ -93,8 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
   from fedprune_jax import config as config_lib
   from fedprune_jax.data import synth
   from fedprune_jax.train import centralized
-  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", progress=True)
   cfg = config_lib.load_config("demo", args.overrides)
+  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", speakers=cfg.data.synth_speakers,
+                                   utterances=cfg.data.synth_utterances, seed=cfg.data.synth_seed,
+                                   progress=True)
   cfg.data.root = str(corpus)
   cfg.workdir = args.workdir
   result = centralized.train_and_evaluate(cfg)
