@@ -255,6 +255,61 @@ def test_config_validation():
     enc.apply({'params': params}, jnp.zeros((1, 8, 10)), jnp.zeros((1, 8)), False)
 
 
+def test_dense_layer_sizes_identical_to_default():
+  """layer_sizes equal to the dense sizes: same params tree, shapes and outputs."""
+  d, h, g = MICRO.d_model, MICRO.num_heads, MICRO.conv_groups
+  cfg = MICRO.replace(layer_sizes=[[h, 4 * d, 4 * d, g]] * MICRO.num_layers)
+  assert cfg.layer_sizes == ((h, 4 * d, 4 * d, g),) * MICRO.num_layers   # normalised
+  hash(cfg)                                       # still usable as a static jit arg
+  enc, params = _init()
+  enc2, params2 = _init(cfg)
+  assert jax.tree.map(jnp.shape, params2) == jax.tree.map(jnp.shape, params)
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert C.analytic_param_count(cfg) == C.analytic_param_count(MICRO)
+  x, pad = _features(2, 13, MICRO.input_dim), jnp.zeros((2, 13)).at[1, 9:].set(1.0)
+  rng = {'dropout': jax.random.PRNGKey(3)}
+  for train in (False, True):
+    ref = enc.apply({'params': params}, x, pad, train, rngs=rng)[0]
+    got = enc2.apply({'params': params}, x, pad, train, rngs=rng)[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_per_block_layer_sizes_shapes_and_count():
+  dh, cpg = MICRO.head_dim, MICRO.conv_group_channels
+  cfg = MICRO.replace(layer_sizes=((1, 7, 3, 2), (2, 128, 5, 1)))
+  enc = C.ConformerEncoder(cfg)
+  shapes = jax.eval_shape(lambda k: enc.init(k, jnp.zeros((1, 8, 16)), jnp.zeros((1, 8)), False),
+                          jax.random.PRNGKey(0))['params']
+  b0, b1 = shapes['block_0'], shapes['block_1']
+  assert b0['mhsa']['query']['kernel'].shape == (32, dh)
+  assert b0['mhsa']['out']['kernel'].shape == (dh, 32)
+  assert b0['mhsa']['pos_bias_u'].shape == (1, dh)
+  assert b0['ffn1']['dense_in']['kernel'].shape == (32, 7)
+  assert b0['ffn2']['dense_out']['kernel'].shape == (3, 32)
+  assert b0['conv']['pointwise_in']['kernel'].shape == (32, 4 * cpg)
+  assert b0['conv']['depthwise']['kernel'].shape == (5, 1, 2 * cpg)
+  assert b1['mhsa']['pos']['kernel'].shape == (32, 2 * dh)
+  assert b1['conv']['group_norm']['scale'].shape == (cpg,)
+  assert C.count_params(shapes) == C.analytic_param_count(cfg)
+  out, _ = jax.eval_shape(lambda p: enc.apply({'params': p}, jnp.zeros((2, 9, 16)),
+                                             jnp.zeros((2, 9)), False), shapes)
+  assert out.shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize('bad', [
+    ((2, 128, 128, 4),),                          # wrong length (num_layers = 2)
+    ((2, 128, 128, 4), (2, 0, 128, 4)),           # zero units
+    ((2, 128, 128, 4), (2, 128, 128)),            # not a 4-tuple
+    ((2, 128, 128, 4), (2, 1.5, 128, 4)),         # not an integer
+    ((2, 128, 128, 4), (True, 128, 128, 4)),      # bool
+    5,                                            # not a sequence
+])
+def test_bad_layer_sizes_raise_naming_the_field(bad):
+  with pytest.raises(ValueError, match='ConformerConfig.layer_sizes'):
+    MICRO.replace(layer_sizes=bad)
+
+
 def test_depthwise_conv_matches_xla_grouped_conv_and_grads():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, 9, 6)), jnp.float32)

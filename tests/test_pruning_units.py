@@ -9,6 +9,7 @@ import pytest
 
 from fedprune_jax import pruning
 from fedprune_jax.models import asr
+from fedprune_jax.models import conformer
 from fedprune_jax.pruning import compaction
 from fedprune_jax.pruning import units
 
@@ -119,6 +120,7 @@ def test_compaction_equivalence_tiny(tiny):
     um = units.unit_mask(params, cfg, s, allocation=a, scores=scores)
     masked = pruning.apply_mask(params, units.expand_unit_mask(params, cfg, um))
     small_model, small = compaction.compact(model, masked, um)
+    assert isinstance(small_model, asr.AsrModel) and small_model.head == model.head
     ref, ref_pad = jax.jit(model.logits)(masked, batch)
     got, got_pad = jax.jit(small_model.logits)(small, batch)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
@@ -127,8 +129,16 @@ def test_compaction_equivalence_tiny(tiny):
     sizes = units.unit_sizes(params, cfg)
     removed = sum(int((~np.asarray(um[b][k])).sum()) * sizes[b][k] for b in um for k in um[b])
     assert pruning.param_count(small) == pruning.param_count(params) - removed
-    assert small_model.sizes.heads == tuple(int(um[b]["mhsa"].sum()) for b in units.blocks(params))
-    ratio = compaction.flops(cfg, 48, small_model.sizes) / compaction.flops(cfg, 48)
+    sizes = compaction.BlockSizes.of(small_model.config)
+    assert sizes.heads == tuple(int(um[b]["mhsa"].sum()) for b in units.blocks(params))
+    assert sizes.conv_groups == tuple(int(um[b]["conv"].sum()) for b in units.blocks(params))
+    # The compacted model's own init gives exactly the compacted shapes.
+    assert (jax.tree.map(jnp.shape, small_model.init(jax.random.PRNGKey(2)))
+            == jax.tree.map(jnp.shape, small))
+    assert pruning.param_count(small) == conformer.analytic_param_count(
+        small_model.config, model.head.vocab_size)
+    ratio = compaction.flops(small_model.config, 48) / compaction.flops(cfg, 48)
+    assert ratio == compaction.flops(cfg, 48, sizes) / compaction.flops(cfg, 48)
     assert 0.0 < ratio < 1.0
 
 

@@ -136,7 +136,7 @@ def compaction_rows(model, params, sparsities: Sequence[float] = (0.5, 0.75),
                  "speedup": t_dense / t_small, "dense_bytes": b_dense,
                  "compact_bytes": b_small, "bytes_ratio": b_small / b_dense,
                  "max_abs_err": err,
-                 "compact_flops_ratio": compaction.flops(cfg, frames, small_model.sizes)
+                 "compact_flops_ratio": compaction.flops(small_model.config, frames)
                  / compaction.flops(cfg, frames)})
   return rows
 

@@ -12,12 +12,17 @@ over real frames only.  Padded output frames are zeroed.
 Parameter names follow docs/architecture.md (the pruning code relies on them):
 all Dense kernels are 2-D ``[in, out]``; attention head h owns columns
 ``h*Dh:(h+1)*Dh`` of query/key/value/pos and the same rows of ``out``.
+
+Blocks may have individual unit counts (``ConformerConfig.layer_sizes``), e.g.
+for a unit-pruned model compacted by ``fedprune_jax.pruning.compaction``: the
+names stay the same, only the widths of heads / FFN hidden / conv channels change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -53,6 +58,13 @@ class ConformerConfig:
     dtype: compute dtype of matmuls/convs ('float32' or 'bfloat16'); params,
       norms and softmax stay float32.
     remat: rematerialise each block in the backward pass (saves memory).
+    layer_sizes: optional per-block unit counts, one
+      ``(num_heads, ffn1_hidden, ffn2_hidden, conv_groups)`` tuple per block
+      (``num_layers`` of them); None = every block dense, i.e.
+      ``(num_heads, ffn_mult * d_model, ffn_mult * d_model, conv_groups)``.
+      The head dim stays ``d_model // num_heads`` and the channels per conv
+      group ``d_model // conv_groups`` (of this config), so a block with g
+      groups has ``g * d_model // conv_groups`` conv channels.
   """
 
   d_model: int
@@ -67,6 +79,7 @@ class ConformerConfig:
   input_dim: int = 80
   dtype: str = 'float32'
   remat: bool = False
+  layer_sizes: tuple[tuple[int, int, int, int], ...] | None = None
 
   def __post_init__(self):
     def bad(field, why):
@@ -90,10 +103,48 @@ class ConformerConfig:
         bad(f, f'must be in [0, 1), got {getattr(self, f)}')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
       bad('dtype', f'unsupported {self.dtype!r}')
+    if self.layer_sizes is not None:
+      # Normalised to a tuple of int 4-tuples (hashable: configs are static
+      # jit arguments via AsrModel).
+      object.__setattr__(self, 'layer_sizes', self._checked_layer_sizes(bad))
+
+  def _checked_layer_sizes(self, bad) -> tuple[tuple[int, int, int, int], ...]:
+    try:
+      rows = [tuple(row) for row in self.layer_sizes]
+    except TypeError:
+      bad('layer_sizes', f'expected a sequence of (num_heads, ffn1_hidden, ffn2_hidden, '
+                         f'conv_groups) tuples, got {self.layer_sizes!r}')
+    if len(rows) != self.num_layers:
+      bad('layer_sizes', f'has {len(rows)} entries, expected num_layers={self.num_layers}')
+    out = []
+    for i, row in enumerate(rows):
+      if len(row) != 4:
+        bad('layer_sizes', f'entry {i} = {row!r}: expected (num_heads, ffn1_hidden, '
+                           f'ffn2_hidden, conv_groups)')
+      try:
+        ints = tuple(operator.index(v) for v in row)
+      except TypeError:
+        bad('layer_sizes', f'entry {i} = {row!r}: sizes must be integers')
+      if any(isinstance(v, bool) for v in row) or min(ints) < 1:
+        bad('layer_sizes', f'entry {i} = {row!r}: sizes must be integers >= 1')
+      out.append(ints)
+    return tuple(out)
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def conv_group_channels(self) -> int:
+    """Channels per GroupNorm group of the conv module: d_model // conv_groups."""
+    return self.d_model // self.conv_groups
+
+  def block_sizes(self, layer: int) -> tuple[int, int, int, int]:
+    """(num_heads, ffn1_hidden, ffn2_hidden, conv_groups) of block ``layer``."""
+    if self.layer_sizes is not None:
+      return self.layer_sizes[layer]
+    f = self.ffn_mult * self.d_model
+    return (self.num_heads, f, f, self.conv_groups)
 
   @property
   def subsampled_dim(self) -> int:
@@ -177,14 +228,20 @@ class Subsample(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """Pre-norm FFN: LayerNorm, d->4d, swish, dropout, 4d->d, dropout."""
+  """Pre-norm FFN: LayerNorm, d->f, swish, dropout, f->d, dropout.
+
+  f = ``hidden``, default ``ffn_mult * d_model`` (4d).
+  """
   cfg: ConformerConfig
+  hidden: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    """x: [B, T, d] -> [B, T, d]."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    f = cfg.ffn_mult * cfg.d_model if self.hidden is None else self.hidden
     y = nn.LayerNorm(name='norm')(x)
-    y = _dense(cfg.ffn_mult * cfg.d_model, 'dense_in', dt)(y)
+    y = _dense(f, 'dense_in', dt)(y)
     y = nn.swish(y)
     y = Dropout(cfg.dropout_rate)(y, not train)
     y = _dense(cfg.d_model, 'dense_out', dt)(y)
@@ -196,21 +253,26 @@ class RelPosSelfAttention(nn.Module):
 
   score(i, j) = [(q_i + u) . k_j + rel_shift((q_i + v) . p_{i-j})] / sqrt(Dh),
   with p = pos(sinusoid(i - j)), u/v = pos_bias_u/pos_bias_v [H, Dh], and
-  padded keys masked out.
+  padded keys masked out.  H = ``num_heads`` (default ``cfg.num_heads``);
+  Dh = ``cfg.head_dim`` always, so q/k/v/pos project d -> H*Dh.
   """
   cfg: ConformerConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, train: bool) -> Array:
+    """x: [B, T, d], paddings: f32[B, T] -> [B, T, d]."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, d = x.shape
-    h, dh = cfg.num_heads, cfg.head_dim
+    h = cfg.num_heads if self.num_heads is None else self.num_heads
+    dh = cfg.head_dim
+    hd = h * dh
     y = nn.LayerNorm(name='norm')(x)
-    q = _dense(d, 'query', dt)(y).reshape(b, t, h, dh)
-    k = _dense(d, 'key', dt)(y).reshape(b, t, h, dh)
-    v = _dense(d, 'value', dt)(y).reshape(b, t, h, dh)
+    q = _dense(hd, 'query', dt)(y).reshape(b, t, h, dh)
+    k = _dense(hd, 'key', dt)(y).reshape(b, t, h, dh)
+    v = _dense(hd, 'value', dt)(y).reshape(b, t, h, dh)
     pe = rel_positional_embedding(t, d).astype(dt)
-    p = _dense(d, 'pos', dt, use_bias=False)(pe).reshape(2 * t - 1, h, dh)
+    p = _dense(hd, 'pos', dt, use_bias=False)(pe).reshape(2 * t - 1, h, dh)
     u = self.param('pos_bias_u', nn.initializers.zeros, (h, dh)).astype(dt)
     w = self.param('pos_bias_v', nn.initializers.zeros, (h, dh)).astype(dt)
 
@@ -221,41 +283,55 @@ class RelPosSelfAttention(nn.Module):
     scores = jnp.where(key_ok, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     probs = Dropout(cfg.attention_dropout_rate)(probs, not train)
-    o = jnp.einsum('bhij,bjhd->bihd', probs, v).reshape(b, t, d)
+    o = jnp.einsum('bhij,bjhd->bihd', probs, v).reshape(b, t, hd)
     o = _dense(d, 'out', dt)(o)
     return Dropout(cfg.dropout_rate)(o, not train)
 
 
 class ConvModule(nn.Module):
-  """LayerNorm, pointwise d->2d, GLU, depthwise conv, GroupNorm, swish, pointwise."""
+  """LayerNorm, pointwise d->2c, GLU, depthwise conv, GroupNorm, swish, pointwise c->d.
+
+  G = ``groups`` (default ``cfg.conv_groups``) GroupNorm groups of
+  ``cfg.conv_group_channels`` channels each: c = G * d_model // conv_groups
+  (c = d by default).
+  """
   cfg: ConformerConfig
+  groups: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, train: bool) -> Array:
+    """x: [B, T, d], paddings: f32[B, T] -> [B, T, d]."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    d, k = cfg.d_model, cfg.conv_kernel
+    g = cfg.conv_groups if self.groups is None else self.groups
+    c, k = g * cfg.conv_group_channels, cfg.conv_kernel
     y = nn.LayerNorm(name='norm')(x)
-    y = _dense(2 * d, 'pointwise_in', dt)(y)
-    y = y[..., :d] * jax.nn.sigmoid(y[..., d:])            # GLU: c with c + d
+    y = _dense(2 * c, 'pointwise_in', dt)(y)
+    y = y[..., :c] * jax.nn.sigmoid(y[..., c:])            # GLU: channel i with i + c
     y = _mask(y, paddings)
     y = DepthwiseConv1D(k, dtype=dt, name='depthwise')(y)
-    y = MaskedGroupNorm(cfg.conv_groups, name='group_norm')(y, paddings)
+    y = MaskedGroupNorm(g, name='group_norm')(y, paddings)
     y = nn.swish(y).astype(dt)
-    y = _dense(d, 'pointwise_out', dt)(y)
+    y = _dense(cfg.d_model, 'pointwise_out', dt)(y)
     return Dropout(cfg.dropout_rate)(y, not train)
 
 
 class ConformerBlock(nn.Module):
-  """x + FFN/2 -> + MHSA -> + Conv -> + FFN/2 -> LayerNorm."""
+  """x + FFN/2 -> + MHSA -> + Conv -> + FFN/2 -> LayerNorm.
+
+  Unit counts are those of block ``layer`` (``cfg.block_sizes(layer)``).
+  """
   cfg: ConformerConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x: Array, paddings: Array, train: bool) -> Array:
+    """x: [B, T', d], paddings: f32[B, T'] -> [B, T', d]."""
     cfg = self.cfg
-    x = x + 0.5 * FeedForward(cfg, name='ffn1')(x, train)
-    x = x + RelPosSelfAttention(cfg, name='mhsa')(x, paddings, train)
-    x = x + ConvModule(cfg, name='conv')(x, paddings, train)
-    x = x + 0.5 * FeedForward(cfg, name='ffn2')(x, train)
+    heads, ffn1, ffn2, groups = cfg.block_sizes(self.layer)
+    x = x + 0.5 * FeedForward(cfg, ffn1, name='ffn1')(x, train)
+    x = x + RelPosSelfAttention(cfg, heads, name='mhsa')(x, paddings, train)
+    x = x + ConvModule(cfg, groups, name='conv')(x, paddings, train)
+    x = x + 0.5 * FeedForward(cfg, ffn2, name='ffn2')(x, train)
     return nn.LayerNorm(name='final_norm')(x)
 
 
@@ -276,7 +352,7 @@ class ConformerEncoder(nn.Module):
     block_cls = (nn.remat(ConformerBlock, static_argnums=(3,)) if cfg.remat
                  else ConformerBlock)
     for i in range(cfg.num_layers):
-      x = block_cls(cfg, name=f'block_{i}')(x, paddings, train)
+      x = block_cls(cfg, i, name=f'block_{i}')(x, paddings, train)
     x = _mask(x.astype(jnp.float32), paddings)
     return x, paddings
 
@@ -291,16 +367,23 @@ def count_params(params: Any) -> int:
 
 
 def analytic_param_count(cfg: ConformerConfig, vocab_size: int | None = None) -> int:
-  """Closed-form parameter count of the encoder (+ CTC head if vocab_size)."""
+  """Closed-form parameter count of the encoder (+ CTC head if vocab_size).
+
+  Honours ``cfg.layer_sizes`` (per-block unit counts).
+  """
   d, c, k = cfg.d_model, cfg.subsample_channels, cfg.conv_kernel
-  f = cfg.ffn_mult * d
   ln = 2 * d
-  subsample = (9 * c + c) + (9 * c * c + c) + (cfg.subsampled_dim * c * d + d)
-  ffn = ln + (d * f + f) + (f * d + d)
-  mhsa = ln + 4 * (d * d + d) + d * d + 2 * d      # q,k,v,out (+bias), pos, u/v
-  conv = ln + (d * 2 * d + 2 * d) + (k * d + d) + 2 * d + (d * d + d)
-  block = 2 * ffn + mhsa + conv + ln
-  total = subsample + cfg.num_layers * block
+  total = (9 * c + c) + (9 * c * c + c) + (cfg.subsampled_dim * c * d + d)  # subsample
+
+  def ffn(f):
+    return ln + (d * f + f) + (f * d + d)
+
+  for i in range(cfg.num_layers):
+    heads, ffn1, ffn2, groups = cfg.block_sizes(i)
+    hd, ch = heads * cfg.head_dim, groups * cfg.conv_group_channels
+    mhsa = ln + 3 * (d * hd + hd) + (hd * d + d) + d * hd + 2 * hd  # q,k,v, out, pos, u/v
+    conv = ln + (d * 2 * ch + 2 * ch) + (k * ch + ch) + 2 * ch + (ch * d + d)
+    total += ffn(ffn1) + ffn(ffn2) + mhsa + conv + ln
   if vocab_size is not None:
     total += d * vocab_size + vocab_size
   return total

@@ -1,32 +1,26 @@
 """Compaction: unit-pruned Conformer -> a physically smaller dense Conformer.
 
 ``compact(model, params, umask)`` slices away the pruned units (heads, FFN
-hidden units, conv groups; see ``units``) and returns ``(CompactModel,
-small_params)``.  The compact model's encoder output equals the masked dense
-model's (``apply_mask(params, expand_unit_mask(...))``) up to float rounding:
-a pruned head / hidden unit / GroupNorm group contributes exactly nothing
-(conv groups are normalised independently, so dropping one leaves the other
-groups' statistics unchanged).
-
-The current ``ConformerConfig`` has one size per kind for all blocks, so the
-compact encoder is defined here (``CompactEncoder``) with per-block sizes,
-reusing the Conformer's subsampler, relative-position helpers and masked
-GroupNorm, and mirroring its block math and param names exactly.  (Proposed
-follow-up: give ``ConformerConfig`` optional per-layer sizes and drop the
-duplicated block code here.)
+hidden units, conv groups; see ``units``) and returns ``(small_model,
+small_params)``: ``small_model`` is a regular ``AsrModel`` whose
+``ConformerConfig.layer_sizes`` holds the kept unit counts of every block, so
+it trains, evaluates and decodes like any other model.  Its encoder output
+equals the masked dense model's (``apply_mask(params, expand_unit_mask(...))``)
+up to float rounding: a pruned head / hidden unit / GroupNorm group
+contributes exactly nothing (conv groups are normalised independently, so
+dropping one leaves the other groups' statistics unchanged).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedprune_jax.models import asr
 from fedprune_jax.models import conformer as cf
 from fedprune_jax.pruning import units as units_lib
 
@@ -43,130 +37,22 @@ class BlockSizes:
 
   @classmethod
   def dense(cls, cfg: cf.ConformerConfig) -> BlockSizes:
-    n = cfg.num_layers
-    return cls((cfg.num_heads,) * n, (cfg.ffn_mult * cfg.d_model,) * n,
-               (cfg.ffn_mult * cfg.d_model,) * n, (cfg.conv_groups,) * n)
+    """The unpruned sizes of ``cfg`` (ignoring ``cfg.layer_sizes``)."""
+    return cls.of(cfg.replace(layer_sizes=None))
+
+  @classmethod
+  def of(cls, cfg: cf.ConformerConfig) -> BlockSizes:
+    """The sizes of ``cfg``'s blocks (``cfg.layer_sizes`` if set, else dense)."""
+    rows = [cfg.block_sizes(i) for i in range(cfg.num_layers)]
+    return cls(*(tuple(col) for col in zip(*rows)))
+
+  def layer_sizes(self) -> tuple[tuple[int, int, int, int], ...]:
+    """As ``ConformerConfig.layer_sizes``: per block (heads, ffn1, ffn2, conv_groups)."""
+    return tuple(zip(self.heads, self.ffn1, self.ffn2, self.conv_groups))
 
 
-def _dense(features, name, dt, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dt, name=name)
-
-
-class _FFN(nn.Module):
-  cfg: cf.ConformerConfig
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x):
-    dt = jnp.dtype(self.cfg.dtype)
-    y = nn.LayerNorm(name="norm")(x)
-    y = nn.swish(_dense(self.hidden, "dense_in", dt)(y))
-    return _dense(self.cfg.d_model, "dense_out", dt)(y)
-
-
-class _MHSA(nn.Module):
-  cfg: cf.ConformerConfig
-  heads: int
-
-  @nn.compact
-  def __call__(self, x, paddings):
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    b, t, d = x.shape
-    h, dh = self.heads, cfg.head_dim
-    y = nn.LayerNorm(name="norm")(x)
-    q = _dense(h * dh, "query", dt)(y).reshape(b, t, h, dh)
-    k = _dense(h * dh, "key", dt)(y).reshape(b, t, h, dh)
-    v = _dense(h * dh, "value", dt)(y).reshape(b, t, h, dh)
-    pe = cf.rel_positional_embedding(t, d).astype(dt)
-    p = _dense(h * dh, "pos", dt, use_bias=False)(pe).reshape(2 * t - 1, h, dh)
-    init = nn.initializers.xavier_uniform()
-    u = self.param("pos_bias_u", init, (h, dh)).astype(dt)
-    w = self.param("pos_bias_v", init, (h, dh)).astype(dt)
-    ac = jnp.einsum("bihd,bjhd->bhij", q + u, k)
-    bd = jnp.einsum("bihd,rhd->bhir", q + w, p)
-    scores = (ac + cf.rel_shift(bd)).astype(jnp.float32) / math.sqrt(dh)
-    scores = jnp.where((paddings < 0.5)[:, None, None, :], scores, cf._NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    o = jnp.einsum("bhij,bjhd->bihd", probs, v).reshape(b, t, h * dh)
-    return _dense(d, "out", dt)(o)
-
-
-class _Conv(nn.Module):
-  cfg: cf.ConformerConfig
-  groups: int
-
-  @nn.compact
-  def __call__(self, x, paddings):
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    c = self.groups * (cfg.d_model // cfg.conv_groups)
-    k = cfg.conv_kernel
-    y = nn.LayerNorm(name="norm")(x)
-    y = _dense(2 * c, "pointwise_in", dt)(y)
-    y = y[..., :c] * jax.nn.sigmoid(y[..., c:])
-    y = cf._mask(y, paddings)
-    y = nn.Conv(c, (k,), padding=((k // 2, k // 2),), feature_group_count=c,
-                dtype=dt, name="depthwise")(y)
-    y = cf.MaskedGroupNorm(self.groups, name="group_norm")(y, paddings)
-    y = nn.swish(y).astype(dt)
-    return _dense(cfg.d_model, "pointwise_out", dt)(y)
-
-
-class _Block(nn.Module):
-  cfg: cf.ConformerConfig
-  heads: int
-  ffn1: int
-  ffn2: int
-  groups: int
-
-  @nn.compact
-  def __call__(self, x, paddings):
-    x = x + 0.5 * _FFN(self.cfg, self.ffn1, name="ffn1")(x)
-    x = x + _MHSA(self.cfg, self.heads, name="mhsa")(x, paddings)
-    x = x + _Conv(self.cfg, self.groups, name="conv")(x, paddings)
-    x = x + 0.5 * _FFN(self.cfg, self.ffn2, name="ffn2")(x)
-    return nn.LayerNorm(name="final_norm")(x)
-
-
-class CompactEncoder(nn.Module):
-  """Inference-only Conformer encoder with per-block unit counts."""
-  cfg: cf.ConformerConfig
-  sizes: BlockSizes
-
-  @nn.compact
-  def __call__(self, features, paddings):
-    """f32[B, T, F], f32[B, T] -> (f32[B, T', d], f32[B, T'])."""
-    paddings = paddings.astype(jnp.float32)
-    x, paddings = cf.Subsample(self.cfg, name="subsample")(features, paddings, False)
-    s = self.sizes
-    for i in range(self.cfg.num_layers):
-      x = _Block(self.cfg, s.heads[i], s.ffn1[i], s.ffn2[i], s.conv_groups[i],
-                 name=f"block_{i}")(x, paddings)
-    return cf._mask(x.astype(jnp.float32), paddings), paddings
-
-
-@dataclasses.dataclass(frozen=True)
-class CompactModel:
-  """A compacted ASR model: same head and batch API as ``AsrModel`` for inference."""
-  base: Any            # the AsrModel the params came from
-  sizes: BlockSizes
-
-  @property
-  def config(self) -> cf.ConformerConfig:
-    return self.base.config
-
-  def apply_features(self, params, features, paddings, rng=None, train=False):
-    if train:
-      raise ValueError("CompactModel is inference-only (train=False)")
-    return CompactEncoder(self.config, self.sizes).apply(
-        {"params": params["encoder"]}, features, paddings)
-
-  def logits(self, params, batch):
-    enc, pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
-    head = self.base.head
-    return head.logits(params[head.name], enc), pad
-
-
-def compact(model, params: PyTree, umask) -> tuple[CompactModel, PyTree]:
+def compact(model: asr.AsrModel, params: PyTree,
+            umask) -> tuple[asr.AsrModel, PyTree]:
   """Slices pruned units out of ``params``.
 
   Args:
@@ -175,10 +61,11 @@ def compact(model, params: PyTree, umask) -> tuple[CompactModel, PyTree]:
     umask: unit mask from ``units.unit_mask`` (True = keep); every
       (block, kind) must keep at least one unit.
   Returns:
-    (CompactModel, small params with the same naming).
+    (small_model, small_params): ``model`` with ``config.layer_sizes`` set to
+    the kept unit counts, and its params (same naming, smaller shapes).
   """
   cfg = model.config
-  cpg = cfg.d_model // cfg.conv_groups
+  cpg = cfg.conv_group_channels
   keep = units_lib.kept_indices(umask)
   out = jax.tree.map(lambda x: x, params)  # shallow copy of the dict tree
   enc = dict(out["encoder"])
@@ -204,7 +91,9 @@ def compact(model, params: PyTree, umask) -> tuple[CompactModel, PyTree]:
     sizes["ffn1"].append(n["ffn1"])
     sizes["ffn2"].append(n["ffn2"])
     sizes["conv_groups"].append(n["conv"])
-  return CompactModel(model, BlockSizes(**{k: tuple(v) for k, v in sizes.items()})), out
+  block_sizes = BlockSizes(**{k: tuple(v) for k, v in sizes.items()})
+  small_cfg = cfg.replace(layer_sizes=block_sizes.layer_sizes())
+  return dataclasses.replace(model, config=small_cfg), out
 
 
 def _new_shape(shape, path, units, blk, cpg):
@@ -240,15 +129,16 @@ def _set(tree, path, value):
 def flops(cfg: cf.ConformerConfig, frames: int, sizes: BlockSizes | None = None) -> float:
   """Forward FLOPs (2 * multiply-adds) of the encoder for one utterance of
   ``frames`` input frames: dense/conv matmuls plus attention score/value
-  products; norms and activations ignored."""
-  sizes = sizes or BlockSizes.dense(cfg)
+  products; norms and activations ignored.  Block sizes: ``sizes`` if given,
+  else ``cfg``'s own (``cfg.layer_sizes`` or dense)."""
+  sizes = sizes or BlockSizes.of(cfg)
   d, c, t = cfg.d_model, cfg.subsample_channels, frames
   t1 = -(-t // 2)
   t2 = -(-t1 // 2)
   f1 = -(-cfg.input_dim // 2)
   f2 = cfg.subsampled_dim
   total = 2 * t1 * f1 * 9 * c + 2 * t2 * f2 * 9 * c * c + 2 * t2 * f2 * c * d
-  cpg = d // cfg.conv_groups
+  cpg = cfg.conv_group_channels
   for i in range(cfg.num_layers):
     hd = sizes.heads[i] * cfg.head_dim
     ch = sizes.conv_groups[i] * cpg
