@@ -49,3 +49,19 @@ def test_cli_does_not_import_tensorflow():
   code = "import sys; from fedprune_jax import cli; cli.build_parser(); print('tensorflow' in sys.modules)"
   assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         check=True).stdout.strip() == "False"
+
+
+def test_demo_synthesizes_trains_and_prints_the_wer_table(tmp_path, capsys):
+  from conftest import MICRO_MODEL  # pylint: disable=g-import-not-at-top
+  argv = ["demo", "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
+  sets = ["data.synth_speakers=5", "data.synth_utterances=2", "train.steps=3", "train.eval_every=100",
+          "data.batch_size=2", "data.num_buckets=1"]
+  sets += [f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()]
+  for s in sets:
+    argv += ["--set", s]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "| split | utterances | WER | CER | loss |" in out
+  assert "| dev | 2 |" in out and "| test | 2 |" in out
+  assert (tmp_path / "data" / "synth" / "SPEAKERS.TXT").exists()
+  assert (tmp_path / "run" / "results.json").exists()
