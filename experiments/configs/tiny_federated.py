@@ -1,4 +1,4 @@
-"""Federated training (FedAdam server, SGD clients) of the `tiny` Conformer, one client per speaker.
+"""Federated training (FedAvg server, Adam clients) of the `tiny` Conformer, one client per speaker.
 
 Run: fedprune federated --config tiny_federated [--set rounds=50 --set cohort_size=32]
 Engine fields: see fedprune_jax/federated/rounds.py; `engine.vmap_size=1` maps clients inside a
@@ -26,9 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling = "uniform"
   c.eval_every = 10
 
-  c.client = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.5, momentum=None,
+  # Clients: a fresh Adam per round (CTC losses are large and badly scaled for plain SGD);
+  # server: FedAvg (set server.optimizer='fedadam' / 'fedyogi' and a learning rate to switch).
+  c.client = ml_collections.ConfigDict(dict(optimizer="adam", learning_rate=1e-3, momentum=None,
                                             num_epochs=1, shuffle=True))
-  c.server = ml_collections.ConfigDict(dict(optimizer="fedadam", learning_rate=2e-3, b1=0.9, b2=0.99,
+  c.server = ml_collections.ConfigDict(dict(optimizer="fedavg", learning_rate=1.0, b1=0.9, b2=0.99,
                                             eps=1e-8, momentum=None))
   c.engine = ml_collections.ConfigDict(dict(executor="chunked", chunk_size=8, num_devices=1,
                                             weighting="num_examples", vmap_size=1, device_loop=False))

@@ -431,12 +431,7 @@ class FunctionClientStore(ClientStore):
     return self._num_examples
 
   def get(self, client_ids: np.ndarray) -> ClientArrays:
-    ids = np.asarray(client_ids, np.int64)
-    real = ids[ids >= 0]
-    b = self._bucket_of[real]
-    if len(real) == 0 or np.any(b != b[0]):
-      raise ValueError('a chunk needs real clients that share a bucket')
-    bucket = self.buckets[int(b[0])]
+    ids, bucket = chunk_bucket(client_ids, self._bucket_of, self.buckets)
     out = bucket.zeros(len(ids))
     for j, cid in enumerate(ids):
       if cid >= 0:
@@ -445,3 +440,14 @@ class FunctionClientStore(ClientStore):
         for k in out:
           out[k][j] = packed[k]
     return out
+
+
+def chunk_bucket(client_ids: np.ndarray, bucket_of: np.ndarray,
+                 buckets: Sequence[Bucket]) -> tuple[np.ndarray, Bucket]:
+  """int64 ids of a chunk (-1 = padding client) and the one bucket its real clients share."""
+  ids = np.asarray(client_ids, np.int64)
+  real = ids[ids >= 0]
+  b = bucket_of[real]
+  if len(real) == 0 or np.any(b != b[0]):
+    raise ValueError('a chunk needs real clients that share a bucket')
+  return ids, buckets[int(b[0])]

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fedprune_jax.federated.client_data import (Bucket, ClientArrays,
-                                                ClientStore, make_buckets)
+from fedprune_jax.federated.client_data import (ClientArrays, ClientStore,
+                                                chunk_bucket, make_buckets)
 
 
 class SpeakerClientStore(ClientStore):
@@ -90,12 +90,7 @@ class SpeakerClientStore(ClientStore):
     return self._padding_fraction
 
   def get(self, client_ids: np.ndarray) -> ClientArrays:
-    ids = np.asarray(client_ids, np.int64)
-    real = ids[ids >= 0]
-    b = self._bucket_of[real]
-    if len(real) == 0 or np.any(b != b[0]):
-      raise ValueError('a chunk needs real clients that share a bucket')
-    bucket: Bucket = self.buckets[int(b[0])]
+    ids, bucket = chunk_bucket(client_ids, self._bucket_of, self.buckets)
     out = bucket.zeros(len(ids))
     fs = self._fs
     for j, cid in enumerate(ids):
