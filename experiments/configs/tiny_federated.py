@@ -33,5 +33,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.server = ml_collections.ConfigDict(dict(optimizer="fedavg", learning_rate=1.0, b1=0.9, b2=0.99,
                                             eps=1e-8, momentum=None))
   c.engine = ml_collections.ConfigDict(dict(executor="chunked", chunk_size=8, num_devices=1,
-                                            weighting="num_examples", vmap_size=1, device_loop=False))
+                                            weighting="num_examples", vmap_size=None, device_loop=False))
   return c
