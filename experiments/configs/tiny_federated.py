@@ -1,8 +1,9 @@
 """Federated training (FedAvg server, Adam clients) of the `tiny` Conformer, one client per speaker.
 
 Run: fedprune federated --config tiny_federated [--set rounds=50 --set cohort_size=32]
-Engine fields: see fedprune_jax/federated/rounds.py; `engine.vmap_size=1` maps clients inside a
-chunk sequentially (fastest for conv models on CPU); leave it None on accelerators to vmap a whole chunk.
+Engine fields: see fedprune_jax/federated/rounds.py; `engine.vmap_size=None` vmaps a whole chunk
+(fastest in `fedprune bench engine`, CPU included); `engine.vmap_size=1` maps the clients of a
+chunk one by one (lowest memory).
 """
 
 import ml_collections
