@@ -34,6 +34,7 @@ import numpy as np
 import optax
 import psutil
 
+from fedprune_jax import io_utils
 from fedprune_jax.federated import client, client_data, executor, toy
 
 
@@ -296,8 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       print(f"devices {d}: {r['seconds']:.3f} s, "
             f"{r['clients_per_s']:.1f} clients/s")
   if a.json:
-    with open(a.json, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1)
+    io_utils.write_json_atomic(a.json, report)
   return report
 
 

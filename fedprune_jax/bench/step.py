@@ -11,7 +11,6 @@ peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Sequence
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedprune_jax import io_utils
 from fedprune_jax.bench import flops as flops_lib
 from fedprune_jax.bench import peak as peak_lib
 from fedprune_jax.models import asr
@@ -173,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   rows = run(args.presets.split(','), args.batch_size, args.frames, args.steps,
              dtype=args.dtype, peak_n=args.peak_n)
   if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(rows, f, indent=1)
+    io_utils.write_json_atomic(args.json, rows)
   return rows
 
 
