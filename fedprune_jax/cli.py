@@ -46,8 +46,10 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
   root = pathlib.Path(args.dir)
-  split_dirs = [root] if any(p.suffix == ".txt" for p in root.glob("*/*/*.trans.txt")) else sorted(
-      p for p in root.iterdir() if p.is_dir())
+  is_split = next(root.glob("*/*/*.trans.txt"), None) is not None
+  # A corpus root holds split directories, plus hidden ones such as the feature cache.
+  split_dirs = [root] if is_split else sorted(
+      p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
   print(f"{'split':<12} {'speakers':>8} {'utterances':>10}")
   for split_dir in split_dirs:
     infos = librispeech.scan_split(split_dir)

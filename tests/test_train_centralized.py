@@ -11,6 +11,7 @@ from conftest import MICRO_MODEL
 from fedprune_jax import cli
 from fedprune_jax import config as config_lib
 from fedprune_jax.io_utils import read_jsonl
+from fedprune_jax.pruning.masks import apply_mask
 from fedprune_jax.train import centralized
 
 
@@ -64,7 +65,7 @@ def test_masked_train_step_keeps_pruned_weights_zero(tiny_corpus):
   fs = centralized.load_split(cfg, "train")
   from fedprune_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   (_, batch), = evaluate.eval_batches(fs, batch_size=16, num_buckets=1)[:1]
-  params = centralized._apply_mask(params, mask)  # pylint: disable=protected-access
+  params = apply_mask(params, mask)
   opt_state = optimizer.init(params)
   before = np.asarray(params["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]).copy()
   for i in range(3):

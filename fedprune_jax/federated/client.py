@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedprune_jax.pruning.masks import apply_mask
+
 PyTree = Any
 Batch = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, Any]]
@@ -33,22 +35,6 @@ class ClientOutput(NamedTuple):
   delta: PyTree
   num_examples: jax.Array
   metrics: dict[str, jax.Array]
-
-
-def apply_mask(tree: PyTree, mask: PyTree | None) -> PyTree:
-  """Zeroes the pruned entries of ``tree``.
-
-  Args:
-    tree: params-like pytree.
-    mask: pytree with the params' structure whose leaves are boolean/0-1
-      arrays broadcastable to the leaf, or ``None`` (= keep the leaf as is).
-      ``mask=None`` returns ``tree`` unchanged.
-  """
-  if mask is None:
-    return tree
-  return jax.tree_util.tree_map(
-      lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
-      mask, tree, is_leaf=lambda m: m is None)
 
 
 def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -91,7 +77,7 @@ def make_client_update(
   The returned function is pure and vmap/jit-able. Its arguments: ``params``
   (server params pytree), ``data`` (one client, dict of ``[S, B, ...]``),
   ``rng`` (the client's key; step keys are ``fold_in(fold_in(rng, epoch),
-  step)``) and an optional ``mask`` pytree (see ``apply_mask``). Steps whose
+  step)``) and an optional ``mask`` pytree (see ``fedprune_jax.pruning.masks.apply_mask``). Steps whose
   weights are all zero leave params and optimizer state bit-identical, so a
   client padded with extra steps trains exactly like the unpadded client.
   """

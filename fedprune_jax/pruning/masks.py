@@ -102,8 +102,14 @@ def init_mask(params: PyTree,
 
 
 @jax.jit
-def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
-  """Zeroes pruned weights (exact zeros; ``None`` mask leaves pass through)."""
+def apply_mask(params: PyTree, mask: PyTree | None) -> PyTree:
+  """Zeroes pruned weights (exact zeros; ``None`` mask leaves pass through).
+
+  ``mask`` leaves may be boolean or 0/1 arrays; ``mask=None`` returns ``params`` unchanged.  Also
+  used on gradients and optimizer updates (the trainer and the federated client update).
+  """
+  if mask is None:
+    return params
   return jax.tree.map(
       lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
       params, mask)

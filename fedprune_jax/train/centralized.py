@@ -22,6 +22,7 @@ from fedprune_jax.data import batching
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
+from fedprune_jax.pruning.masks import apply_mask
 from fedprune_jax.train import evaluate as evaluate_lib
 
 Params = Any
@@ -89,20 +90,13 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
       batch = dict(batch, features=features_lib.spec_augment(
           aug_rng, batch["features"], batch["feature_paddings"], **specaug))
     (loss, aux), grads = jax.value_and_grad(model.loss, has_aux=True)(params, batch, dropout_rng, True)
-    grads = _apply_mask(grads, mask)
+    grads = apply_mask(grads, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = _apply_mask(optax.apply_updates(params, updates), mask)
+    params = apply_mask(optax.apply_updates(params, updates), mask)
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                                "num_examples": aux["num_examples"]}
 
   return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _apply_mask(tree: Params, mask: Params | None) -> Params:
-  if mask is None:
-    return tree
-  return jax.tree_util.tree_map(lambda x, m: x if m is None else x * m.astype(x.dtype), tree, mask,
-                                is_leaf=lambda m: m is None)
 
 
 # --- the loop -----------------------------------------------------------------------------------
