@@ -6,7 +6,6 @@ Glue between the config file, the data (feature cache -> ``SpeakerClientStore``)
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
@@ -17,7 +16,6 @@ from fedprune_jax.federated import rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
 from fedprune_jax.train import centralized
-from fedprune_jax.train import evaluate as evaluate_lib
 
 
 def make_store(cfg: ml_collections.ConfigDict) -> SpeakerClientStore:
@@ -33,19 +31,15 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, A
   Writes ``workdir/metrics.jsonl`` (a line per round, eval metrics on eval rounds),
   ``workdir/results.json`` and an orbax checkpoint of the final server params.
   """
-  workdir = pathlib.Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+  workdir = centralized.prepare_workdir(cfg)
   model = centralized.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
   store = make_store(cfg)
-  eval_sets = {name: centralized.load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")}
-  eval_batches = {name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
-                  for name, fs in eval_sets.items()}
+  evals = centralized.EvalSplits(cfg)
 
   def eval_fn(server_params, round_index):
     del round_index
-    dev = evaluate_lib.evaluate(model, server_params, eval_sets["dev"], batches=eval_batches["dev"])
+    dev = evals.evaluate(model, server_params, "dev")
     return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
 
   def loss_fn(p, batch, rng):
@@ -57,8 +51,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, A
     with io_utils.JsonlLogger(run_cfg["log_path"]) as log:
       log.log(rounds_completed=0, **{f"eval_{k}": v for k, v in eval_fn(params, 0).items()})
   state, history = rounds.run_federated(run_cfg, loss_fn, params, store, eval_fn=eval_fn, progress=progress)
-  final = {name: evaluate_lib.evaluate(model, state.params, fs, batches=eval_batches[name])
-           for name, fs in eval_sets.items()}
+  final = evals.evaluate_all(model, state.params)
   summary = {"rounds": int(state.round), "num_clients": store.num_clients,
              "padding_fraction": store.padding_fraction(), "num_params": conformer.count_params(state.params),
              "preset": cfg.model.preset,

@@ -99,6 +99,29 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def prepare_workdir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  """Creates ``cfg.workdir`` and records the resolved config in it (``config.json``)."""
+  workdir = pathlib.Path(cfg.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+  return workdir
+
+
+class EvalSplits:
+  """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.feature_sets = {name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")}
+    self.batches = {name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
+                    for name, fs in self.feature_sets.items()}
+
+  def evaluate(self, model: asr.AsrModel, params: Params, name: str) -> dict[str, float]:
+    return evaluate_lib.evaluate(model, params, self.feature_sets[name], batches=self.batches[name])
+
+  def evaluate_all(self, model: asr.AsrModel, params: Params) -> dict[str, dict[str, float]]:
+    return {name: self.evaluate(model, params, name) for name in self.feature_sets}
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
@@ -111,14 +134,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
     {'final': {split: {'wer', 'cer', 'loss', 'num_utterances'}, ...}, 'train': {...}}.
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+  workdir = prepare_workdir(cfg)
 
   train_fs = load_split(cfg, cfg.data.train_split)
-  eval_sets = {name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")}
-  eval_batches = {name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
-                  for name, fs in eval_sets.items()}
+  evals = EvalSplits(cfg)
 
   model = make_model(cfg)
   rng = jax.random.key(cfg.seed)
@@ -177,7 +196,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
         log.log(**record)
         loss_window = []
       if at_eval:
-        dev = evaluate_lib.evaluate(model, params, eval_sets["dev"], batches=eval_batches["dev"])
+        dev = evals.evaluate(model, params, "dev")
         record = {"step": step, "train_minutes": train_seconds / 60.0, **{f"dev_{k}": v for k, v in dev.items()}}
         history.append(record)
         log.log(**record)
@@ -189,8 +208,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
       t_start = time.perf_counter()  # evaluation and logging are not training time
   bar.close()
 
-  final = {name: evaluate_lib.evaluate(model, params, fs, batches=eval_batches[name])
-           for name, fs in eval_sets.items()}
+  final = evals.evaluate_all(model, params)
   train_info = {"steps": step, "epochs": epoch, "train_minutes": train_seconds / 60.0,
                 "stop_reason": stop_reason, "num_params": num_params, "preset": cfg.model.preset,
                 "train_utterances": len(train_fs), "train_speakers": len(set(train_fs.speaker_ids.tolist())),
