@@ -37,7 +37,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_corpus_synth(args: argparse.Namespace) -> int:
   from fedprune_jax.data import synth
-  sizes = {k: v for k, v in (("speakers", args.speakers), ("utterances", args.utterances)) if v is not None}
+  sizes = {k: v for k, v in (("speakers", args.speakers), ("utterances", args.utterances),
+                             ("vocab_size", args.vocab_size)) if v is not None}
   out = synth.synthesize_corpus(args.out, seed=args.seed, workers=args.workers, progress=not args.quiet, **sizes)
   print(f"corpus ready: {out}")
   return 0
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
   synth_p.add_argument("--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)")
   synth_p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: 48)")
   synth_p.add_argument("--utterances", type=int, default=None, help="utterances per speaker (default: 40)")
+  synth_p.add_argument("--vocab-size", type=int, default=None,
+                       help="words in the Zipfian vocabulary (default: 2000; e.g. 30 for a quick-to-learn corpus)")
   synth_p.add_argument("--seed", type=int, default=0)
   synth_p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
   synth_p.add_argument("--quiet", action="store_true", help="no progress bar")

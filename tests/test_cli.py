@@ -33,6 +33,18 @@ def test_corpus_stats_counts_speakers(tiny_corpus, capsys):
   assert lines == {"dev": ["1", "4"], "test": ["1", "4"], "train": ["4", "16"]}
 
 
+def test_corpus_synth_vocab_size(tmp_path, capsys):
+  from fedprune_jax.data import librispeech, text  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "v20"
+  argv = ["corpus", "synth", "--out", str(out), "--speakers", "3", "--utterances", "4", "--vocab-size", "20",
+          "--workers", "1", "--quiet"]
+  assert cli.main(argv) == 0
+  assert "corpus ready" in capsys.readouterr().out
+  words = {w for split in ("train", "dev", "test") for u in librispeech.read_split(out / split)
+           for w in u.text.split()}
+  assert words and words <= set(text.build_vocabulary(20).words)
+
+
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
   result = subprocess.run([sys.executable, "-m", "fedprune_jax.cli", "train", "--set", "train.stepz=1"],
                           capture_output=True, text=True, check=False)

@@ -39,6 +39,14 @@ def test_vocabulary_is_zipfian_and_in_alphabet(vocab):
                                 np.full(8, 450 // 8) + (np.arange(8) < 450 % 8))
 
 
+def test_small_vocabulary_is_all_common_words():
+  small = text_lib.build_vocabulary(30)
+  assert len(small) == 30 and small.words[:3] == ("THE", "TO", "AND")
+  assert np.all(small.topics == -1)  # default num_common = min(150, size)
+  big = text_lib.build_vocabulary(500, num_topics=8, num_common=50)
+  assert big.words[:30] == small.words  # the same top of the list
+
+
 def test_is_speakable_word():
   for good in ("A", "I", "TO", "DON'T", "HELLO"):
     assert text_lib.is_speakable_word(good), good

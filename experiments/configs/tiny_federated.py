@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_steps = 8          # local steps per round cap (S); a speaker has ~40 utterances
   c.data.max_frames = None
   c.model = base.model
+  c.specaug = base.specaug      # on every client step, as in centralized training; None = off
 
   c.rounds = 40
   c.cohort_size = 16

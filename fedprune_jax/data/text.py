@@ -27,6 +27,7 @@ from fedprune_jax.data.records import ALPHABET
 
 DEFAULT_VOCAB_SIZE = 2000
 MIN_WORDS, MAX_WORDS = 3, 10
+DEFAULT_NUM_COMMON = 150
 
 _WORD_RE = re.compile(r"[A-Z]+(?:'[A-Z]+)?")
 _VOWELS = re.compile(r"[AEIOUY]")
@@ -73,15 +74,18 @@ def is_speakable_word(word: str) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def build_vocabulary(size: int = DEFAULT_VOCAB_SIZE, *, num_topics: int = 16,
-                     num_common: int = 150, seed: int = 0) -> Vocabulary:
+                     num_common: int | None = None, seed: int = 0) -> Vocabulary:
   """The ``size`` most frequent speakable English words (cached).
 
   Args:
     size: number of words V (after filtering).
     num_topics: K topics for the non-common words.
-    num_common: the most frequent words shared by all topics.
+    num_common: the most frequent words shared by all topics; None =
+      ``min(150, size)`` (a small vocabulary is all common words).
     seed: seeds the word -> topic assignment.
   """
+  if num_common is None:
+    num_common = min(DEFAULT_NUM_COMMON, size)
   if size < 1 or num_topics < 1 or not 0 <= num_common <= size:
     raise ValueError(
         f"bad vocabulary sizes: size={size}, num_topics={num_topics}, "

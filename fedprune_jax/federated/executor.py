@@ -50,8 +50,10 @@ class Accumulator(NamedTuple):
     delta_sum: sum_c w_c * delta_c.
     weight_sum: sum_c w_c.
     loss_sum: sum_c w_c * loss_c.
-    num_clients: number of real (non-padding) clients.
-    num_examples: sum of the real clients' example counts.
+    num_clients: number of real (non-padding) clients that succeeded.
+    num_examples: sum of those clients' example counts.
+    num_failed: real clients dropped because their loss or delta was not
+      finite (they contribute nothing; the round goes on without them).
   """
 
   delta_sum: PyTree
@@ -59,12 +61,13 @@ class Accumulator(NamedTuple):
   loss_sum: jax.Array
   num_clients: jax.Array
   num_examples: jax.Array
+  num_failed: jax.Array
 
 
 def zero_accumulator(params: PyTree) -> Accumulator:
   z = jnp.zeros((), jnp.float32)
   return Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), z, z, z,
-                     z)
+                     z, z)
 
 
 def _weights(out: ClientOutput, valid: jax.Array, weighting: str) -> jax.Array:
@@ -78,18 +81,63 @@ def _weights(out: ClientOutput, valid: jax.Array, weighting: str) -> jax.Array:
   return w * valid
 
 
+def client_succeeded(out: ClientOutput) -> jax.Array:
+  """bool[C]: the client's loss and every delta entry are finite.
+
+  A diverged client (NaN/inf from bad audio, an exploding local step) would
+  poison the whole aggregate (0 * NaN = NaN), so it is dropped instead.
+  """
+  ok = jnp.isfinite(out.metrics['loss'])
+  for leaf in jax.tree_util.tree_leaves(out.delta):
+    ok &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+  return ok
+
+
+class Contributions(NamedTuple):
+  """Per-client terms of the aggregate, each ``[C]``-stacked.
+
+  Attributes:
+    weight: float32[C] aggregation weight (0 for padding and failed clients).
+    delta: params pytree with a leading [C] axis; failed clients' zeroed.
+    loss: float32[C] training loss (0 for failed clients).
+    succeeded: float32[C] 1 for real clients that succeeded.
+    failed: float32[C] 1 for real clients that failed.
+  """
+
+  weight: jax.Array
+  delta: PyTree
+  loss: jax.Array
+  succeeded: jax.Array
+  failed: jax.Array
+
+
+def contributions(out: ClientOutput, valid: jax.Array,
+                  weighting: str = 'num_examples') -> Contributions:
+  """What each of ``[C]`` clients adds to the sums (valid: float32[C])."""
+  ok = client_succeeded(out)
+  succeeded = valid * ok.astype(valid.dtype)
+  zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x,
+                                 jnp.zeros_like(x))
+  return Contributions(
+      weight=_weights(out, succeeded, weighting),
+      delta=jax.tree_util.tree_map(zero_bad, out.delta),
+      loss=zero_bad(out.metrics['loss']), succeeded=succeeded,
+      failed=valid - succeeded)
+
+
 def accumulate(acc: Accumulator, out: ClientOutput, valid: jax.Array,
                weighting: str = 'num_examples') -> Accumulator:
   """Adds a ``[C]``-stacked ClientOutput to ``acc`` (valid: float32[C])."""
-  w = _weights(out, valid, weighting)
+  c = contributions(out, valid, weighting)
   delta_sum = jax.tree_util.tree_map(
-      lambda s, d: s + jnp.tensordot(w.astype(d.dtype), d, axes=1),
-      acc.delta_sum, out.delta)
+      lambda s, d: s + jnp.tensordot(c.weight.astype(d.dtype), d, axes=1),
+      acc.delta_sum, c.delta)
   return Accumulator(
-      delta_sum=delta_sum, weight_sum=acc.weight_sum + w.sum(),
-      loss_sum=acc.loss_sum + jnp.sum(w * out.metrics['loss']),
-      num_clients=acc.num_clients + valid.sum(),
-      num_examples=acc.num_examples + jnp.sum(valid * out.num_examples))
+      delta_sum=delta_sum, weight_sum=acc.weight_sum + c.weight.sum(),
+      loss_sum=acc.loss_sum + jnp.sum(c.weight * c.loss),
+      num_clients=acc.num_clients + c.succeeded.sum(),
+      num_examples=acc.num_examples + jnp.sum(c.succeeded * out.num_examples),
+      num_failed=acc.num_failed + c.failed.sum())
 
 
 def finalize(acc: Accumulator) -> tuple[PyTree, dict[str, float]]:
@@ -100,6 +148,7 @@ def finalize(acc: Accumulator) -> tuple[PyTree, dict[str, float]]:
       'train_loss': float(acc.loss_sum / max(float(acc.weight_sum), 1e-12)),
       'num_clients': float(acc.num_clients),
       'num_examples': float(acc.num_examples),
+      'num_failed_clients': float(acc.num_failed),
       'weight_sum': float(acc.weight_sum)}
 
 
@@ -299,15 +348,17 @@ class DrjaxExecutor:
       keys = drjax.map_fn(lambda i: jax.random.fold_in(round_key, i), ids)
       out = drjax.map_fn(lambda p, d, k: update(p, d, k, mask),
                          (placed, data, keys))
-      w = _weights(out, jnp.ones_like(out.num_examples), weighting)
+      c = contributions(out, jnp.ones_like(out.num_examples), weighting)
       weighted = drjax.map_fn(
           lambda d, wi: jax.tree_util.tree_map(lambda x: x * wi, d),
-          (out.delta, w))
+          (c.delta, c.weight))
       return Accumulator(
-          delta_sum=drjax.reduce_sum(weighted), weight_sum=drjax.reduce_sum(w),
-          loss_sum=drjax.reduce_sum(w * out.metrics['loss']),
-          num_clients=jnp.asarray(n, jnp.float32),
-          num_examples=drjax.reduce_sum(out.num_examples))
+          delta_sum=drjax.reduce_sum(weighted),
+          weight_sum=drjax.reduce_sum(c.weight),
+          loss_sum=drjax.reduce_sum(c.weight * c.loss),
+          num_clients=drjax.reduce_sum(c.succeeded),
+          num_examples=drjax.reduce_sum(c.succeeded * out.num_examples),
+          num_failed=drjax.reduce_sum(c.failed))
 
     self._cache[n] = run
     return run

@@ -42,9 +42,8 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, A
     dev = evals.evaluate(model, server_params, "dev")
     return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
 
-  def loss_fn(p, batch, rng):
-    return model.loss(p, batch, rng, train=True)
-
+  specaug = cfg.get("specaug")
+  loss_fn = centralized.make_training_loss(model, dict(specaug) if specaug else None)
   run_cfg = cfg.to_dict()
   run_cfg["log_path"] = str(workdir / "metrics.jsonl")
   if cfg.eval_every:  # the starting point, so the log shows what the rounds changed

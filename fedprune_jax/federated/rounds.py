@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any, Callable, Mapping
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import optax
@@ -129,10 +130,15 @@ def run_rounds(state: ServerState, store: ClientStore, executor,
   ``fold_in(key(seed), r)``, so a run resumed from a saved ``state`` repeats
   the uninterrupted run exactly.
 
+  A client whose loss or delta is not finite is dropped from its round's
+  aggregate and counted in ``num_failed_clients``; a round in which no client
+  succeeded leaves params and server optimizer state unchanged.
+
   Returns:
     (final state, history) with one metrics dict per round: round,
-    train_loss, num_clients, num_examples, seconds, clients_per_s,
-    examples_per_s (+ eval metrics prefixed ``eval_`` on eval rounds).
+    train_loss, num_clients, num_failed_clients, num_examples, seconds,
+    clients_per_s, examples_per_s (+ eval metrics prefixed ``eval_`` on eval
+    rounds).
   """
   seed_key = jax.random.key(seed)
   update = jax.jit(server_update, static_argnums=2)
@@ -153,8 +159,17 @@ def run_rounds(state: ServerState, store: ClientStore, executor,
       cohort = sampler.sample(r)
       mean_delta, metrics = executor(state.params, store, cohort,
                                      jax.random.fold_in(seed_key, r), mask)
-      state = update(state, mean_delta, server_optimizer)
+      if metrics['weight_sum'] > 0:
+        state = update(state, mean_delta, server_optimizer)
+      else:
+        # Every client failed (or had no data): an optimizer step on a zero
+        # pseudo-gradient would still move FedAdam params, so skip it.
+        state = state.replace(round=state.round + 1)
       jax.block_until_ready(state.params)
+      if metrics['num_failed_clients']:
+        absl_logging.warning(
+            'round %d: dropped %d of %d clients with a non-finite loss or '
+            'delta', r, int(metrics['num_failed_clients']), len(cohort))
       dt = time.perf_counter() - t0
       metrics = dict(round=r, **metrics, seconds=dt,
                      clients_per_s=metrics['num_clients'] / dt,

@@ -76,6 +76,23 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
 
 
+def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
+  """``loss_fn(params, batch, rng) -> (loss, aux)`` of one training step: SpecAugment, then dropout.
+
+  Shared by the centralized step and the federated client update, so both train the same objective.
+  ``specaug`` holds ``features.spec_augment`` keyword arguments, or None for no augmentation.
+  """
+
+  def loss_fn(params, batch, rng):
+    aug_rng, dropout_rng = jax.random.split(rng)
+    if specaug is not None:
+      batch = dict(batch, features=features_lib.spec_augment(
+          aug_rng, batch["features"], batch["feature_paddings"], **specaug))
+    return model.loss(params, batch, dropout_rng, True)
+
+  return loss_fn
+
+
 def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation,
                     specaug: dict | None) -> Callable:
   """Returns a jitted ``step(params, opt_state, batch, rng, mask=None) -> (params, opt_state, metrics)``.
@@ -83,13 +100,10 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
   ``mask`` (optional pytree of {0,1} arrays or None leaves, the params' structure) keeps pruned
   weights exactly zero: gradients and updates are masked.
   """
+  loss_fn = make_training_loss(model, specaug)
 
   def step(params, opt_state, batch, rng, mask=None):
-    aug_rng, dropout_rng = jax.random.split(rng)
-    if specaug is not None:
-      batch = dict(batch, features=features_lib.spec_augment(
-          aug_rng, batch["features"], batch["feature_paddings"], **specaug))
-    (loss, aux), grads = jax.value_and_grad(model.loss, has_aux=True)(params, batch, dropout_rng, True)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
     grads = apply_mask(grads, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = apply_mask(optax.apply_updates(params, updates), mask)
