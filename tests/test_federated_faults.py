@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -110,3 +111,15 @@ def test_a_failed_client_leaves_the_round_of_the_others(setup):
   _close(final.params, expected.params)
   assert history[0]['num_failed_clients'] == 1
   assert history[0]['num_clients'] == 11
+
+
+def test_client_finite_flags_nan_inf_and_overflowing_params():
+  params = {'a': jnp.ones((3, 2)), 'b': {'c': jnp.zeros(4)}}
+  assert bool(client.client_finite(jnp.float32(1.0), params))
+  assert not bool(client.client_finite(jnp.float32(jnp.nan), params))
+  assert not bool(client.client_finite(jnp.float32(jnp.inf), params))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    broken = {'a': params['a'].at[2, 1].set(bad), 'b': params['b']}
+    assert not bool(client.client_finite(jnp.float32(1.0), broken)), bad
+  huge = {'a': jnp.full((3, 2), 3e38, jnp.float32), 'b': params['b']}
+  assert not bool(client.client_finite(jnp.float32(1.0), huge))  # diverged

@@ -29,7 +29,10 @@ class ClientOutput(NamedTuple):
     delta: params pytree, ``params_start - params_end``.
     num_examples: float32 scalar, sum of example weights of one epoch.
     metrics: dict of float32 scalars: ``loss`` (example-weighted mean training
-      loss over all live steps) and ``num_steps`` (live steps taken).
+      loss over all live steps), ``num_steps`` (live steps taken) and
+      ``failed`` (1 when the loss or the trained params are not finite: the
+      client diverged; its delta and loss are then 0 and the executors give
+      it weight 0, so one bad client cannot poison the aggregate).
   """
 
   delta: PyTree
@@ -123,14 +126,33 @@ def make_client_update(
     init = (params_start, optimizer.init(params_start), zero, zero, zero)
     (p_end, _, loss_sum, n_sum, steps), _ = jax.lax.scan(
         epoch, init, jnp.arange(num_epochs))
-    delta = jax.tree_util.tree_map(lambda a, b: a - b, params_start, p_end)
+    loss = loss_sum / jnp.maximum(n_sum, 1e-12)
+    ok = client_finite(loss, p_end)
+    # where() fuses with the subtraction: no extra params-sized buffer
+    delta = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start,
+        p_end)
     return ClientOutput(
         delta=delta,
         num_examples=jnp.sum(data['weights']).astype(jnp.float32),
-        metrics={'loss': loss_sum / jnp.maximum(n_sum, 1e-12),
-                 'num_steps': steps})
+        metrics={'loss': jnp.where(ok, loss, 0.0), 'num_steps': steps,
+                 'failed': 1.0 - ok.astype(jnp.float32)})
 
   return client_update
+
+
+def client_finite(loss: jax.Array, params: PyTree) -> jax.Array:
+  """bool scalar: the loss and every parameter are finite.
+
+  One float32 sum per leaf: any NaN/inf entry makes it non-finite, and a
+  reduction is cheaper (memory and time) than an elementwise isfinite map.
+  A sum that overflows float32 also counts as failed: such a client has
+  diverged anyway.
+  """
+  total = loss.astype(jnp.float32)
+  for leaf in jax.tree_util.tree_leaves(params):
+    total = total + jnp.sum(leaf, dtype=jnp.float32)
+  return jnp.isfinite(total)
 
 
 def client_rng(seed_key: jax.Array, round_num: int | jax.Array,

@@ -81,48 +81,31 @@ def _weights(out: ClientOutput, valid: jax.Array, weighting: str) -> jax.Array:
   return w * valid
 
 
-def client_succeeded(out: ClientOutput) -> jax.Array:
-  """bool[C]: the client's loss and every delta entry are finite.
-
-  A diverged client (NaN/inf from bad audio, an exploding local step) would
-  poison the whole aggregate (0 * NaN = NaN), so it is dropped instead.
-  """
-  ok = jnp.isfinite(out.metrics['loss'])
-  for leaf in jax.tree_util.tree_leaves(out.delta):
-    ok &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-  return ok
-
-
 class Contributions(NamedTuple):
-  """Per-client terms of the aggregate, each ``[C]``-stacked.
+  """Per-client terms of the aggregate, each float32[C].
 
   Attributes:
-    weight: float32[C] aggregation weight (0 for padding and failed clients).
-    delta: params pytree with a leading [C] axis; failed clients' zeroed.
-    loss: float32[C] training loss (0 for failed clients).
-    succeeded: float32[C] 1 for real clients that succeeded.
-    failed: float32[C] 1 for real clients that failed.
+    weight: aggregation weight (0 for padding and failed clients).
+    succeeded: 1 for real clients that succeeded.
+    failed: 1 for real clients that failed (``metrics['failed']``).
   """
 
   weight: jax.Array
-  delta: PyTree
-  loss: jax.Array
   succeeded: jax.Array
   failed: jax.Array
 
 
 def contributions(out: ClientOutput, valid: jax.Array,
                   weighting: str = 'num_examples') -> Contributions:
-  """What each of ``[C]`` clients adds to the sums (valid: float32[C])."""
-  ok = client_succeeded(out)
-  succeeded = valid * ok.astype(valid.dtype)
-  zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x,
-                                 jnp.zeros_like(x))
-  return Contributions(
-      weight=_weights(out, succeeded, weighting),
-      delta=jax.tree_util.tree_map(zero_bad, out.delta),
-      loss=zero_bad(out.metrics['loss']), succeeded=succeeded,
-      failed=valid - succeeded)
+  """What each of ``[C]`` clients counts for (valid: float32[C]).
+
+  A failed client's delta and loss are already 0 (client.py), so giving it
+  weight 0 removes it from every sum.
+  """
+  failed = valid * out.metrics['failed']
+  succeeded = valid - failed
+  return Contributions(weight=_weights(out, succeeded, weighting),
+                       succeeded=succeeded, failed=failed)
 
 
 def accumulate(acc: Accumulator, out: ClientOutput, valid: jax.Array,
@@ -131,10 +114,10 @@ def accumulate(acc: Accumulator, out: ClientOutput, valid: jax.Array,
   c = contributions(out, valid, weighting)
   delta_sum = jax.tree_util.tree_map(
       lambda s, d: s + jnp.tensordot(c.weight.astype(d.dtype), d, axes=1),
-      acc.delta_sum, c.delta)
+      acc.delta_sum, out.delta)
   return Accumulator(
       delta_sum=delta_sum, weight_sum=acc.weight_sum + c.weight.sum(),
-      loss_sum=acc.loss_sum + jnp.sum(c.weight * c.loss),
+      loss_sum=acc.loss_sum + jnp.sum(c.weight * out.metrics['loss']),
       num_clients=acc.num_clients + c.succeeded.sum(),
       num_examples=acc.num_examples + jnp.sum(c.succeeded * out.num_examples),
       num_failed=acc.num_failed + c.failed.sum())
@@ -351,11 +334,11 @@ class DrjaxExecutor:
       c = contributions(out, jnp.ones_like(out.num_examples), weighting)
       weighted = drjax.map_fn(
           lambda d, wi: jax.tree_util.tree_map(lambda x: x * wi, d),
-          (c.delta, c.weight))
+          (out.delta, c.weight))
       return Accumulator(
           delta_sum=drjax.reduce_sum(weighted),
           weight_sum=drjax.reduce_sum(c.weight),
-          loss_sum=drjax.reduce_sum(c.weight * c.loss),
+          loss_sum=drjax.reduce_sum(c.weight * out.metrics['loss']),
           num_clients=drjax.reduce_sum(c.succeeded),
           num_examples=drjax.reduce_sum(c.succeeded * out.num_examples),
           num_failed=drjax.reduce_sum(c.failed))
