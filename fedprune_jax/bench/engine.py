@@ -139,12 +139,13 @@ def compare(model: str = 'toy', cohort: int = 128, chunk: int = 32,
           params, store, ids, key),
       'engine_map1': lambda ex=executor.ChunkedExecutor(
           cu, chunk, vmap_size=1): ex(params, store, ids, key),
-      'fedjax_jit': _fedjax_round(loss_fn, lr, params, store, ids, key),
       'python_loop': lambda ex=executor.SequentialExecutor(cu): ex(
           params, store, ids, key),
       'drjax_map_fn': lambda ex=executor.DrjaxExecutor(cu): ex(
           params, store, ids, key),
   }
+  if 'fedjax_jit' not in skip:  # imports fedjax (and TensorFlow) only if run
+    runners['fedjax_jit'] = _fedjax_round(loss_fn, lr, params, store, ids, key)
   out = {'model': model, 'cohort': cohort, 'chunk': chunk,
          'examples': n_examples, 'backend': jax.default_backend(),
          'results': {}}

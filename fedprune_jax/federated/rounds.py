@@ -30,7 +30,6 @@ from typing import Any, Callable, Mapping
 
 from absl import logging as absl_logging
 import jax
-import numpy as np
 import optax
 
 from fedprune_jax.federated import multihost
