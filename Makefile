@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS := dev,tfds,fedjax,tensorboard
+EXTRAS := dev,tfds,fedjax,tensorboard,report
 DATA ?= data
 # Pytest workers: the suite is compile-bound, two processes use both cores.
 TEST_WORKERS ?= 2

@@ -14,17 +14,29 @@ from typing import Callable, Sequence
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
-  parser.add_argument("--config", default=default_config,
-                      help="config file (Python, defines get_config()) or a name in experiments/configs/ "
-                           f"(default: {default_config})")
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set train.steps=200 (repeatable)")
-  parser.add_argument("--workdir", default=None, help="output directory (metrics.jsonl, checkpoints)")
+  parser.add_argument(
+    "--config",
+    default=default_config,
+    help="config file (Python, defines get_config()) or a name in experiments/configs/ "
+    f"(default: {default_config})",
+  )
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a config field, e.g. --set train.steps=200 (repeatable)",
+  )
+  parser.add_argument(
+    "--workdir", default=None, help="output directory (metrics.jsonl, checkpoints)"
+  )
   parser.add_argument("--data", default=None, help="corpus root directory (overrides data.root)")
 
 
 def _load(args: argparse.Namespace):
   from fedprune_jax import config as config_lib
+
   cfg = config_lib.load_config(args.config, args.overrides)
   if getattr(args, "data", None):
     cfg.data.root = args.data
@@ -35,22 +47,37 @@ def _load(args: argparse.Namespace):
 
 # --- corpus -------------------------------------------------------------------------------------
 
+
 def cmd_corpus_synth(args: argparse.Namespace) -> int:
   from fedprune_jax.data import synth
-  sizes = {k: v for k, v in (("speakers", args.speakers), ("utterances", args.utterances),
-                             ("vocab_size", args.vocab_size)) if v is not None}
-  out = synth.synthesize_corpus(args.out, seed=args.seed, workers=args.workers, progress=not args.quiet, **sizes)
+
+  sizes = {
+    k: v
+    for k, v in (
+      ("speakers", args.speakers),
+      ("utterances", args.utterances),
+      ("vocab_size", args.vocab_size),
+    )
+    if v is not None
+  }
+  out = synth.synthesize_corpus(
+    args.out, seed=args.seed, workers=args.workers, progress=not args.quiet, **sizes
+  )
   print(f"corpus ready: {out}")
   return 0
 
 
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
+
   root = pathlib.Path(args.dir)
   is_split = next(root.glob("*/*/*.trans.txt"), None) is not None
   # A corpus root holds split directories, plus hidden ones such as the feature cache.
-  split_dirs = [root] if is_split else sorted(
-      p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  split_dirs = (
+    [root]
+    if is_split
+    else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  )
   print(f"{'split':<12} {'speakers':>8} {'utterances':>10}")
   for split_dir in split_dirs:
     infos = librispeech.scan_split(split_dir)
@@ -61,8 +88,10 @@ def cmd_corpus_stats(args: argparse.Namespace) -> int:
 
 # --- training / evaluation ----------------------------------------------------------------------
 
+
 def cmd_train(args: argparse.Namespace) -> int:
   from fedprune_jax.train import centralized
+
   cfg = _load(args)
   result = centralized.train_and_evaluate(cfg)
   print(json.dumps(result["final"], indent=2, sort_keys=True))
@@ -71,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
   from fedprune_jax.train import centralized
+
   cfg = _load(args)
   metrics = centralized.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
   print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -79,6 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_federated(args: argparse.Namespace) -> int:
   from fedprune_jax.federated import job
+
   cfg = _load(args)
   result = job.run(cfg)
   print(json.dumps(result.get("final", {}), indent=2, sort_keys=True))
@@ -87,6 +118,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
   from fedprune_jax.models import conformer
+
   print(conformer.param_table())
   return 0
 
@@ -96,10 +128,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
   from fedprune_jax import config as config_lib
   from fedprune_jax.data import synth
   from fedprune_jax.train import centralized
+
   cfg = config_lib.load_config("demo", args.overrides)
-  corpus = synth.synthesize_corpus(pathlib.Path(args.data) / "synth", speakers=cfg.data.synth_speakers,
-                                   utterances=cfg.data.synth_utterances, seed=cfg.data.synth_seed,
-                                   progress=True)
+  corpus = synth.synthesize_corpus(
+    pathlib.Path(args.data) / "synth",
+    speakers=cfg.data.synth_speakers,
+    utterances=cfg.data.synth_utterances,
+    seed=cfg.data.synth_seed,
+    progress=True,
+  )
   cfg.data.root = str(corpus)
   cfg.workdir = args.workdir
   result = centralized.train_and_evaluate(cfg)
@@ -110,8 +147,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- benchmarks ---------------------------------------------------------------------------------
 
+
 def cmd_bench(args: argparse.Namespace) -> int:
   import importlib
+
   module = importlib.import_module(f"fedprune_jax.bench.{args.which}")
   module.main(args.bench_args)
   return 0
@@ -119,20 +158,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="fedprune",
-      description="Federated pruning of Conformer speech recognizers (JAX/Flax).")
+    prog="fedprune", description="Federated pruning of Conformer speech recognizers (JAX/Flax)."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   corpus = sub.add_parser("corpus", help="make or inspect a LibriSpeech-layout corpus")
   corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
   synth_p = corpus_sub.add_parser("synth", help="write the embedded synthetic multi-speaker corpus")
-  synth_p.add_argument("--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)")
-  synth_p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: 48)")
-  synth_p.add_argument("--utterances", type=int, default=None, help="utterances per speaker (default: 40)")
-  synth_p.add_argument("--vocab-size", type=int, default=None,
-                       help="words in the Zipfian vocabulary (default: 2000; e.g. 30 for a quick-to-learn corpus)")
+  synth_p.add_argument(
+    "--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)"
+  )
+  synth_p.add_argument(
+    "--speakers", type=int, default=None, help="number of speakers (default: 48)"
+  )
+  synth_p.add_argument(
+    "--utterances", type=int, default=None, help="utterances per speaker (default: 40)"
+  )
+  synth_p.add_argument(
+    "--vocab-size",
+    type=int,
+    default=None,
+    help="words in the Zipfian vocabulary (default: 2000; e.g. 30 for a quick-to-learn corpus)",
+  )
   synth_p.add_argument("--seed", type=int, default=0)
   synth_p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
   synth_p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,10 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
   demo_p.set_defaults(func=cmd_demo)
 
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
-  bench_p.add_argument("which", choices=["step", "prune", "engine", "synth"],
-                       help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
-                            "engine: federated executors side by side; synth: corpus synthesis speed")
-  bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)")
+  bench_p.add_argument(
+    "which",
+    choices=["step", "prune", "engine", "synth"],
+    help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
+    "engine: federated executors side by side; synth: corpus synthesis speed",
+  )
+  bench_p.add_argument(
+    "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)"
+  )
   bench_p.set_defaults(func=cmd_bench)
   return parser
 
@@ -179,10 +234,12 @@ def enable_compilation_cache() -> None:
   Set FEDPRUNE_JAX_CACHE to a directory to move it, or to an empty string to turn it off.
   """
   import os  # pylint: disable=g-import-not-at-top
+
   cache_dir = os.environ.get("FEDPRUNE_JAX_CACHE", os.path.expanduser("~/.cache/fedprune_jax/xla"))
   if not cache_dir:
     return
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
@@ -202,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Bad input (config, corpus, flags): one clear line, no traceback.
     from fedprune_jax import config as config_lib
     from fedprune_jax.data.records import CorpusError
+
     if isinstance(e, (config_lib.ConfigError, CorpusError, FileNotFoundError)):
       print(f"fedprune: error: {e}", file=sys.stderr)
       return 2

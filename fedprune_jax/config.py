@@ -59,7 +59,9 @@ def parse_value(text: str):
     return text
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config") -> None:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Sequence[str], source: str = "config"
+) -> None:
   """Applies ``a.b.c=value`` overrides in place; unknown keys are an error naming the key."""
   for item in overrides:
     if "=" not in item:
@@ -69,12 +71,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
     node = config
     for depth, part in enumerate(parts[:-1]):
       if part not in node:
-        raise ConfigError(f"override {key!r}: {source} has no field {'.'.join(parts[:depth + 1])!r}")
+        raise ConfigError(
+          f"override {key!r}: {source} has no field {'.'.join(parts[: depth + 1])!r}"
+        )
       node = node[part]
     leaf = parts[-1]
     free_form = len(parts) > 1 and parts[-2] == "overrides"
     if leaf not in node and not free_form:
-      raise ConfigError(f"override {key!r}: {source} has no field {key!r} (fields here: {', '.join(sorted(node.keys()))})")
+      raise ConfigError(
+        f"override {key!r}: {source} has no field {key!r} (fields here: {', '.join(sorted(node.keys()))})"
+      )
     value = parse_value(raw)
     current = node.get(leaf)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

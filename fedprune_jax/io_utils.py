@@ -68,8 +68,12 @@ class JsonlLogger:
   record's ``step_key`` field.
   """
 
-  def __init__(self, path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None,
-               step_key: str = "step"):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    tensorboard_dir: str | os.PathLike | None = None,
+    step_key: str = "step",
+  ):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
@@ -90,7 +94,11 @@ class JsonlLogger:
     if self._tb is not None and self._step_key in record:
       step = int(record[self._step_key])
       for key, value in record.items():
-        if key not in (self._step_key, "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (
+          key not in (self._step_key, "time")
+          and isinstance(value, (int, float))
+          and not isinstance(value, bool)
+        ):
           self._tb.add_scalar(key, value, step)
       self._tb.flush()
 

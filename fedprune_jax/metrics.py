@@ -14,31 +14,33 @@ from typing import Sequence
 
 import jiwer
 
-_WORDS = jiwer.Compose([
+_WORDS = jiwer.Compose(
+  [
     jiwer.RemoveMultipleSpaces(),
     jiwer.Strip(),
     jiwer.ReduceToListOfListOfWords(),
-])
-_CHARS = jiwer.Compose([
+  ]
+)
+_CHARS = jiwer.Compose(
+  [
     jiwer.RemoveMultipleSpaces(),
     jiwer.Strip(),
     jiwer.ReduceToListOfListOfChars(),
-])
+  ]
+)
 _UNITS = ("word", "char")
 
 
 def _check(references: Sequence[str], hypotheses: Sequence[str]) -> None:
   if isinstance(references, str) or isinstance(hypotheses, str):
-    raise TypeError("references and hypotheses must be lists of strings, "
-                    "not a single string")
+    raise TypeError("references and hypotheses must be lists of strings, not a single string")
   if len(references) != len(hypotheses):
-    raise ValueError(f"got {len(references)} references but "
-                     f"{len(hypotheses)} hypotheses")
+    raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses")
 
 
-def corpus_error_counts(references: Sequence[str],
-                        hypotheses: Sequence[str],
-                        unit: str = "word") -> tuple[int, int]:
+def corpus_error_counts(
+  references: Sequence[str], hypotheses: Sequence[str], unit: str = "word"
+) -> tuple[int, int]:
   """Returns ``(edits, reference_length)`` summed over a list of pairs.
 
   Args:
@@ -56,9 +58,12 @@ def corpus_error_counts(references: Sequence[str],
     return 0, 0
   process = jiwer.process_words if unit == "word" else jiwer.process_characters
   transform = _WORDS if unit == "word" else _CHARS
-  out = process(list(references), list(hypotheses),
-                reference_transform=transform,
-                hypothesis_transform=transform)
+  out = process(
+    list(references),
+    list(hypotheses),
+    reference_transform=transform,
+    hypothesis_transform=transform,
+  )
   edits = out.substitutions + out.deletions + out.insertions
   return int(edits), int(out.substitutions + out.deletions + out.hits)
 

@@ -9,6 +9,7 @@ import pytest
 def tiny_corpus(tmp_path_factory):
   """6 speakers x 4 utterances in LibriSpeech layout: 4 train, 1 dev, 1 test speaker."""
   from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("corpus") / "synth"
   return synth.synthesize_corpus(root, speakers=6, utterances=4, seed=3, workers=1, progress=False)
 
@@ -20,15 +21,31 @@ def small_vocab_corpus(tmp_path_factory):
   Small enough for a test to learn words (not only characters) on CPU within a minute.
   """
   from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("corpus_v30") / "synth"
-  return synth.synthesize_corpus(root, speakers=40, utterances=8, seed=5, workers=2, progress=False,
-                                 vocab_size=30)
+  return synth.synthesize_corpus(
+    root, speakers=40, utterances=8, seed=5, workers=2, progress=False, vocab_size=30
+  )
 
 
 # A Conformer small enough that a test compiles it in seconds.
-MICRO_MODEL = dict(d_model=32, num_layers=1, num_heads=2, conv_kernel=3, conv_groups=4,
-                   subsample_channels=8, dropout_rate=0.0)
+MICRO_MODEL = dict(
+  d_model=32,
+  num_layers=1,
+  num_heads=2,
+  conv_kernel=3,
+  conv_groups=4,
+  subsample_channels=8,
+  dropout_rate=0.0,
+)
 
 # Between MICRO_MODEL and the `tiny` preset: learns words of a small vocabulary in ~100 rounds.
-MINI_MODEL = dict(d_model=64, num_layers=2, num_heads=4, conv_kernel=3, conv_groups=4,
-                  subsample_channels=16, dropout_rate=0.0)
+MINI_MODEL = dict(
+  d_model=64,
+  num_layers=2,
+  num_heads=4,
+  conv_kernel=3,
+  conv_groups=4,
+  subsample_channels=16,
+  dropout_rate=0.0,
+)

@@ -13,12 +13,19 @@ import pytest
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 
-MICRO = dict(d_model=32, num_layers=1, num_heads=2, conv_kernel=5, conv_groups=4,
-             subsample_channels=8, input_dim=16)
+MICRO = dict(
+  d_model=32,
+  num_layers=1,
+  num_heads=2,
+  conv_kernel=5,
+  conv_groups=4,
+  subsample_channels=8,
+  input_dim=16,
+)
 
 
 def _model(**kw):
-  return asr.make_asr_model('tiny', **{**MICRO, **kw})
+  return asr.make_asr_model("tiny", **{**MICRO, **kw})
 
 
 def _batch(b=3, t=40, l=5, seed=0, frames=(40, 31, 0), labels=(5, 3, 0)):
@@ -26,28 +33,33 @@ def _batch(b=3, t=40, l=5, seed=0, frames=(40, 31, 0), labels=(5, 3, 0)):
   fpad = np.array([[0.0] * n + [1.0] * (t - n) for n in frames], np.float32)
   lpad = np.array([[0.0] * n + [1.0] * (l - n) for n in labels], np.float32)
   feats = rng.normal(size=(b, t, 16)).astype(np.float32) * (1 - fpad)[..., None]
-  return {'features': jnp.asarray(feats), 'feature_paddings': jnp.asarray(fpad),
-          'labels': jnp.asarray(rng.integers(1, 29, (b, l)) * (1 - lpad), jnp.int32),
-          'label_paddings': jnp.asarray(lpad),
-          'weights': jnp.asarray([1.0, 2.0, 0.0])}
+  return {
+    "features": jnp.asarray(feats),
+    "feature_paddings": jnp.asarray(fpad),
+    "labels": jnp.asarray(rng.integers(1, 29, (b, l)) * (1 - lpad), jnp.int32),
+    "label_paddings": jnp.asarray(lpad),
+    "weights": jnp.asarray([1.0, 2.0, 0.0]),
+  }
 
 
 def test_make_asr_model_and_params_structure():
   m = _model()
   assert isinstance(m.config, conformer.ConformerConfig) and m.config.d_model == 32
   params = m.init(jax.random.PRNGKey(0), _batch())
-  assert set(params) == {'encoder', 'ctc_head'}
-  assert type(params) is dict and type(params['encoder']['block_0']) is dict
-  assert params['ctc_head']['kernel'].shape == (32, 29)
-  assert params['ctc_head']['bias'].shape == (29,)
-  assert hash(m) == hash(_model())   # usable as a static jit argument
-  with pytest.raises(ValueError, match='unknown head'):
-    asr.make_asr_model('tiny', head='rnnt')
-  with pytest.raises(KeyError, match='feature_paddings'):
-    m.init(jax.random.PRNGKey(0), {'features': jnp.zeros((1, 8, 16))})
-  with pytest.raises(ValueError, match='features'):
-    m.init(jax.random.PRNGKey(0), {'features': jnp.zeros((1, 8, 80)),
-                                   'feature_paddings': jnp.zeros((1, 8))})
+  assert set(params) == {"encoder", "ctc_head"}
+  assert type(params) is dict and type(params["encoder"]["block_0"]) is dict
+  assert params["ctc_head"]["kernel"].shape == (32, 29)
+  assert params["ctc_head"]["bias"].shape == (29,)
+  assert hash(m) == hash(_model())  # usable as a static jit argument
+  with pytest.raises(ValueError, match="unknown head"):
+    asr.make_asr_model("tiny", head="rnnt")
+  with pytest.raises(KeyError, match="feature_paddings"):
+    m.init(jax.random.PRNGKey(0), {"features": jnp.zeros((1, 8, 16))})
+  with pytest.raises(ValueError, match="features"):
+    m.init(
+      jax.random.PRNGKey(0),
+      {"features": jnp.zeros((1, 8, 80)), "feature_paddings": jnp.zeros((1, 8))},
+    )
 
 
 def test_loss_is_weighted_mean_and_ignores_padding_examples():
@@ -65,14 +77,14 @@ def test_loss_is_weighted_mean_and_ignores_padding_examples():
   per_ex = np.asarray(per_ex)
   assert per_ex[2] == 0.0  # all-padding example
   np.testing.assert_allclose(float(val), (per_ex[0] + 2 * per_ex[1]) / 3, rtol=1e-6)
-  np.testing.assert_allclose(float(aux['num_examples']), 3.0)
-  np.testing.assert_allclose(float(aux['loss_sum']), per_ex[0] + 2 * per_ex[1], rtol=1e-6)
+  np.testing.assert_allclose(float(aux["num_examples"]), 3.0)
+  np.testing.assert_allclose(float(aux["loss_sum"]), per_ex[0] + 2 * per_ex[1], rtol=1e-6)
   # Garbage in a zero-weight row must change neither the loss nor the gradient.
   garbage = dict(batch)
-  garbage['features'] = batch['features'].at[2].set(50.0)
-  garbage['feature_paddings'] = batch['feature_paddings'].at[2].set(0.0)
-  garbage['labels'] = batch['labels'].at[2].set(7)
-  garbage['label_paddings'] = batch['label_paddings'].at[2].set(0.0)
+  garbage["features"] = batch["features"].at[2].set(50.0)
+  garbage["feature_paddings"] = batch["feature_paddings"].at[2].set(0.0)
+  garbage["labels"] = batch["labels"].at[2].set(7)
+  garbage["label_paddings"] = batch["label_paddings"].at[2].set(0.0)
   _, val2, _, grads2 = both(params, garbage)
   np.testing.assert_allclose(float(val2), float(val), rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads2)):
@@ -85,7 +97,7 @@ def test_all_zero_weights_give_zero_loss():
   batch = dict(_batch(), weights=jnp.zeros((3,)))
   params = m.init(jax.random.PRNGKey(0), batch)
   val, aux = jax.jit(lambda p: m.loss(p, batch, None, False))(params)
-  assert float(val) == 0.0 and float(aux['num_examples']) == 0.0
+  assert float(val) == 0.0 and float(aux["num_examples"]) == 0.0
 
 
 def test_overfits_one_batch_and_decodes():
@@ -105,12 +117,13 @@ def test_overfits_one_batch_and_decodes():
   for i in range(60):
     params, state, val = step(params, state, jax.random.PRNGKey(i))
     losses.append(float(val))
-  assert losses[19] < 0.5 * losses[0]       # clearly decreasing in 20 steps
+  assert losses[19] < 0.5 * losses[0]  # clearly decreasing in 20 steps
   assert losses[-1] < 0.1 * losses[0]
   hyps = m.decode(params, batch)
   from fedprune_jax.data import tokenizer
-  refs = tokenizer.decode_batch(np.asarray(batch['labels']), np.asarray(batch['label_paddings']))
-  assert hyps[:2] == refs[:2] and hyps[2] == ''
+
+  refs = tokenizer.decode_batch(np.asarray(batch["labels"]), np.asarray(batch["label_paddings"]))
+  assert hyps[:2] == refs[:2] and hyps[2] == ""
 
 
 def test_dropout_rng_determinism_through_loss():
@@ -120,7 +133,7 @@ def test_dropout_rng_determinism_through_loss():
   f = jax.jit(lambda k: m.loss(params, batch, k, True)[0])
   a, b, c = f(jax.random.PRNGKey(3)), f(jax.random.PRNGKey(3)), f(jax.random.PRNGKey(4))
   assert float(a) == float(b) and float(a) != float(c)
-  with pytest.raises(ValueError, match='rng'):
+  with pytest.raises(ValueError, match="rng"):
     m.loss(params, batch, None, True)
 
 
@@ -129,25 +142,25 @@ def test_custom_head_plugs_in_without_touching_the_model():
 
   @dataclasses.dataclass(frozen=True)
   class MeanHead:
-    name: str = 'mean_head'
+    name: str = "mean_head"
 
     def init(self, rng, d_model):
-      return {'w': jax.random.normal(rng, (d_model,))}
+      return {"w": jax.random.normal(rng, (d_model,))}
 
     def per_example_loss(self, params, enc, enc_paddings, batch, rng, train):
-      return jnp.sum((enc @ params['w']) * (1 - enc_paddings), axis=1) ** 2
+      return jnp.sum((enc @ params["w"]) * (1 - enc_paddings), axis=1) ** 2
 
     def decode_ids(self, params, enc, enc_paddings):
       b = enc.shape[0]
       return jnp.full((b, 1), 3, jnp.int32), jnp.ones((b,), jnp.int32)
 
-  m = asr.AsrModel(conformer.get_config('tiny', **MICRO), MeanHead())
+  m = asr.AsrModel(conformer.get_config("tiny", **MICRO), MeanHead())
   batch = _batch()
   params = m.init(jax.random.PRNGKey(0), batch)
-  assert set(params) == {'encoder', 'mean_head'}
+  assert set(params) == {"encoder", "mean_head"}
   per_ex, _ = jax.jit(lambda p: m.per_example_loss(p, batch, None, False))(params)
   assert per_ex.shape == (3,) and float(per_ex[2]) == 0.0
-  assert m.decode(params, batch) == ['A', 'A', 'A']
+  assert m.decode(params, batch) == ["A", "A", "A"]
 
 
 def test_vmapped_client_grads_match_single_grads():

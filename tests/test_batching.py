@@ -32,12 +32,11 @@ def test_pad_batch_layout():
   assert b["features"].shape == (4, 6, 80) and b["features"].dtype == np.float32
   assert b["labels"].shape == (4, 4) and b["labels"].dtype == np.int32
   np.testing.assert_array_equal(b["weights"], [1, 1, 0, 0])
-  np.testing.assert_array_equal(b["feature_paddings"], [
-      [0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1], [1] * 6, [1] * 6])
-  np.testing.assert_array_equal(b["labels"], [[3, 4, 5, 0], [7, 0, 0, 0],
-                                              [0] * 4, [0] * 4])
-  np.testing.assert_array_equal(b["label_paddings"], [
-      [0, 0, 0, 1], [0, 1, 1, 1], [1] * 4, [1] * 4])
+  np.testing.assert_array_equal(
+    b["feature_paddings"], [[0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1], [1] * 6, [1] * 6]
+  )
+  np.testing.assert_array_equal(b["labels"], [[3, 4, 5, 0], [7, 0, 0, 0], [0] * 4, [0] * 4])
+  np.testing.assert_array_equal(b["label_paddings"], [[0, 0, 0, 1], [0, 1, 1, 1], [1] * 4, [1] * 4])
   np.testing.assert_array_equal(b["features"][0, :5], ex[0].features)
   np.testing.assert_array_equal(b["features"][1, :2], ex[1].features)
   assert not b["features"][0, 5:].any() and not b["features"][2:].any()
@@ -56,11 +55,9 @@ def test_pad_batch_overflow_modes():
     batching.pad_batch(ex, batch_size=3, max_frames=8, max_labels=4, ids=ids)
   with pytest.raises(ValueError, match="example #2"):
     batching.pad_batch(ex, batch_size=3, max_frames=9, max_labels=3)
-  b = batching.pad_batch(ex, batch_size=3, max_frames=8, max_labels=3,
-                         on_overflow="drop")
+  b = batching.pad_batch(ex, batch_size=3, max_frames=8, max_labels=3, on_overflow="drop")
   np.testing.assert_array_equal(b["weights"], [1, 0, 0])
-  b = batching.pad_batch(ex, batch_size=3, max_frames=8, max_labels=3,
-                         on_overflow="truncate")
+  b = batching.pad_batch(ex, batch_size=3, max_frames=8, max_labels=3, on_overflow="truncate")
   np.testing.assert_array_equal(b["weights"], [1, 1, 1])
   np.testing.assert_array_equal(b["features"][1], ex[1].features[:8])
   np.testing.assert_array_equal(b["labels"][2], [3, 4, 5])
@@ -68,14 +65,13 @@ def test_pad_batch_overflow_modes():
 
 def test_pad_batch_bad_input_errors():
   with pytest.raises(ValueError, match="do not fit"):
-    batching.pad_batch([_example(2, [3])] * 3, batch_size=2, max_frames=4,
-                       max_labels=2)
+    batching.pad_batch([_example(2, [3])] * 3, batch_size=2, max_frames=4, max_labels=2)
   with pytest.raises(ValueError, match="'u1' has a blank"):
-    batching.pad_batch([_example(2, [3, 0])], batch_size=1, max_frames=4,
-                       max_labels=2, ids=["u1"])
+    batching.pad_batch([_example(2, [3, 0])], batch_size=1, max_frames=4, max_labels=2, ids=["u1"])
   with pytest.raises(ValueError, match=r"shape \(2, 40\)"):
-    batching.pad_batch([_example(2, [3]), _example(2, [3], f=40)],
-                       batch_size=2, max_frames=4, max_labels=2)
+    batching.pad_batch(
+      [_example(2, [3]), _example(2, [3], f=40)], batch_size=2, max_frames=4, max_labels=2
+    )
 
 
 # ------------------------------------------------------------------ buckets
@@ -94,16 +90,16 @@ def _bucketed_corpus(n=37, seed=0):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(5, 150, size=n)
   # Labels encode the example index so each example is recognisable.
-  examples = [_example(int(t), [3 + i // 26, 3 + i % 26], f=4, seed=i)
-              for i, t in enumerate(lengths)]
+  examples = [
+    _example(int(t), [3 + i // 26, 3 + i % 26], f=4, seed=i) for i, t in enumerate(lengths)
+  ]
   ids = [f"s-c-{i:04d}" for i in range(n)]
   return examples, ids, lengths
 
 
 def _recover(batch):
   rows = np.flatnonzero(batch["weights"] > 0)
-  return [int((batch["labels"][r, 0] - 3) * 26 + batch["labels"][r, 1] - 3)
-          for r in rows]
+  return [int((batch["labels"][r, 0] - 3) * 26 + batch["labels"][r, 1] - 3) for r in rows]
 
 
 def test_bucketed_batches_cover_every_example_once_in_its_bucket():
@@ -119,8 +115,7 @@ def test_bucketed_batches_cover_every_example_once_in_its_bucket():
     k = bounds.index(t)
     for r, i in zip(np.flatnonzero(b["weights"] > 0), _recover(b)):
       assert (bounds[k - 1] if k else 0) < lengths[i] <= t
-      np.testing.assert_array_equal(b["features"][r, :lengths[i]],
-                                    examples[i].features)
+      np.testing.assert_array_equal(b["features"][r, : lengths[i]], examples[i].features)
     seen += _recover(b)
   assert sorted(seen) == list(range(len(examples)))
   assert len(shapes) <= len(bounds)
@@ -132,8 +127,9 @@ def test_bucketed_batches_cover_every_example_once_in_its_bucket():
 def test_bucketed_batches_determinism_and_options():
   examples, ids, lengths = _bucketed_corpus()
   bounds = batching.bucket_boundaries(lengths, 3)
-  run = lambda rng, **kw: [_recover(b) for b in batching.bucketed_batches(
-      examples, ids, 4, bounds, rng, **kw)]
+  run = lambda rng, **kw: [
+    _recover(b) for b in batching.bucketed_batches(examples, ids, 4, bounds, rng, **kw)
+  ]
   assert run(1) == run(1)
   assert run(1) != run(2)
   # rng=None keeps input order inside each bucket, buckets in order.
@@ -152,8 +148,13 @@ def test_bucketed_batches_overflow():
   first_long = next(i for i, t in enumerate(lengths) if t > 64)
   with pytest.raises(ValueError, match=f"'{ids[first_long]}' has"):
     list(batching.bucketed_batches(examples, ids, 4, bounds, None))
-  kept = sum((_recover(b) for b in batching.bucketed_batches(
-      examples, ids, 4, bounds, None, on_overflow="drop")), [])
+  kept = sum(
+    (
+      _recover(b)
+      for b in batching.bucketed_batches(examples, ids, 4, bounds, None, on_overflow="drop")
+    ),
+    [],
+  )
   assert sorted(kept) == [i for i, t in enumerate(lengths) if t <= 64]
 
 
@@ -162,8 +163,7 @@ def test_padding_fraction():
   b = batching.pad_batch(ex, batch_size=3, max_frames=10, max_labels=2)
   # padded frames: 0 + 5 + 10 (padding row) of 30.
   assert batching.padding_fraction([b]) == pytest.approx(0.5)
-  b2 = batching.pad_batch([_example(20, [3])], batch_size=1, max_frames=20,
-                          max_labels=2)
+  b2 = batching.pad_batch([_example(20, [3])], batch_size=1, max_frames=20, max_labels=2)
   # 15 of 50 frames padded; batches weighted by their size.
   assert batching.padding_fraction([b, b2]) == pytest.approx(15 / 50)
   assert batching.padding_fraction([]) == 0.0
@@ -171,10 +171,8 @@ def test_padding_fraction():
   examples, ids, lengths = _bucketed_corpus(n=64)
   one = batching.bucket_boundaries(lengths, 1)
   four = batching.bucket_boundaries(lengths, 4)
-  pf1 = batching.padding_fraction(
-      batching.bucketed_batches(examples, ids, 8, one, 0))
-  pf4 = batching.padding_fraction(
-      batching.bucketed_batches(examples, ids, 8, four, 0))
+  pf1 = batching.padding_fraction(batching.bucketed_batches(examples, ids, 8, one, 0))
+  pf4 = batching.padding_fraction(batching.bucketed_batches(examples, ids, 8, four, 0))
   assert pf4 < pf1
 
 
@@ -184,8 +182,7 @@ def test_padding_fraction():
 def _utt(utt_id, text, n, seed=0, sr=SR):
   rng = np.random.default_rng(seed)
   t = np.arange(n) / sr
-  audio = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.normal(
-      size=n)
+  audio = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.normal(size=n)
   spk, chap, _ = utt_id.split("-")
   return Utterance(utt_id, spk, chap, text, audio.astype(np.float32), sr)
 
@@ -194,10 +191,8 @@ def test_featurize_matches_components_and_names_bad_utterances():
   utts = [_utt("1-2-0000", "hello  world", 4000), _utt("1-2-0001", "it's", 800)]
   ex = batching.featurize(utts)
   for e, u in zip(ex, utts):
-    np.testing.assert_allclose(
-        e.features, F.normalize_np(F.log_mel_np(u.audio, SR)), atol=1e-6)
-    np.testing.assert_array_equal(
-        e.tokens, tokenizer.encode(tokenizer.normalize_text(u.text)))
+    np.testing.assert_allclose(e.features, F.normalize_np(F.log_mel_np(u.audio, SR)), atol=1e-6)
+    np.testing.assert_array_equal(e.tokens, tokenizer.encode(tokenizer.normalize_text(u.text)))
   assert ex[0].features.shape == (23, 80)
   np.testing.assert_allclose(ex[0].features.mean(0), 0, atol=1e-5)
   with pytest.raises(CorpusError, match="'9-9-0001'.*shorter"):
@@ -216,8 +211,7 @@ def _write_split(root, spec):
     lines = []
     for k, (text, n, seed) in enumerate(items):
       u = _utt(f"{spk}-{chap}-{k:04d}", text, n, seed)
-      sf.write(os.path.join(d, f"{u.utt_id}.flac"), u.audio, SR,
-               subtype="PCM_16")
+      sf.write(os.path.join(d, f"{u.utt_id}.flac"), u.audio, SR, subtype="PCM_16")
       lines.append(f"{u.utt_id} {text}")
     with open(os.path.join(d, f"{spk}-{chap}.trans.txt"), "w") as f:
       f.write("\n".join(lines) + "\n")
@@ -225,13 +219,11 @@ def _write_split(root, spec):
 
 def _reader(split_dir):
   """Minimal test reader (the real one is fedprune_jax.data.librispeech)."""
-  for trans in sorted(glob.glob(os.path.join(split_dir, "*", "*",
-                                             "*.trans.txt"))):
+  for trans in sorted(glob.glob(os.path.join(split_dir, "*", "*", "*.trans.txt"))):
     with open(trans) as f:
       for line in f:
         utt_id, text = line.rstrip("\n").split(" ", 1)
-        audio, sr = sf.read(os.path.join(os.path.dirname(trans),
-                                         utt_id + ".flac"), dtype="float32")
+        audio, sr = sf.read(os.path.join(os.path.dirname(trans), utt_id + ".flac"), dtype="float32")
         spk, chap, _ = utt_id.split("-")
         yield Utterance(utt_id, spk, chap, text, audio, sr)
 
@@ -240,8 +232,10 @@ def _fail_reader(split_dir):
   raise AssertionError(f"cache miss: reader called for {split_dir}")
 
 
-SPEC = {("19", "198"): [("HELLO WORLD", 3000, 1), ("A B", 1200, 2)],
-        ("27", "123"): [("IT'S", 2000, 3)]}
+SPEC = {
+  ("19", "198"): [("HELLO WORLD", 3000, 1), ("A B", 1200, 2)],
+  ("27", "123"): [("IT'S", 2000, 3)],
+}
 
 
 def test_cached_features_round_trip_hit_and_invalidation(tmp_path):
@@ -287,12 +281,10 @@ def test_cached_features_rebuilds_corrupt_file_and_float16(tmp_path):
     f.write(b"not a zip")
   fs2 = batching.cached_features(split, cache, reader=_reader)
   np.testing.assert_array_equal(fs2.features, fs.features)
-  fs16 = batching.cached_features(split, cache, reader=_reader,
-                                  dtype=np.float16)
+  fs16 = batching.cached_features(split, cache, reader=_reader, dtype=np.float16)
   assert fs16.features.dtype == np.float16
   assert fs16.example(0).features.dtype == np.float32
-  np.testing.assert_allclose(fs16.example(0).features, fs.example(0).features,
-                             atol=5e-3)
+  np.testing.assert_allclose(fs16.example(0).features, fs.example(0).features, atol=5e-3)
   with pytest.raises(CorpusError, match="does not exist"):
     batching.cached_features(str(tmp_path / "nope"), cache, reader=_reader)
 
@@ -302,9 +294,7 @@ def test_cached_features_with_default_reader(tmp_path):
   split, cache = str(tmp_path / "test-tiny"), str(tmp_path / "cache")
   _write_split(split, SPEC)
   fs = batching.cached_features(split, cache)
-  ref = {u.utt_id: e for u, e in zip(_reader(split),
-                                     batching.featurize(_reader(split)))}
+  ref = {u.utt_id: e for u, e in zip(_reader(split), batching.featurize(_reader(split)))}
   assert sorted(fs.utt_ids) == sorted(ref)
   for i, u in enumerate(fs.utt_ids):
-    np.testing.assert_allclose(fs.example(i).features, ref[u].features,
-                               atol=1e-5)
+    np.testing.assert_allclose(fs.example(i).features, ref[u].features, atol=1e-5)

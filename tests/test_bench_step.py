@@ -15,8 +15,15 @@ from fedprune_jax.bench import step as step_lib
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 
-MICRO = dict(d_model=16, num_layers=1, num_heads=2, conv_kernel=3, conv_groups=2,
-             subsample_channels=4, input_dim=16)
+MICRO = dict(
+  d_model=16,
+  num_layers=1,
+  num_heads=2,
+  conv_kernel=3,
+  conv_groups=2,
+  subsample_channels=4,
+  input_dim=16,
+)
 
 
 def _jaxpr_matmul_conv_flops(jaxpr) -> float:
@@ -25,13 +32,13 @@ def _jaxpr_matmul_conv_flops(jaxpr) -> float:
   for eqn in jaxpr.eqns:
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       total += _jaxpr_matmul_conv_flops(sub)
-    if eqn.primitive.name == 'dot_general':
-      (lc, _), _ = eqn.params['dimension_numbers']
+    if eqn.primitive.name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
-    elif eqn.primitive.name == 'conv_general_dilated':
+    elif eqn.primitive.name == "conv_general_dilated":
       rhs = eqn.invars[1].aval.shape
-      dn = eqn.params['dimension_numbers']
+      dn = eqn.params["dimension_numbers"]
       in_feat = rhs[dn.rhs_spec[1]]
       spatial = math.prod(rhs[i] for i in dn.rhs_spec[2:])
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * in_feat * spatial
@@ -39,7 +46,7 @@ def _jaxpr_matmul_conv_flops(jaxpr) -> float:
 
 
 def test_analytic_flops_match_jaxpr_count():
-  model = asr.make_asr_model('tiny', **MICRO)
+  model = asr.make_asr_model("tiny", **MICRO)
   params = model.init(jax.random.PRNGKey(0))
   for frames in (37, 64):
     batch = step_lib.synthetic_batch(3, frames, input_dim=16)
@@ -68,8 +75,8 @@ def test_cost_analysis_flops_accepts_dict_list_none():
     def cost_analysis(self):
       return self.ca
 
-  assert flops_lib.cost_analysis_flops(Fake({'flops': 5.0})) == 5.0
-  assert flops_lib.cost_analysis_flops(Fake([{'flops': 2.0}, {'flops': 3.0}])) == 5.0
+  assert flops_lib.cost_analysis_flops(Fake({"flops": 5.0})) == 5.0
+  assert flops_lib.cost_analysis_flops(Fake([{"flops": 2.0}, {"flops": 3.0}])) == 5.0
   assert flops_lib.cost_analysis_flops(Fake(None)) is None
 
 
@@ -79,13 +86,12 @@ def test_matmul_peak_is_positive():
 
 
 def test_run_micro_config(capsys):
-  rows = step_lib.run(['tiny'], batch_size=2, frames=24, steps=2, peak_n=64,
-                      config_overrides=MICRO)
+  rows = step_lib.run(["tiny"], batch_size=2, frames=24, steps=2, peak_n=64, config_overrides=MICRO)
   (row,) = rows
-  assert row['preset'] == 'tiny' and row['batch_size'] == 2 and row['frames'] == 24
-  cfg = asr.make_asr_model('tiny', **MICRO).config
-  assert row['params'] == conformer.analytic_param_count(cfg, vocab_size=29)
-  assert np.isfinite(row['loss'])
-  assert row['model_flops'] == flops_lib.conformer_flops(cfg, 2, 24, train=True)
-  assert row['step_s'] > 0 and row['model_vs_peak'] > 0
-  assert '| tiny |' in capsys.readouterr().out
+  assert row["preset"] == "tiny" and row["batch_size"] == 2 and row["frames"] == 24
+  cfg = asr.make_asr_model("tiny", **MICRO).config
+  assert row["params"] == conformer.analytic_param_count(cfg, vocab_size=29)
+  assert np.isfinite(row["loss"])
+  assert row["model_flops"] == flops_lib.conformer_flops(cfg, 2, 24, train=True)
+  assert row["step_s"] > 0 and row["model_vs_peak"] > 0
+  assert "| tiny |" in capsys.readouterr().out

@@ -14,6 +14,7 @@ def _read_build_targets() -> list[dict]:
   def rule(kind):
     def record(**kwargs):
       targets.append({"kind": kind, **kwargs})
+
     return record
 
   def glob(patterns, exclude=()):
@@ -32,7 +33,9 @@ def _read_build_targets() -> list[dict]:
 
 def test_every_module_is_in_a_py_library():
   targets = _read_build_targets()
-  covered = {src for t in targets if t["kind"] in ("py_library", "py_binary") for src in t.get("srcs", [])}
+  covered = {
+    src for t in targets if t["kind"] in ("py_library", "py_binary") for src in t.get("srcs", [])
+  }
   modules = {str(p.relative_to(ROOT)) for p in (ROOT / "fedprune_jax").rglob("*.py")}
   assert modules, "no modules found"
   missing = sorted(modules - covered)

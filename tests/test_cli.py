@@ -10,8 +10,21 @@ import pytest
 from fedprune_jax import cli
 
 
-@pytest.mark.parametrize("argv", [[], ["corpus"], ["corpus", "synth"], ["corpus", "stats"], ["train"],
-                                  ["eval"], ["federated"], ["presets"], ["demo"], ["bench"]])
+@pytest.mark.parametrize(
+  "argv",
+  [
+    [],
+    ["corpus"],
+    ["corpus", "synth"],
+    ["corpus", "stats"],
+    ["train"],
+    ["eval"],
+    ["federated"],
+    ["presets"],
+    ["demo"],
+    ["bench"],
+  ],
+)
 def test_help_everywhere(argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv + ["--help"])
@@ -22,7 +35,11 @@ def test_help_everywhere(argv, capsys):
 def test_presets_prints_param_counts(capsys):
   assert cli.main(["presets"]) == 0
   out = capsys.readouterr().out
-  rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "M |" in line}
+  rows = {
+    line.split("|")[1].strip(): line
+    for line in out.splitlines()
+    if line.startswith("| ") and "M |" in line
+  }
   assert set(rows) == {"tiny", "s", "m", "l"}
   assert "115.13M" in rows["l"]  # ~ Conformer L (Gulati et al. 2020: 118.8M with its decoder)
 
@@ -35,39 +52,85 @@ def test_corpus_stats_counts_speakers(tiny_corpus, capsys):
 
 def test_corpus_synth_vocab_size(tmp_path, capsys):
   from fedprune_jax.data import librispeech, text  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "v20"
-  argv = ["corpus", "synth", "--out", str(out), "--speakers", "3", "--utterances", "4", "--vocab-size", "20",
-          "--workers", "1", "--quiet"]
+  argv = [
+    "corpus",
+    "synth",
+    "--out",
+    str(out),
+    "--speakers",
+    "3",
+    "--utterances",
+    "4",
+    "--vocab-size",
+    "20",
+    "--workers",
+    "1",
+    "--quiet",
+  ]
   assert cli.main(argv) == 0
   assert "corpus ready" in capsys.readouterr().out
-  words = {w for split in ("train", "dev", "test") for u in librispeech.read_split(out / split)
-           for w in u.text.split()}
+  words = {
+    w
+    for split in ("train", "dev", "test")
+    for u in librispeech.read_split(out / split)
+    for w in u.text.split()
+  }
   assert words and words <= set(text.build_vocabulary(20).words)
 
 
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "fedprune_jax.cli", "train", "--set", "train.stepz=1"],
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "fedprune_jax.cli", "train", "--set", "train.stepz=1"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 2
   assert "has no field 'train.stepz'" in result.stderr
   assert "Traceback" not in result.stderr
-  result = subprocess.run([sys.executable, "-m", "fedprune_jax.cli", "train", "--data", str(tmp_path / "none"),
-                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedprune_jax.cli",
+      "train",
+      "--data",
+      str(tmp_path / "none"),
+      "--workdir",
+      str(tmp_path / "w"),
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 2
   assert "has no split directory 'train'" in result.stderr
 
 
 def test_cli_does_not_import_tensorflow():
   code = "import sys; from fedprune_jax import cli; cli.build_parser(); print('tensorflow' in sys.modules)"
-  assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        check=True).stdout.strip() == "False"
+  assert (
+    subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    == "False"
+  )
 
 
 def test_demo_synthesizes_trains_and_prints_the_wer_table(tmp_path, capsys):
   from conftest import MICRO_MODEL  # pylint: disable=g-import-not-at-top
+
   argv = ["demo", "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
-  sets = ["data.synth_speakers=5", "data.synth_utterances=2", "train.steps=3", "train.eval_every=100",
-          "data.batch_size=2", "data.num_buckets=1"]
+  sets = [
+    "data.synth_speakers=5",
+    "data.synth_utterances=2",
+    "train.steps=3",
+    "train.eval_every=100",
+    "data.batch_size=2",
+    "data.num_buckets=1",
+  ]
   sets += [f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()]
   for s in sets:
     argv += ["--set", s]

@@ -8,9 +8,17 @@ from fedprune_jax import config as config_lib
 
 
 def test_loads_named_config_and_applies_typed_overrides():
-  cfg = config_lib.load_config("tiny_centralized", [
-      "train.steps=7", "optim.peak_lr=1", "model.preset='s'", "train.spec_augment=False",
-      "model.overrides.num_layers=2", "data.root=/some/where"])
+  cfg = config_lib.load_config(
+    "tiny_centralized",
+    [
+      "train.steps=7",
+      "optim.peak_lr=1",
+      "model.preset='s'",
+      "train.spec_augment=False",
+      "model.overrides.num_layers=2",
+      "data.root=/some/where",
+    ],
+  )
   assert cfg.train.steps == 7
   assert cfg.optim.peak_lr == 1.0 and isinstance(cfg.optim.peak_lr, float)
   assert cfg.model.preset == "s"
@@ -26,11 +34,14 @@ def test_config_can_build_on_another(tmp_path):
   assert cfg.model.preset == base.model.preset
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("train.stepz=3", "has no field 'train.stepz'"),
     ("nosuch.field=1", "has no field 'nosuch'"),
     ("train.steps", "not of the form key=value"),
-])
+  ],
+)
 def test_bad_overrides_name_the_field(override, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.load_config("tiny_centralized", [override])

@@ -18,13 +18,13 @@ TEXT = "hello world this is a test"
 def _f0(x: np.ndarray, sr: int = espeak.ESPEAK_SAMPLE_RATE) -> float:
   """Median autocorrelation pitch (Hz) over the loud 30 ms frames."""
   n = int(0.03 * sr)
-  frames = np.lib.stride_tricks.sliding_window_view(x, n)[::n // 2]
+  frames = np.lib.stride_tricks.sliding_window_view(x, n)[:: n // 2]
   energy = (frames**2).mean(1)
   lo, hi = sr // 400, sr // 50
   pitches = []
   for f in frames[energy > 0.3 * energy.max()]:
     f = f - f.mean()
-    ac = np.correlate(f, f, "full")[n - 1:]
+    ac = np.correlate(f, f, "full")[n - 1 :]
     pitches.append(sr / (lo + np.argmax(ac[lo:hi])))
   return float(np.median(pitches))
 
@@ -46,9 +46,9 @@ def test_synthesize_is_pure_across_calls():
   # library so a call never depends on earlier calls.
   voice = espeak.VoiceSpec("en-us", "m3")
   first = espeak.synthesize_pcm(TEXT, voice)
-  espeak.synthesize_pcm("something else entirely",
-                        espeak.VoiceSpec("en-029", "f2", rate=260,
-                                         pitch=80, pitch_range=10))
+  espeak.synthesize_pcm(
+    "something else entirely", espeak.VoiceSpec("en-029", "f2", rate=260, pitch=80, pitch_range=10)
+  )
   second = espeak.synthesize_pcm(TEXT, voice)
   np.testing.assert_array_equal(first, second)
 

@@ -26,15 +26,31 @@ def test_mel_matrix_matches_tensorflow_values():
   # tf.signal.linear_to_mel_weight_matrix(80, 257, 16000, 125., 7600.,
   # dtype=tf.float64) (an independent HTK-mel implementation).
   expected = {
-      0: ([5], [0.6955455640594551]),
-      40: ([61, 62, 63, 64], [0.35862518808135746, 0.7768158706048827,
-                              0.8099192467541099, 0.4014654732212494]),
-      79: (list(range(229, 244)),
-           [0.07217231209578098, 0.2114570638691018, 0.3501910639008403,
-            0.48837865054374474, 0.6260241110909008, 0.7631316825737164,
-            0.8997055525446452, 0.9642501401554643, 0.8287313046448004,
-            0.6937338972623776, 0.5592539208441751, 0.4252874240128718,
-            0.29183050048129716, 0.15887928836889365, 0.026429969531245545]),
+    0: ([5], [0.6955455640594551]),
+    40: (
+      [61, 62, 63, 64],
+      [0.35862518808135746, 0.7768158706048827, 0.8099192467541099, 0.4014654732212494],
+    ),
+    79: (
+      list(range(229, 244)),
+      [
+        0.07217231209578098,
+        0.2114570638691018,
+        0.3501910639008403,
+        0.48837865054374474,
+        0.6260241110909008,
+        0.7631316825737164,
+        0.8997055525446452,
+        0.9642501401554643,
+        0.8287313046448004,
+        0.6937338972623776,
+        0.5592539208441751,
+        0.4252874240128718,
+        0.29183050048129716,
+        0.15887928836889365,
+        0.026429969531245545,
+      ],
+    ),
   }
   m = F.mel_matrix()
   assert m.shape == (257, 80)
@@ -45,9 +61,9 @@ def test_mel_matrix_matches_tensorflow_values():
   assert np.all(m.max(axis=0) <= 1.0)
 
 
-@pytest.mark.parametrize("n,t", [(0, 0), (399, 0), (400, 1), (559, 1),
-                                 (560, 2), (16_000, 98), (16_079, 98),
-                                 (16_080, 99)])
+@pytest.mark.parametrize(
+  "n,t", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16_000, 98), (16_079, 98), (16_080, 99)]
+)
 def test_num_frames(n, t):
   assert F.num_frames(n) == t == F.log_mel_np(np.zeros(n, np.float32)).shape[0]
 
@@ -55,10 +71,18 @@ def test_num_frames(n, t):
 def test_log_mel_np_matches_scipy_stft():
   x = _audio(4000)
   win = scipy.signal.get_window("hann", 400)  # periodic Hann
-  _, _, z = scipy.signal.stft(x.astype(np.float64), fs=SR, window=win,
-                              nperseg=400, noverlap=240, nfft=512,
-                              boundary=None, padded=False, detrend=False)
-  power = np.abs(z.T * win.sum())**2  # undo scipy's 1/sum(window) scaling
+  _, _, z = scipy.signal.stft(
+    x.astype(np.float64),
+    fs=SR,
+    window=win,
+    nperseg=400,
+    noverlap=240,
+    nfft=512,
+    boundary=None,
+    padded=False,
+    detrend=False,
+  )
+  power = np.abs(z.T * win.sum()) ** 2  # undo scipy's 1/sum(window) scaling
   ref = np.log(power @ F.mel_matrix() + 1e-6)
   got = F.log_mel_np(x, SR)
   assert got.shape == ref.shape == (1 + (4000 - 400) // 160, 80)
@@ -69,12 +93,12 @@ def test_log_mel_np_matches_scipy_stft():
 def test_log_mel_np_matches_direct_dft_on_one_frame():
   x = _audio(2000, seed=3).astype(np.float64)
   t = 5
-  frame = x[t * 160:t * 160 + 400]
+  frame = x[t * 160 : t * 160 + 400]
   n = np.arange(400)
   frame = frame * (0.5 - 0.5 * np.cos(2 * np.pi * n / 400))
   k = np.arange(257)[:, None]
   dft = (frame * np.exp(-2j * np.pi * k * n / 512)).sum(axis=1)
-  ref = np.log(np.abs(dft)**2 @ F.mel_matrix() + 1e-6)
+  ref = np.log(np.abs(dft) ** 2 @ F.mel_matrix() + 1e-6)
   np.testing.assert_allclose(F.log_mel_np(x, SR)[t], ref, atol=1e-4, rtol=1e-5)
 
 
@@ -108,8 +132,7 @@ def test_jax_log_mel_short_batch_and_vmap():
   assert feats.shape == (2, 1, 80)
   np.testing.assert_array_equal(pad, 0.0)
   # vmapping single-example calls gives the batched result.
-  one = jax.vmap(lambda w, l: F.log_mel(w[None], l[None])[0][0])(
-      wav, jnp.array([500, 450]))
+  one = jax.vmap(lambda w, l: F.log_mel(w[None], l[None])[0][0])(wav, jnp.array([500, 450]))
   np.testing.assert_allclose(one, feats, atol=1e-5)
 
 
@@ -129,8 +152,7 @@ def test_normalize_over_real_frames_only():
   x_garbage = np.where(pad[..., None] > 0, 99.0, x).astype(np.float32)
   got = np.asarray(F.normalize(jnp.asarray(x_garbage), jnp.asarray(pad)))
   for i, l in enumerate(lengths):
-    np.testing.assert_allclose(got[i], _reference_normalize(x[i], l),
-                               atol=1e-5)
+    np.testing.assert_allclose(got[i], _reference_normalize(x[i], l), atol=1e-5)
   np.testing.assert_allclose(F.normalize_np(x[1, :7]), got[1, :7], atol=1e-5)
   # Unbatched use works the same (leading dims are free).
   np.testing.assert_allclose(F.normalize(x[1], pad[1]), got[1], atol=1e-6)
@@ -179,10 +201,8 @@ def test_spec_augment_structure_padding_and_determinism():
 def test_spec_augment_width_distribution_and_int_time_width():
   # One freq mask, no time masks: width ~ U{0..27} -> mean 13.5.
   b, t, f = 4000, 4, 80
-  x = jnp.ones((b, t, f))
   pad = jnp.zeros((b, t))
-  m = np.asarray(F.spec_augment_mask(jax.random.key(0), pad, f,
-                                     num_freq_masks=1, num_time_masks=0))
+  m = np.asarray(F.spec_augment_mask(jax.random.key(0), pad, f, num_freq_masks=1, num_time_masks=0))
   widths = m[:, 0, :].sum(axis=1)
   assert widths.min() == 0 and widths.max() == 27
   assert abs(widths.mean() - 13.5) < 0.6
@@ -192,17 +212,19 @@ def test_spec_augment_width_distribution_and_int_time_width():
   t = 30
   lengths = np.tile([30, 3], 200)
   pad = jnp.asarray((np.arange(t)[None] >= lengths[:, None]).astype(np.float32))
-  m = np.asarray(F.spec_augment_mask(
-      jax.random.key(1), pad, 8, num_freq_masks=0, num_time_masks=1,
-      max_time_width=10))
+  m = np.asarray(
+    F.spec_augment_mask(
+      jax.random.key(1), pad, 8, num_freq_masks=0, num_time_masks=1, max_time_width=10
+    )
+  )
   assert not m[1::2, 3:].any()
   widths = m[:, :, 0].sum(axis=1).reshape(200, 2)
   assert widths[:, 0].max() == 10 and widths[:, 1].max() == 3
   # No masks at all is the identity.
   y = jnp.arange(2 * t * 8, dtype=jnp.float32).reshape(2, t, 8) + 1
   np.testing.assert_array_equal(
-      F.spec_augment(jax.random.key(1), y, pad[:2], num_freq_masks=0,
-                     num_time_masks=0), y)
+    F.spec_augment(jax.random.key(1), y, pad[:2], num_freq_masks=0, num_time_masks=0), y
+  )
 
 
 def test_spec_augment_vmaps_over_keys():

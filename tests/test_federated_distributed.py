@@ -11,12 +11,11 @@ import textwrap
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from fedprune_jax.federated import client, client_data, executor, server, toy
+from fedprune_jax.federated import executor
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import os, sys
     mode, out = sys.argv[1], sys.argv[2]
     import jax
@@ -40,9 +39,9 @@ WORKER = textwrap.dedent('''
     results['devices'] = np.array([jax.device_count(), jax.process_count()])
     if jax.process_index() == 0:
       np.savez(out, **results)
-''')
+""")
 
-CASE = textwrap.dedent('''
+CASE = textwrap.dedent("""
     import jax, numpy as np, optax
     from fedprune_jax.federated import client, client_data, server, toy
 
@@ -61,18 +60,18 @@ CASE = textwrap.dedent('''
 
     def server_round(params, delta, opt):
       return server.server_update(server.server_init(params, opt), delta, opt)
-''')
+""")
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('fed_dist')
-  (d / 'worker.py').write_text(WORKER)
-  (d / 'case.py').write_text(CASE)
+  d = tmp_path_factory.mktemp("fed_dist")
+  (d / "worker.py").write_text(WORKER)
+  (d / "case.py").write_text(CASE)
   return d
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def reference(workdir):
   sys.path.insert(0, str(workdir))
   try:
@@ -82,57 +81,68 @@ def reference(workdir):
   store, cu, params, ids, key, opt = case.build()
   delta, m = executor.SequentialExecutor(cu)(params, store, ids, key)
   state = case.server_round(params, delta, opt)
-  flat = np.concatenate(
-      [np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
-  moved = np.abs(flat - np.concatenate(
-      [np.ravel(x) for x in jax.tree_util.tree_leaves(params)])).max()
+  flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
+  moved = np.abs(
+    flat - np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)])
+  ).max()
   assert moved > 1e-3
-  return flat, np.array([m['num_clients'], m['num_examples']])
+  return flat, np.array([m["num_clients"], m["num_examples"]])
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  env['PYTHONPATH'] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-      + env.get('PYTHONPATH', '').split(os.pathsep))
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
+  env["PYTHONPATH"] = os.pathsep.join(
+    [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    + env.get("PYTHONPATH", "").split(os.pathsep)
+  )
   return env
 
 
 def _check(out_file, reference, devices, processes, chunks):
   res = np.load(out_file)
   ref, counts = reference
-  assert res['devices'].tolist() == [devices, processes]
+  assert res["devices"].tolist() == [devices, processes]
   for chunk in chunks:
-    np.testing.assert_allclose(res[f'c{chunk}'], ref, atol=2e-6, rtol=1e-5)
-    np.testing.assert_array_equal(res[f'n{chunk}'], counts)
+    np.testing.assert_allclose(res[f"c{chunk}"], ref, atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(res[f"n{chunk}"], counts)
 
 
 def test_four_devices(workdir, reference):
-  out = workdir / 'dev4.npz'
-  subprocess.run([sys.executable, str(workdir / 'worker.py'), 'devices',
-                  str(out)], env=_env(4), check=True, timeout=300,
-                 cwd=workdir)
+  out = workdir / "dev4.npz"
+  subprocess.run(
+    [sys.executable, str(workdir / "worker.py"), "devices", str(out)],
+    env=_env(4),
+    check=True,
+    timeout=300,
+    cwd=workdir,
+  )
   _check(out, reference, 4, 1, (8,))
 
 
 def test_two_processes(workdir, reference):
   with socket.socket() as s:
-    s.bind(('localhost', 0))
+    s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  out = workdir / 'proc2.npz'
-  procs = [subprocess.Popen(
-      [sys.executable, str(workdir / 'worker.py'), 'multiprocess', str(out),
-       str(port), str(i)], env=_env(2), cwd=workdir,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  out = workdir / "proc2.npz"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(workdir / "worker.py"), "multiprocess", str(out), str(port), str(i)],
+      env=_env(2),
+      cwd=workdir,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   logs = []
   try:
     for p in procs:
-      logs.append(p.communicate(timeout=300)[0].decode(errors='replace'))
+      logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert all(p.returncode == 0 for p in procs), '\n'.join(
-      l[-3000:] for l in logs)
+  assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
   _check(out, reference, 4, 2, (4,))

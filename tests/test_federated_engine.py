@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -15,9 +14,17 @@ F, K = 4, 3
 
 def _store(n=13, seed=0, num_buckets=1):
   return client_data.SyntheticClientStore(
-      n, batch_size=3, min_examples=1, max_examples=8, num_frames=5,
-      feature_dim=F, label_len=2, num_classes=K, seed=seed,
-      num_buckets=num_buckets)
+    n,
+    batch_size=3,
+    min_examples=1,
+    max_examples=8,
+    num_frames=5,
+    feature_dim=F,
+    label_len=2,
+    num_classes=K,
+    seed=seed,
+    num_buckets=num_buckets,
+  )
 
 
 def _params(seed=0):
@@ -28,27 +35,24 @@ def _leaves_close(a, b, tol=1e-6):
   la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol,
-                               rtol=tol)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
 
 
 _EXECUTORS = {}
 
 
-def _chunked(cu, chunk, weighting='num_examples'):
+def _chunked(cu, chunk, weighting="num_examples"):
   # one executor (= one compilation per bucket) per configuration
   if (chunk, weighting) not in _EXECUTORS:
-    _EXECUTORS[chunk, weighting] = executor.ChunkedExecutor(
-        cu, chunk, weighting=weighting)
+    _EXECUTORS[chunk, weighting] = executor.ChunkedExecutor(cu, chunk, weighting=weighting)
   return _EXECUTORS[chunk, weighting]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def setup():
   store = _store()
   # shuffle=True makes every client's result depend on its rng
-  cu = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05),
-                                 num_epochs=2, shuffle=True)
+  cu = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05), num_epochs=2, shuffle=True)
   ids = np.array([12, 3, 7, 0, 9, 5, 11, 1, 8])
   key = jax.random.fold_in(jax.random.key(42), 3)
   seq = executor.SequentialExecutor(cu)
@@ -56,29 +60,28 @@ def setup():
   return store, cu, ids, key, ref, seq
 
 
-@pytest.mark.parametrize('chunk', [1, 7, 9])
+@pytest.mark.parametrize("chunk", [1, 7, 9])
 def test_chunked_matches_sequential(setup, chunk):
   store, cu, ids, key, (ref_delta, ref_m), _ = setup
   delta, m = _chunked(cu, chunk)(_params(), store, ids, key)
   _leaves_close(delta, ref_delta)
-  assert m['num_clients'] == 9
-  assert m['num_examples'] == store.num_examples()[ids].sum()
-  np.testing.assert_allclose(m['train_loss'], ref_m['train_loss'], rtol=1e-5)
+  assert m["num_clients"] == 9
+  assert m["num_examples"] == store.num_examples()[ids].sum()
+  np.testing.assert_allclose(m["train_loss"], ref_m["train_loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize('vmap_size', [None, 2])
+@pytest.mark.parametrize("vmap_size", [None, 2])
 def test_device_loop_and_lax_map_match_sequential(setup, vmap_size):
   store, cu, ids, key, (ref_delta, ref_m), _ = setup
-  ex = executor.ChunkedExecutor(cu, 4, device_loop=vmap_size is None,
-                                vmap_size=vmap_size)
+  ex = executor.ChunkedExecutor(cu, 4, device_loop=vmap_size is None, vmap_size=vmap_size)
   delta, m = ex(_params(), store, ids, key)
   _leaves_close(delta, ref_delta)
-  assert m['num_clients'] == 9
+  assert m["num_clients"] == 9
 
 
 def test_server_params_match_after_one_round(setup):
   store, cu, ids, key, (ref_delta, _), _ = setup
-  opt = server.make_server_optimizer('fedyogi', 0.1)
+  opt = server.make_server_optimizer("fedyogi", 0.1)
   s0 = server.server_init(_params(), opt)
   ref = server.server_update(s0, ref_delta, opt)
   delta, _ = _chunked(cu, 7)(_params(), store, ids, key)
@@ -107,14 +110,11 @@ def test_mean_delta_is_weighted_mean_of_client_deltas(setup):
     ws.append(float(out.num_examples))
   ws = np.array(ws)
   np.testing.assert_array_equal(ws, store.num_examples()[ids])
-  brute = jax.tree_util.tree_map(
-      lambda *d: sum(w * x for w, x in zip(ws, d)) / ws.sum(), *deltas)
+  brute = jax.tree_util.tree_map(lambda *d: sum(w * x for w, x in zip(ws, d)) / ws.sum(), *deltas)
   _leaves_close(brute, ref_delta)
-  uni, m = _chunked(cu, 9, weighting='uniform')(
-      _params(), store, ids, key)
-  _leaves_close(uni, jax.tree_util.tree_map(lambda *d: sum(d) / len(d),
-                                            *deltas))
-  assert m['weight_sum'] == len(ids)
+  uni, m = _chunked(cu, 9, weighting="uniform")(_params(), store, ids, key)
+  _leaves_close(uni, jax.tree_util.tree_map(lambda *d: sum(d) / len(d), *deltas))
+  assert m["weight_sum"] == len(ids)
 
 
 def test_several_buckets_match_sequential():
@@ -126,15 +126,14 @@ def test_several_buckets_match_sequential():
   ref, _ = executor.SequentialExecutor(cu)(_params(), store, ids, key)
   got, m = executor.ChunkedExecutor(cu, 4)(_params(), store, ids, key)
   _leaves_close(got, ref)
-  assert m['num_clients'] == 13
+  assert m["num_clients"] == 13
 
 
 def _sgd_brute_force(params, data, lr, epochs):
   """Plain python SGD over the live steps (no padding steps, no rng use)."""
   loss_fn = toy.make_loss_fn()
   p = params
-  live = [s for s in range(data['weights'].shape[0])
-          if data['weights'][s].sum() > 0]
+  live = [s for s in range(data["weights"].shape[0]) if data["weights"][s].sum() > 0]
   for _ in range(epochs):
     for s in live:
       batch = {k: v[s] for k, v in data.items()}
@@ -147,64 +146,56 @@ def test_client_update_matches_brute_force_and_padding_steps_are_noops():
   store = _store()
   cid = int(np.argmax(store.num_examples()))
   exs = store.examples(cid)
-  small = client_data.Bucket(3, 3, {'features': (5, F), 'labels': (2,)})
-  big = client_data.Bucket(7, 3, {'features': (9, F), 'labels': (4,)})
+  small = client_data.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
+  big = client_data.Bucket(7, 3, {"features": (9, F), "labels": (4,)})
   d_small = client_data.pack_client(exs, small)
   d_big = client_data.pack_client(exs, big)
   params = _params(1)
-  cu = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3),
-                                         num_epochs=2))
+  cu = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3), num_epochs=2))
   out = cu(params, d_small, jax.random.key(0))
   _leaves_close(out.delta, _sgd_brute_force(params, d_small, 0.3, 2), 1e-5)
-  assert float(out.metrics['num_steps']) == 2 * 3
+  assert float(out.metrics["num_steps"]) == 2 * 3
   # Adam state would move on a non-no-op padding step: extra padded steps,
   # frames and label positions must give the same result.
-  cu_adam = jax.jit(client.make_client_update(
-      toy.make_loss_fn(), optax.adam(0.1), num_epochs=3))
+  cu_adam = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.adam(0.1), num_epochs=3))
   a = cu_adam(params, d_small, jax.random.key(0))
   b = cu_adam(params, d_big, jax.random.key(0))
   _leaves_close(a.delta, b.delta, 1e-6)
   assert float(a.num_examples) == float(b.num_examples) == len(exs)
-  np.testing.assert_allclose(a.metrics['loss'], b.metrics['loss'], rtol=1e-6)
+  np.testing.assert_allclose(a.metrics["loss"], b.metrics["loss"], rtol=1e-6)
 
 
 def test_mask_keeps_pruned_weights_at_zero():
   store = _store()
   data = {k: v[0] for k, v in store.get(np.array([4])).items()}
   params = _params(2)
-  kmask = np.random.default_rng(0).random(
-      params['hidden']['kernel'].shape) > 0.5
-  mask = {'hidden': {'kernel': kmask, 'bias': None},
-          'out': {'kernel': None, 'bias': None}}
-  cu = jax.jit(client.make_client_update(
-      toy.make_loss_fn(), optax.sgd(0.5, momentum=0.9), num_epochs=3))
+  kmask = np.random.default_rng(0).random(params["hidden"]["kernel"].shape) > 0.5
+  mask = {"hidden": {"kernel": kmask, "bias": None}, "out": {"kernel": None, "bias": None}}
+  cu = jax.jit(
+    client.make_client_update(toy.make_loss_fn(), optax.sgd(0.5, momentum=0.9), num_epochs=3)
+  )
   out = cu(params, data, jax.random.key(0), mask)
-  start = np.where(kmask, params['hidden']['kernel'], 0.0)
-  end = start - np.asarray(out.delta['hidden']['kernel'])
+  start = np.where(kmask, params["hidden"]["kernel"], 0.0)
+  end = start - np.asarray(out.delta["hidden"]["kernel"])
   assert np.all(end[~kmask] == 0.0)
-  assert np.all(np.asarray(out.delta['hidden']['kernel'])[~kmask] == 0.0)
+  assert np.all(np.asarray(out.delta["hidden"]["kernel"])[~kmask] == 0.0)
   assert np.abs(end[kmask] - start[kmask]).max() > 1e-4
-  assert np.abs(np.asarray(out.delta['out']['kernel'])).max() > 1e-4
+  assert np.abs(np.asarray(out.delta["out"]["kernel"])).max() > 1e-4
   # the mask travels through the executors unchanged (broadcast to clients)
   ids = np.arange(7)
-  ref, _ = executor.SequentialExecutor(cu)(params, store, ids,
-                                           jax.random.key(1), mask)
-  got, _ = executor.ChunkedExecutor(cu, 3)(params, store, ids,
-                                           jax.random.key(1), mask)
+  ref, _ = executor.SequentialExecutor(cu)(params, store, ids, jax.random.key(1), mask)
+  got, _ = executor.ChunkedExecutor(cu, 3)(params, store, ids, jax.random.key(1), mask)
   _leaves_close(got, ref)
-  assert np.all(np.asarray(got['hidden']['kernel'])[~kmask] == 0.0)
+  assert np.all(np.asarray(got["hidden"]["kernel"])[~kmask] == 0.0)
 
 
 def test_client_rng_depends_on_id_not_position():
   k = jax.random.key(7)
   a = client.client_rng(k, 3, 11)
   b = jax.random.fold_in(jax.random.fold_in(k, 3), 11)
-  np.testing.assert_array_equal(jax.random.key_data(a),
-                                jax.random.key_data(b))
+  np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
 
 
 def test_plan_chunks_pads_with_minus_one():
-  plan = executor.plan_chunks(np.array([1, 0, 1, 1, 0]),
-                              np.array([10, 11, 12, 13, 14]), 2)
-  assert [(b, c.tolist()) for b, c in plan] == [
-      (0, [11, 14]), (1, [10, 12]), (1, [13, -1])]
+  plan = executor.plan_chunks(np.array([1, 0, 1, 1, 0]), np.array([10, 11, 12, 13, 14]), 2)
+  assert [(b, c.tolist()) for b, c in plan] == [(0, [11, 14]), (1, [10, 12]), (1, [13, -1])]

@@ -8,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedprune_jax.federated import (client, client_data, executor, rounds,
-                                    sampling, server, toy)
+from fedprune_jax.federated import client, client_data, executor, rounds, sampling, server, toy
 
 F, K = 4, 3
 
@@ -34,31 +33,36 @@ class PoisonedStore(client_data.ClientStore):
   def get(self, client_ids):
     data = dict(self.inner.get(client_ids))
     bad = np.isin(np.asarray(client_ids), list(self.poisoned))
-    feats = np.array(data['features'], copy=True)
+    feats = np.array(data["features"], copy=True)
     feats[bad] = np.nan
-    data['features'] = feats
+    data["features"] = feats
     return data
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def setup():
   inner = client_data.SyntheticClientStore(
-      12, batch_size=3, min_examples=2, max_examples=7, num_frames=5,
-      feature_dim=F, label_len=2, num_classes=K, seed=1)
-  cu = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05),
-                                 num_epochs=2, shuffle=True)
+    12,
+    batch_size=3,
+    min_examples=2,
+    max_examples=7,
+    num_frames=5,
+    feature_dim=F,
+    label_len=2,
+    num_classes=K,
+    seed=1,
+  )
+  cu = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05), num_epochs=2, shuffle=True)
   params = toy.init_params(jax.random.key(0), F, K, hidden=5)
   return inner, cu, params
 
 
 def _close(a, b):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize('which', ['chunked', 'chunked_map', 'drjax',
-                                   'sequential'])
+@pytest.mark.parametrize("which", ["chunked", "chunked_map", "drjax", "sequential"])
 def test_failed_clients_are_dropped_from_the_aggregate(setup, which):
   inner, cu, params = setup
   ids = np.array([4, 0, 9, 2, 7, 11, 5])
@@ -66,60 +70,68 @@ def test_failed_clients_are_dropped_from_the_aggregate(setup, which):
   key = jax.random.key(7)
   good = np.array([c for c in ids if c not in bad])
   ref, ref_m = executor.SequentialExecutor(cu)(params, inner, good, key)
-  ex = {'chunked': lambda: executor.ChunkedExecutor(cu, 3),
-        'chunked_map': lambda: executor.ChunkedExecutor(cu, 3, vmap_size=1),
-        'drjax': lambda: executor.DrjaxExecutor(cu),
-        'sequential': lambda: executor.SequentialExecutor(cu)}[which]()
+  ex = {
+    "chunked": lambda: executor.ChunkedExecutor(cu, 3),
+    "chunked_map": lambda: executor.ChunkedExecutor(cu, 3, vmap_size=1),
+    "drjax": lambda: executor.DrjaxExecutor(cu),
+    "sequential": lambda: executor.SequentialExecutor(cu),
+  }[which]()
   got, m = ex(params, PoisonedStore(inner, bad), ids, key)
-  assert all(np.isfinite(np.asarray(x)).all()
-             for x in jax.tree_util.tree_leaves(got))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(got))
   _close(got, ref)
-  assert m['num_failed_clients'] == 2 and m['num_clients'] == 5
-  assert m['num_examples'] == inner.num_examples()[good].sum()
-  np.testing.assert_allclose(m['train_loss'], ref_m['train_loss'], rtol=1e-5)
-  assert ref_m['num_failed_clients'] == 0
+  assert m["num_failed_clients"] == 2 and m["num_clients"] == 5
+  assert m["num_examples"] == inner.num_examples()[good].sum()
+  np.testing.assert_allclose(m["train_loss"], ref_m["train_loss"], rtol=1e-5)
+  assert ref_m["num_failed_clients"] == 0
 
 
 def test_a_round_where_every_client_fails_leaves_the_server_unchanged(setup):
   inner, cu, params = setup
   store = PoisonedStore(inner, range(12))
-  opt = server.make_server_optimizer('fedadam', 0.1)
+  opt = server.make_server_optimizer("fedadam", 0.1)
   state = server.server_init(params, opt)
   sampler = sampling.CohortSampler(12, 4, seed=0)
   final, history = rounds.run_rounds(
-      state, store, executor.ChunkedExecutor(cu, 4), opt, sampler, 2, seed=0,
-      progress=False)
+    state, store, executor.ChunkedExecutor(cu, 4), opt, sampler, 2, seed=0, progress=False
+  )
   assert int(final.round) == 2
   _close(final.params, params)
   _close(final.opt_state, state.opt_state)
-  assert [h['num_failed_clients'] for h in history] == [4, 4]
-  assert [h['num_clients'] for h in history] == [0, 0]
+  assert [h["num_failed_clients"] for h in history] == [4, 4]
+  assert [h["num_clients"] for h in history] == [0, 0]
 
 
 def test_a_failed_client_leaves_the_round_of_the_others(setup):
   inner, cu, params = setup
-  opt = server.make_server_optimizer('fedavg', 1.0)
+  opt = server.make_server_optimizer("fedavg", 1.0)
   sampler = sampling.CohortSampler(12, 12, seed=0)  # everyone, every round
   final, history = rounds.run_rounds(
-      server.server_init(params, opt), PoisonedStore(inner, [3]),
-      executor.ChunkedExecutor(cu, 5), opt, sampler, 1, seed=0,
-      progress=False)
+    server.server_init(params, opt),
+    PoisonedStore(inner, [3]),
+    executor.ChunkedExecutor(cu, 5),
+    opt,
+    sampler,
+    1,
+    seed=0,
+    progress=False,
+  )
   good = np.array([c for c in range(12) if c != 3])
   ref, _ = executor.SequentialExecutor(cu)(
-      params, inner, good, jax.random.fold_in(jax.random.key(0), 0))
+    params, inner, good, jax.random.fold_in(jax.random.key(0), 0)
+  )
   expected = server.server_update(server.server_init(params, opt), ref, opt)
   _close(final.params, expected.params)
-  assert history[0]['num_failed_clients'] == 1
-  assert history[0]['num_clients'] == 11
+  assert history[0]["num_failed_clients"] == 1
+  assert history[0]["num_clients"] == 11
 
 
 def test_client_finite_flags_nan_inf_and_overflowing_params():
-  params = {'a': jnp.ones((3, 2)), 'b': {'c': jnp.zeros(4)}}
+  params = {"a": jnp.ones((3, 2)), "b": {"c": jnp.zeros(4)}}
   assert bool(client.client_finite(jnp.float32(1.0), params))
   assert not bool(client.client_finite(jnp.float32(jnp.nan), params))
   assert not bool(client.client_finite(jnp.float32(jnp.inf), params))
   for bad in (jnp.nan, jnp.inf, -jnp.inf):
-    broken = {'a': params['a'].at[2, 1].set(bad), 'b': params['b']}
+    broken = {"a": params["a"].at[2, 1].set(bad), "b": params["b"]}
     assert not bool(client.client_finite(jnp.float32(1.0), broken)), bad
-  huge = {'a': jnp.full((3, 2), 3e38, jnp.float32), 'b': params['b']}
+  huge = {"a": jnp.full((3, 2), 3e38, jnp.float32), "b": params["b"]}
   assert not bool(client.client_finite(jnp.float32(1.0), huge))  # diverged

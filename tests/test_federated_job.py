@@ -13,10 +13,22 @@ ROUNDS, EVAL_EVERY = 100, 25
 
 def test_federated_rounds_lower_dev_wer(small_vocab_corpus, tmp_path, capsys):
   workdir = tmp_path / "fed"
-  sets = [f"data.root={small_vocab_corpus}", f"workdir={workdir}", f"rounds={ROUNDS}",
-          f"eval_every={EVAL_EVERY}", "cohort_size=8", "data.batch_size=4", "data.num_buckets=1",
-          "data.max_steps=8", "client.num_epochs=2", "client.optimizer='adam'", "client.learning_rate=6e-3",
-          "server.optimizer='fedavg'", "server.learning_rate=1.0", "engine.chunk_size=8"]
+  sets = [
+    f"data.root={small_vocab_corpus}",
+    f"workdir={workdir}",
+    f"rounds={ROUNDS}",
+    f"eval_every={EVAL_EVERY}",
+    "cohort_size=8",
+    "data.batch_size=4",
+    "data.num_buckets=1",
+    "data.max_steps=8",
+    "client.num_epochs=2",
+    "client.optimizer='adam'",
+    "client.learning_rate=6e-3",
+    "server.optimizer='fedavg'",
+    "server.learning_rate=1.0",
+    "engine.chunk_size=8",
+  ]
   sets += [f"model.overrides.{k}={v!r}" for k, v in MINI_MODEL.items()]
   argv = ["federated", "--config", "tiny_federated"]
   for s in sets:

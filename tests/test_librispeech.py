@@ -14,10 +14,9 @@ from fedprune_jax.data.records import CorpusError
 
 # speaker -> chapter -> [(utterance number, text)]
 LAYOUT = {
-    "19": {"198": [(0, "HELLO WORLD"), (1, "IT'S A TEST")]},
-    "103": {"1240": [(0, "ONE"), (2, "TWO THREE")],
-            "1241": [(0, "FOUR")]},
-    "7": {"50": [(3, "SEVEN")]},
+  "19": {"198": [(0, "HELLO WORLD"), (1, "IT'S A TEST")]},
+  "103": {"1240": [(0, "ONE"), (2, "TWO THREE")], "1241": [(0, "FOUR")]},
+  "7": {"50": [(3, "SEVEN")]},
 }
 
 
@@ -55,16 +54,19 @@ def test_reads_valid_corpus_in_natural_order(split):
   root, audio = split
   utts = list(librispeech.read_split(root))
   assert [u.utt_id for u in utts] == [
-      "7-50-0003", "19-198-0000", "19-198-0001", "103-1240-0000",
-      "103-1240-0002", "103-1241-0000"]
-  texts = {f"{s}-{c}-{n:04d}": t for s, cs in LAYOUT.items()
-           for c, us in cs.items() for n, t in us}
+    "7-50-0003",
+    "19-198-0000",
+    "19-198-0001",
+    "103-1240-0000",
+    "103-1240-0002",
+    "103-1241-0000",
+  ]
+  texts = {f"{s}-{c}-{n:04d}": t for s, cs in LAYOUT.items() for c, us in cs.items() for n, t in us}
   for u in utts:
     assert u.text == texts[u.utt_id]
     assert (u.speaker_id, u.chapter_id) == tuple(u.utt_id.split("-")[:2])
     assert u.sample_rate == 16000 and u.audio.dtype == np.float32
-    np.testing.assert_array_equal(
-        u.audio, audio[u.utt_id].astype(np.float32) / 32768.0)
+    np.testing.assert_array_equal(u.audio, audio[u.utt_id].astype(np.float32) / 32768.0)
   assert librispeech.speakers_of(root) == ["7", "19", "103"]
 
 
@@ -73,8 +75,12 @@ def test_scan_does_not_decode_and_filters_speakers(split):
   (root / "19" / "198" / "19-198-0001.flac").write_bytes(b"not a flac file")
   infos = librispeech.scan_split(root, speakers=["103", "19"])
   assert [i.utt_id for i in infos] == [
-      "19-198-0000", "19-198-0001", "103-1240-0000", "103-1240-0002",
-      "103-1241-0000"]
+    "19-198-0000",
+    "19-198-0001",
+    "103-1240-0000",
+    "103-1240-0002",
+    "103-1241-0000",
+  ]
   assert infos[1].path == root / "19" / "198" / "19-198-0001.flac"
   with pytest.raises(CorpusError, match="19-198-0001.flac: corrupt"):
     librispeech.load_utterance(infos[1])
@@ -102,7 +108,7 @@ def _break_corrupt(root):
 
 def _break_truncated(root):
   p = _flac(root, "19-198-0001")
-  p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+  p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
   return "19-198-0001.flac: (corrupt or )?truncated"
 
 
@@ -118,8 +124,7 @@ def _break_no_samples(root):
 
 
 def _break_rate(root):
-  soundfile.write(_flac(root, "19-198-0001"), _tone(800, 300.0), 8000,
-                  subtype="PCM_16")
+  soundfile.write(_flac(root, "19-198-0001"), _tone(800, 300.0), 8000, subtype="PCM_16")
   return "19-198-0001.flac: sample rate 8000 Hz, expected 16000"
 
 
@@ -135,15 +140,17 @@ def _break_missing_audio(root):
 
 
 def _break_extra_audio(root):
-  soundfile.write(root / "19" / "198" / "19-198-0009.flac", _tone(800, 300.0),
-                  16000, subtype="PCM_16")
+  soundfile.write(
+    root / "19" / "198" / "19-198-0009.flac", _tone(800, 300.0), 16000, subtype="PCM_16"
+  )
   return "19-198-0009.flac: audio file without a transcript line"
 
 
 def _break_bad_chars(root):
   _append(_trans(root, "19", "198"), "19-198-0002 HELLO, world")
-  soundfile.write(root / "19" / "198" / "19-198-0002.flac", _tone(800, 300.0),
-                  16000, subtype="PCM_16")
+  soundfile.write(
+    root / "19" / "198" / "19-198-0002.flac", _tone(800, 300.0), 16000, subtype="PCM_16"
+  )
   return r"198.trans.txt:3: characters ',dlorw' outside the alphabet"
 
 
@@ -179,10 +186,21 @@ def _break_empty_speaker(root):
 
 
 BREAKERS = [
-    _break_corrupt, _break_truncated, _break_empty_file, _break_no_samples,
-    _break_rate, _break_stereo, _break_missing_audio, _break_extra_audio,
-    _break_bad_chars, _break_no_text, _break_bad_id, _break_duplicate,
-    _break_missing_trans, _break_empty_speaker, _break_empty_chapter,
+  _break_corrupt,
+  _break_truncated,
+  _break_empty_file,
+  _break_no_samples,
+  _break_rate,
+  _break_stereo,
+  _break_missing_audio,
+  _break_extra_audio,
+  _break_bad_chars,
+  _break_no_text,
+  _break_bad_id,
+  _break_duplicate,
+  _break_missing_trans,
+  _break_empty_speaker,
+  _break_empty_chapter,
 ]
 
 

@@ -63,8 +63,7 @@ def test_matches_brute_force_levenshtein():
   assert metrics.corpus_error_counts(refs, hyps) == (edits, n)
   assert metrics.wer(refs, hyps) == pytest.approx(edits / n)
   cedits = sum(_levenshtein(r, h) for r, h in zip(refs, hyps))
-  assert metrics.corpus_error_counts(refs, hyps, "char") == (
-      cedits, sum(len(r) for r in refs))
+  assert metrics.corpus_error_counts(refs, hyps, "char") == (cedits, sum(len(r) for r in refs))
 
 
 def test_sharded_accumulation_equals_corpus():
@@ -72,8 +71,7 @@ def test_sharded_accumulation_equals_corpus():
   hyps = ["A C", "D E X", "", "G H I J"]
   total = [0, 0]
   for shard in ([0, 1, 2], [3]):
-    e, n = metrics.corpus_error_counts([refs[i] for i in shard],
-                                       [hyps[i] for i in shard])
+    e, n = metrics.corpus_error_counts([refs[i] for i in shard], [hyps[i] for i in shard])
     total[0] += e
     total[1] += n
   assert metrics.rate(*total) == metrics.wer(refs, hyps) == pytest.approx(3 / 10)

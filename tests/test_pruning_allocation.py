@@ -19,8 +19,7 @@ from fedprune_jax.pruning import selection
 # Every new (shapes, pattern) pair costs a jit compilation: keep examples few.
 SETTINGS = settings(max_examples=10, deadline=None)
 FEW = settings(max_examples=6, deadline=None)
-BLOCKS = [pat.UNSTRUCTURED, pat.ROW, pat.COLUMN, pat.HALF_ROW, pat.HALF_COLUMN,
-          pat.Block(2, 3)]
+BLOCKS = [pat.UNSTRUCTURED, pat.ROW, pat.COLUMN, pat.HALF_ROW, pat.HALF_COLUMN, pat.Block(2, 3)]
 
 
 # ------------------------------------------------------------ references
@@ -36,7 +35,7 @@ def ref_groups(s: np.ndarray, block: pat.Block):
   n = np.zeros((gh, gw), np.int64)
   for i in range(gh):
     for j in range(gw):
-      blk = x[i * bh:(i + 1) * bh, j * bw:(j + 1) * bw]
+      blk = x[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw]
       g[i, j], n[i, j] = blk.sum(), blk.size
   return g, n
 
@@ -52,7 +51,7 @@ def ref_select(scores: list[np.ndarray], sizes: list[np.ndarray], need: int):
   prune &= need > 0
   out, o = [], 0
   for s in scores:
-    out.append(prune[o:o + s.size].reshape(s.shape))
+    out.append(prune[o : o + s.size].reshape(s.shape))
     o += s.size
   return out
 
@@ -77,8 +76,12 @@ def problem(draw):
   seed = draw(st.integers(0, 2**16))
   rng = np.random.default_rng(seed)
   # Small integer scores: exact group sums and plenty of ties.
-  tree = {"encoder": {f"layer_{i}": {"kernel": rng.integers(0, 6, s).astype(np.float32)}
-                      for i, s in enumerate(shapes)}}
+  tree = {
+    "encoder": {
+      f"layer_{i}": {"kernel": rng.integers(0, 6, s).astype(np.float32)}
+      for i, s in enumerate(shapes)
+    }
+  }
   block = draw(st.sampled_from(BLOCKS))
   s = draw(st.floats(0.0, 1.0))
   return tree, block, s
@@ -95,8 +98,7 @@ def leaves(tree):
 @given(problem(), st.sampled_from(["sort", "radix"]))
 def test_global_matches_bruteforce(prob, method):
   tree, block, s = prob
-  mask = alloc.prune_mask(tree, s, pattern=block, allocation=alloc.Global("none"),
-                          method=method)
+  mask = alloc.prune_mask(tree, s, pattern=block, allocation=alloc.Global("none"), method=method)
   scores = leaves(tree)
   groups = [ref_groups(x, block) for x in scores]
   total = sum(x.size for x in scores)
@@ -139,14 +141,23 @@ def test_structured_mask_constant_within_groups(prob):
       m2 = m.reshape(h, w)
       for i in range(0, h, bh):
         for j in range(0, w, bw):
-          blk = m2[i:i + bh, j:j + bw]
+          blk = m2[i : i + bh, j : j + bw]
           assert blk.all() or not blk.any(), (a, block, i, j)
 
 
 @FEW
-@given(st.integers(1, 4).flatmap(lambda m: st.tuples(
-    st.integers(0, m), st.just(m), st.integers(1, 3), st.integers(1, 5),
-    st.sampled_from(["in", "out"]), st.integers(0, 999))))
+@given(
+  st.integers(1, 4).flatmap(
+    lambda m: st.tuples(
+      st.integers(0, m),
+      st.just(m),
+      st.integers(1, 3),
+      st.integers(1, 5),
+      st.sampled_from(["in", "out"]),
+      st.integers(0, 999),
+    )
+  )
+)
 def test_nm_exact_and_topn(args):
   n, m, rows, cols, axis, seed = args
   shape = (rows * m, cols) if axis == "in" else (cols, rows * m)
@@ -155,9 +166,9 @@ def test_nm_exact_and_topn(args):
   xv, kv = (x, keep) if axis == "in" else (x.T, keep.T)
   for j in range(xv.shape[1]):
     for g in range(0, xv.shape[0], m):
-      col, kk = xv[g:g + m, j], kv[g:g + m, j]
+      col, kk = xv[g : g + m, j], kv[g : g + m, j]
       assert kk.sum() == n
-      ref = np.argsort(-col, kind="stable")[:n]   # ties: lower index kept
+      ref = np.argsort(-col, kind="stable")[:n]  # ties: lower index kept
       assert set(np.flatnonzero(kk)) == set(ref)
 
 
@@ -167,9 +178,11 @@ def test_nm_bad_dim_names_path():
 
 
 _N = 257
-_select_radix = jax.jit(lambda parts, need: selection.select_lowest(
-    [selection.sortable_key(p) for p in parts], [None] * len(parts), need,
-    method="radix"))
+_select_radix = jax.jit(
+  lambda parts, need: selection.select_lowest(
+    [selection.sortable_key(p) for p in parts], [None] * len(parts), need, method="radix"
+  )
+)
 
 
 @settings(max_examples=20, deadline=None)
@@ -185,21 +198,25 @@ def test_select_lowest_exact_on_floats(seed, frac):
   parts = np.split(x, [100, 200])
   need = int(round(frac * n))
   got = _select_radix([jnp.asarray(p) for p in parts], need)
-  ref = ref_select([p + np.float32(0.0) for p in parts],
-                   [np.ones(p.shape, int) for p in parts], need)
+  ref = ref_select(
+    [p + np.float32(0.0) for p in parts], [np.ones(p.shape, int) for p in parts], need
+  )
   for g, r in zip(got, ref):
     np.testing.assert_array_equal(np.asarray(g), r)
   assert sum(int(np.asarray(g).sum()) for g in got) == need
 
 
 def test_ties_broken_by_index_reproducibly():
-  tree = {"a": {"kernel": np.ones((4, 5), np.float32)},
-          "b": {"kernel": np.ones((3, 3), np.float32)}}
+  tree = {
+    "a": {"kernel": np.ones((4, 5), np.float32)},
+    "b": {"kernel": np.ones((3, 3), np.float32)},
+  }
   m1 = alloc.prune_mask(tree, 0.5, allocation="global")
   m2 = jax.jit(lambda t: alloc.prune_mask(t, 0.5, allocation="global"))(tree)
   need = round(0.5 * 29)
-  flat = np.concatenate([np.asarray(m1["a"]["kernel"]).ravel(),
-                         np.asarray(m1["b"]["kernel"]).ravel()])
+  flat = np.concatenate(
+    [np.asarray(m1["a"]["kernel"]).ravel(), np.asarray(m1["b"]["kernel"]).ravel()]
+  )
   np.testing.assert_array_equal(flat, np.arange(29) >= need)  # lowest indices pruned
   for k in ("a", "b"):
     np.testing.assert_array_equal(m1[k]["kernel"], m2[k]["kernel"])
@@ -207,9 +224,13 @@ def test_ties_broken_by_index_reproducibly():
 
 def test_jit_with_traced_sparsity_matches_eager():
   rng = np.random.default_rng(0)
-  tree = {"x": {"kernel": rng.standard_normal((6, 8)).astype(np.float32)},
-          "y": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32),
-                "bias": rng.standard_normal(4).astype(np.float32)}}
+  tree = {
+    "x": {"kernel": rng.standard_normal((6, 8)).astype(np.float32)},
+    "y": {
+      "kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32),
+      "bias": rng.standard_normal(4).astype(np.float32),
+    },
+  }
   f = jax.jit(lambda t, s: alloc.prune_mask(t, s, pattern="column", allocation="adaptive"))
   for s in (0.0, 0.3, 0.8, 1.0):
     a, b = f(tree, s), alloc.prune_mask(tree, s, pattern="column", allocation="adaptive")
@@ -227,8 +248,9 @@ def test_global_mean_normalisation_is_scale_invariant():
   for k in ("a", "b"):
     np.testing.assert_array_equal(m1[k]["kernel"], m2[k]["kernel"])
   # Without normalisation the scaled layer keeps everything.
-  m3 = alloc.prune_mask({"a": {"kernel": a * 1024.0}, "b": {"kernel": b}}, 0.4,
-                        allocation=alloc.Global("none"))
+  m3 = alloc.prune_mask(
+    {"a": {"kernel": a * 1024.0}, "b": {"kernel": b}}, 0.4, allocation=alloc.Global("none")
+  )
   assert np.asarray(m3["a"]["kernel"]).all()
 
 
@@ -236,8 +258,7 @@ def test_global_mean_normalisation_is_scale_invariant():
 @given(problem(), st.floats(0.0, 0.5), st.floats(0.5, 1.0))
 def test_adaptive_bounds_and_global_target(prob, floor, ceil):
   tree, block, s = prob
-  mask = alloc.prune_mask(tree, s, pattern=block,
-                          allocation=alloc.Adaptive(floor, ceil, "none"))
+  mask = alloc.prune_mask(tree, s, pattern=block, allocation=alloc.Adaptive(floor, ceil, "none"))
   scores = leaves(tree)
   total = sum(x.size for x in scores)
   lo = sum(math.ceil(floor * x.size - 1e-9) for x in scores)
@@ -255,8 +276,7 @@ def test_adaptive_bounds_and_global_target(prob, floor, ceil):
 
 def test_adaptive_unbounded_equals_global():
   rng = np.random.default_rng(2)
-  tree = {f"l{i}": {"kernel": rng.random((5, 7)).astype(np.float32) * (i + 1)}
-          for i in range(3)}
+  tree = {f"l{i}": {"kernel": rng.random((5, 7)).astype(np.float32) * (i + 1)} for i in range(3)}
   for s in (0.2, 0.55):
     a = alloc.prune_mask(tree, s, allocation=alloc.Adaptive(0.0, 1.0))
     g = alloc.prune_mask(tree, s, allocation=alloc.Global())
@@ -266,8 +286,10 @@ def test_adaptive_unbounded_equals_global():
 
 def test_adaptive_floor_ceiling_binding():
   # Layer "big" has tiny scores (global ranking would prune it first).
-  tree = {"big": {"kernel": np.full((10, 10), 0.01, np.float32) + np.arange(100).reshape(10, 10) * 1e-4},
-          "small": {"kernel": np.arange(100, dtype=np.float32).reshape(10, 10) + 1}}
+  tree = {
+    "big": {"kernel": np.full((10, 10), 0.01, np.float32) + np.arange(100).reshape(10, 10) * 1e-4},
+    "small": {"kernel": np.arange(100, dtype=np.float32).reshape(10, 10) + 1},
+  }
   m = alloc.prune_mask(tree, 0.5, allocation=alloc.Adaptive(0.2, 0.7, "none"))
   sp = masks_lib.layer_sparsity(m)
   assert sp["big/kernel"] == pytest.approx(0.7)
@@ -284,15 +306,19 @@ def test_erk_densities_match_closed_form():
   np.testing.assert_allclose((d * n).sum() / n.sum(), 0.2, rtol=1e-5)
   free = d < 1.0 - 1e-6
   eps = d[free] / raw[free]
-  np.testing.assert_allclose(eps, eps[0], rtol=1e-5)     # common epsilon
-  assert d[3] == pytest.approx(1.0)                      # small layer dense
+  np.testing.assert_allclose(eps, eps[0], rtol=1e-5)  # common epsilon
+  assert d[3] == pytest.approx(1.0)  # small layer dense
   assert np.all(raw[~free] * eps[0] >= 1.0 - 1e-5)
 
 
 def test_exclusion_by_path_pattern():
-  tree = {"encoder": {"a": {"kernel": np.ones((4, 4), np.float32)},
-                      "b": {"kernel": np.ones((4, 4), np.float32)}},
-          "ctc_head": {"kernel": np.ones((4, 3), np.float32)}}
+  tree = {
+    "encoder": {
+      "a": {"kernel": np.ones((4, 4), np.float32)},
+      "b": {"kernel": np.ones((4, 4), np.float32)},
+    },
+    "ctc_head": {"kernel": np.ones((4, 3), np.float32)},
+  }
   m = alloc.prune_mask(tree, 0.5, exclude=masks_lib.DEFAULT_EXCLUDE + ("glob:encoder/b/*",))
   assert m["ctc_head"]["kernel"] is None and m["encoder"]["b"]["kernel"] is None
   assert masks_lib.layer_sparsity(m) == {"encoder/a/kernel": 0.5}
@@ -304,8 +330,10 @@ def test_per_path_patterns_and_parse():
   assert pat.parse_pattern("2:4:out") == pat.NM(2, 4, "out")
   with pytest.raises(ValueError, match="unknown pruning pattern"):
     pat.parse_pattern("diagonal")
-  tree = {"ffn": {"kernel": np.random.default_rng(0).random((8, 4)).astype(np.float32)},
-          "att": {"kernel": np.random.default_rng(1).random((4, 6)).astype(np.float32)}}
+  tree = {
+    "ffn": {"kernel": np.random.default_rng(0).random((8, 4)).astype(np.float32)},
+    "att": {"kernel": np.random.default_rng(1).random((4, 6)).astype(np.float32)},
+  }
   m = alloc.prune_mask(tree, 0.5, pattern=(("ffn", "2:4"), ("att", "column")))
   f = np.asarray(m["ffn"]["kernel"]).reshape(2, 4, 4)
   assert (f.sum(axis=1) == 2).all()

@@ -19,33 +19,44 @@ def conformer_like(seed=0, d=4, h=2):
   rng = np.random.default_rng(seed)
   r = lambda *s: rng.standard_normal(s).astype(np.float32)
   blk = {
-      "ffn1": {"norm": {"scale": r(d), "bias": r(d)},
-               "dense_in": {"kernel": r(d, 4 * d), "bias": r(4 * d)},
-               "dense_out": {"kernel": r(4 * d, d), "bias": r(d)}},
-      "mhsa": {"norm": {"scale": r(d), "bias": r(d)},
-               **{k: {"kernel": r(d, d), "bias": r(d)} for k in ("query", "key", "value", "out")},
-               "pos": {"kernel": r(d, d)}, "pos_bias_u": r(h, d // h), "pos_bias_v": r(h, d // h)},
-      "conv": {"norm": {"scale": r(d), "bias": r(d)},
-               "pointwise_in": {"kernel": r(d, 2 * d), "bias": r(2 * d)},
-               "depthwise": {"kernel": r(3, 1, d), "bias": r(d)},
-               "group_norm": {"scale": r(d), "bias": r(d)},
-               "pointwise_out": {"kernel": r(d, d), "bias": r(d)}},
-      "final_norm": {"scale": r(d), "bias": r(d)},
+    "ffn1": {
+      "norm": {"scale": r(d), "bias": r(d)},
+      "dense_in": {"kernel": r(d, 4 * d), "bias": r(4 * d)},
+      "dense_out": {"kernel": r(4 * d, d), "bias": r(d)},
+    },
+    "mhsa": {
+      "norm": {"scale": r(d), "bias": r(d)},
+      **{k: {"kernel": r(d, d), "bias": r(d)} for k in ("query", "key", "value", "out")},
+      "pos": {"kernel": r(d, d)},
+      "pos_bias_u": r(h, d // h),
+      "pos_bias_v": r(h, d // h),
+    },
+    "conv": {
+      "norm": {"scale": r(d), "bias": r(d)},
+      "pointwise_in": {"kernel": r(d, 2 * d), "bias": r(2 * d)},
+      "depthwise": {"kernel": r(3, 1, d), "bias": r(d)},
+      "group_norm": {"scale": r(d), "bias": r(d)},
+      "pointwise_out": {"kernel": r(d, d), "bias": r(d)},
+    },
+    "final_norm": {"scale": r(d), "bias": r(d)},
   }
-  return {"encoder": {"subsample": {"conv1": {"kernel": r(3, 3, 1, 2), "bias": r(2)}},
-                      "block_0": blk},
-          "ctc_head": {"kernel": r(d, 5), "bias": r(5)}}
+  return {
+    "encoder": {"subsample": {"conv1": {"kernel": r(3, 3, 1, 2), "bias": r(2)}}, "block_0": blk},
+    "ctc_head": {"kernel": r(d, 5), "bias": r(5)},
+  }
 
 
 def test_default_prunable_set():
   m = pruning.init_mask(conformer_like())
   prunable = sorted(p for p, v in masks_lib.flatten_with_paths(m) if v is not None)
-  assert prunable == sorted([
+  assert prunable == sorted(
+    [
       "encoder/subsample/conv1/kernel",
       *(f"encoder/block_0/ffn1/{k}/kernel" for k in ("dense_in", "dense_out")),
       *(f"encoder/block_0/mhsa/{k}/kernel" for k in ("query", "key", "value", "out", "pos")),
       *(f"encoder/block_0/conv/{k}/kernel" for k in ("pointwise_in", "depthwise", "pointwise_out")),
-  ])
+    ]
+  )
 
 
 def test_matches_regex_and_glob():
@@ -61,10 +72,11 @@ def test_apply_mask_zeroes_exactly_and_is_idempotent(seed, s):
   params = conformer_like(seed)
   mask = pruning.prune_mask(pruning.magnitude(params), s, allocation="uniform")
   pm = pruning.apply_mask(params, mask)
-  for (path, p), (_, q), (_, m) in zip(masks_lib.flatten_with_paths(params),
-                                       masks_lib.flatten_with_paths(pm),
-                                       masks_lib.flatten_with_paths(
-                                           jax.tree.map(lambda a, b: b, params, mask))):
+  for (path, p), (_, q), (_, m) in zip(
+    masks_lib.flatten_with_paths(params),
+    masks_lib.flatten_with_paths(pm),
+    masks_lib.flatten_with_paths(jax.tree.map(lambda a, b: b, params, mask)),
+  ):
     p, q = np.asarray(p), np.asarray(q)
     if m is None:
       np.testing.assert_array_equal(p, q)
@@ -77,14 +89,18 @@ def test_apply_mask_zeroes_exactly_and_is_idempotent(seed, s):
 
 
 def test_counts_and_sparsity():
-  m = {"a": {"kernel": jnp.array([[True, False], [False, False]])},
-       "b": {"kernel": jnp.ones((2, 3), bool), "bias": None}}
+  m = {
+    "a": {"kernel": jnp.array([[True, False], [False, False]])},
+    "b": {"kernel": jnp.ones((2, 3), bool), "bias": None},
+  }
   assert pruning.count_total(m) == 10
   assert int(pruning.count_kept(m)) == 7
   assert float(pruning.sparsity(m)) == pytest.approx(0.3)
   assert pruning.layer_sparsity(m) == {"a/kernel": 0.75, "b/kernel": 0.0}
-  params = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 3)),
-                                                     "bias": jnp.ones(3)}}
+  params = {
+    "a": {"kernel": jnp.ones((2, 2))},
+    "b": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+  }
   assert pruning.param_count(params) == 13
   assert pruning.param_count(params, m) == 10
 
@@ -96,8 +112,9 @@ def test_save_load_roundtrip_and_errors(tmp_path):
   pruning.save_mask(f, mask)
   assert [p.name for p in f.parent.iterdir()] == ["mask.npz"]  # no temp left
   back = pruning.load_mask(f, params)
-  for (pa, a), (pb, b) in zip(masks_lib.flatten_with_paths(mask),
-                              masks_lib.flatten_with_paths(back)):
+  for (pa, a), (pb, b) in zip(
+    masks_lib.flatten_with_paths(mask), masks_lib.flatten_with_paths(back)
+  ):
     assert pa == pb and (a is None) == (b is None)
     if a is not None:
       np.testing.assert_array_equal(a, b)
@@ -133,8 +150,10 @@ def test_random_scores_seeded():
   k = a["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
   assert not np.array_equal(k, c["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"])
   # Different leaves of the same shape get different streams.
-  assert not np.array_equal(a["encoder"]["block_0"]["mhsa"]["query"]["kernel"],
-                            a["encoder"]["block_0"]["mhsa"]["key"]["kernel"])
+  assert not np.array_equal(
+    a["encoder"]["block_0"]["mhsa"]["query"]["kernel"],
+    a["encoder"]["block_0"]["mhsa"]["key"]["kernel"],
+  )
 
 
 def test_aggregate_scores_weighted_mean():
@@ -144,8 +163,9 @@ def test_aggregate_scores_weighted_mean():
   np.testing.assert_allclose(out["w"], [2.5, 5.0])
   assert out["b"] is None
   stacked = {"w": jnp.stack([s1["w"], s2["w"]]), "b": None}
-  np.testing.assert_allclose(scores_lib.aggregate_scores(stacked, jnp.array([1.0, 3.0]))["w"],
-                             [2.5, 5.0])
+  np.testing.assert_allclose(
+    scores_lib.aggregate_scores(stacked, jnp.array([1.0, 3.0]))["w"], [2.5, 5.0]
+  )
   np.testing.assert_allclose(scores_lib.aggregate_scores([s1, s2])["w"], [2.0, 4.0])
   with pytest.raises(ValueError, match="weights shape"):
     scores_lib.aggregate_scores([s1, s2], [1.0])
@@ -153,6 +173,7 @@ def test_aggregate_scores_weighted_mean():
 
 def test_bench_mask_rows_and_tables():
   from fedprune_jax.bench import prune as bench
+
   params = conformer_like()
   rows = bench.mask_rows(params, ("unstructured", "column"), repeats=1)
   assert [r["pattern"] for r in rows] == ["unstructured", "column"]

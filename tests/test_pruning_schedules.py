@@ -11,30 +11,35 @@ import pytest
 from hypothesis import given, settings
 
 from fedprune_jax import pruning
-from fedprune_jax.pruning import optax_wrapper
 from fedprune_jax.pruning import schedules as sched
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.floats(0, 0.5), st.floats(0.5, 1.0), st.integers(0, 20), st.integers(1, 50),
-       st.integers(1, 7))
+@given(
+  st.floats(0, 0.5), st.floats(0.5, 1.0), st.integers(0, 20), st.integers(1, 50), st.integers(1, 7)
+)
 def test_polynomial_monotone_known_values(si, sf, t0, n, freq):
   s = sched.Polynomial(si, sf, t0, t0 + n, freq)
   steps = np.arange(0, 128)  # fixed length: one compilation for every example
   vals = np.asarray(s(steps))
   assert np.all(np.diff(vals) >= -1e-7)
   assert vals[0] == pytest.approx(si, abs=1e-6)
-  np.testing.assert_allclose(vals[t0 + n:], sf, rtol=1e-6)
+  np.testing.assert_allclose(vals[t0 + n :], sf, rtol=1e-6)
   t = t0 + n // 2
   assert vals[t] == pytest.approx(sf + (si - sf) * (1 - (t - t0) / n) ** 3, abs=1e-6)
   upd = np.asarray(s.should_update(steps))
-  expect = ((steps >= t0) & (steps <= t0 + n) & (((steps - t0) % freq == 0) | (steps == t0 + n)))
+  expect = (steps >= t0) & (steps <= t0 + n) & (((steps - t0) % freq == 0) | (steps == t0 + n))
   np.testing.assert_array_equal(upd, expect)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.floats(0, 0.5), st.floats(0.5, 1.0), st.floats(0.05, 0.5), st.integers(1, 10),
-       st.integers(0, 10))
+@given(
+  st.floats(0, 0.5),
+  st.floats(0.5, 1.0),
+  st.floats(0.05, 0.5),
+  st.integers(1, 10),
+  st.integers(0, 10),
+)
 def test_step_monotone_hits_final(si, sf, delta, every, begin):
   s = sched.Step(si, sf, delta, every, begin)
   assert s.end_step + 3 * every + 2 < 256
@@ -65,15 +70,15 @@ def test_constant():
 def _quadratic_problem():
   target = {"a": {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4)}, "b": jnp.ones(3)}
   params = {"a": {"kernel": jnp.full((3, 4), 0.5)}, "b": jnp.zeros(3)}
-  loss = lambda p: sum(jnp.sum((x - t) ** 2) for x, t in zip(jax.tree.leaves(p),
-                                                             jax.tree.leaves(target)))
+  loss = lambda p: sum(
+    jnp.sum((x - t) ** 2) for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(target))
+  )
   return params, loss
 
 
 def test_masked_adam_keeps_zeros_and_matches_reference():
   params, loss = _quadratic_problem()
-  mask = {"a": {"kernel": jnp.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]], bool)},
-          "b": None}
+  mask = {"a": {"kernel": jnp.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 1]], bool)}, "b": None}
   tx = pruning.masked_optimizer(optax.adam(0.1), initial_mask=mask)
   state = tx.init(params)
   ref_tx = optax.adam(0.1)
@@ -103,29 +108,31 @@ def test_moments_reset_on_regrowth_only():
   mu0 = np.asarray(state.inner_state[0].mu["a"]["kernel"])
   assert np.all(mu0 != 0)
   pruned = {"a": {"kernel": jnp.arange(12).reshape(3, 4) % 2 == 0}, "b": None}
-  state = pruning.update_mask(state, pruned)   # 1 -> 0: moments kept
+  state = pruning.update_mask(state, pruned)  # 1 -> 0: moments kept
   np.testing.assert_array_equal(state.inner_state[0].mu["a"]["kernel"], mu0)
-  state = pruning.update_mask(state, full)     # 0 -> 1: odd entries regrow
+  state = pruning.update_mask(state, full)  # 0 -> 1: odd entries regrow
   mu = np.asarray(state.inner_state[0].mu["a"]["kernel"])
   nu = np.asarray(state.inner_state[0].nu["a"]["kernel"])
-  odd = (np.arange(12).reshape(3, 4) % 2 == 1)
+  odd = np.arange(12).reshape(3, 4) % 2 == 1
   assert np.all(mu[odd] == 0) and np.all(nu[odd] == 0)
   np.testing.assert_array_equal(mu[~odd], mu0[~odd])
-  assert int(state.inner_state[0].count) == 3   # non-param state untouched
+  assert int(state.inner_state[0].count) == 3  # non-param state untouched
 
 
 def test_mask_via_update_kwarg_and_mask_fn():
   params, loss = _quadratic_problem()
-  tx = pruning.masked_optimizer(optax.chain(optax.clip_by_global_norm(1.0),
-                                            optax.sgd(0.1, momentum=0.9)))
+  tx = pruning.masked_optimizer(
+    optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
+  )
   state = tx.init(params)
   mask = {"a": {"kernel": jnp.eye(3, 4, dtype=bool)}, "b": None}
   u, state = tx.update(jax.grad(loss)(params), state, params, mask=mask)
   p = optax.apply_updates(params, u)
   assert np.all(np.asarray(p["a"]["kernel"])[~np.eye(3, 4, dtype=bool)] == 0)
   # mask_fn: prune the two smallest-magnitude entries each step.
-  fn = lambda p: pruning.prune_mask(pruning.magnitude(p), 2 / 15, allocation="global",
-                                    include=(".*",), exclude=())
+  fn = lambda p: pruning.prune_mask(
+    pruning.magnitude(p), 2 / 15, allocation="global", include=(".*",), exclude=()
+  )
   tx2 = pruning.masked_optimizer(optax.adam(0.05), mask_fn=fn)
   s2 = tx2.init(params)
   for _ in range(3):

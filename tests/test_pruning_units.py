@@ -41,23 +41,34 @@ def test_unit_scores_bruteforce(tiny):
   dh, d, cpg = cfg.head_dim, cfg.d_model, cfg.d_model // cfg.conv_groups
   h = 2
   cols = slice(h * dh, (h + 1) * dh)
-  ref = sum((blk["mhsa"][k]["kernel"][:, cols] ** 2).sum() for k in ("query", "key", "value", "pos"))
+  ref = sum(
+    (blk["mhsa"][k]["kernel"][:, cols] ** 2).sum() for k in ("query", "key", "value", "pos")
+  )
   ref += sum((blk["mhsa"][k]["bias"][cols] ** 2).sum() for k in ("query", "key", "value"))
   ref += (blk["mhsa"]["out"]["kernel"][cols] ** 2).sum()
   ref += (blk["mhsa"]["pos_bias_u"][h] ** 2).sum() + (blk["mhsa"]["pos_bias_v"][h] ** 2).sum()
   assert float(us["mhsa"][h]) == pytest.approx(float(ref), rel=1e-5)
   j = 17
-  ref = ((blk["ffn2"]["dense_in"]["kernel"][:, j] ** 2).sum() + blk["ffn2"]["dense_in"]["bias"][j] ** 2
-         + (blk["ffn2"]["dense_out"]["kernel"][j] ** 2).sum())
+  ref = (
+    (blk["ffn2"]["dense_in"]["kernel"][:, j] ** 2).sum()
+    + blk["ffn2"]["dense_in"]["bias"][j] ** 2
+    + (blk["ffn2"]["dense_out"]["kernel"][j] ** 2).sum()
+  )
   assert float(us["ffn2"][j]) == pytest.approx(float(ref), rel=1e-5)
   g = 3
   ch = np.arange(g * cpg, (g + 1) * cpg)
   c = blk["conv"]
-  ref = ((c["pointwise_in"]["kernel"][:, ch] ** 2).sum() + (c["pointwise_in"]["kernel"][:, ch + d] ** 2).sum()
-         + (c["pointwise_in"]["bias"][ch] ** 2).sum() + (c["pointwise_in"]["bias"][ch + d] ** 2).sum()
-         + (c["depthwise"]["kernel"][..., ch] ** 2).sum() + (c["depthwise"]["bias"][ch] ** 2).sum()
-         + (c["group_norm"]["scale"][ch] ** 2).sum() + (c["group_norm"]["bias"][ch] ** 2).sum()
-         + (c["pointwise_out"]["kernel"][ch] ** 2).sum())
+  ref = (
+    (c["pointwise_in"]["kernel"][:, ch] ** 2).sum()
+    + (c["pointwise_in"]["kernel"][:, ch + d] ** 2).sum()
+    + (c["pointwise_in"]["bias"][ch] ** 2).sum()
+    + (c["pointwise_in"]["bias"][ch + d] ** 2).sum()
+    + (c["depthwise"]["kernel"][..., ch] ** 2).sum()
+    + (c["depthwise"]["bias"][ch] ** 2).sum()
+    + (c["group_norm"]["scale"][ch] ** 2).sum()
+    + (c["group_norm"]["bias"][ch] ** 2).sum()
+    + (c["pointwise_out"]["kernel"][ch] ** 2).sum()
+  )
   assert float(us["conv"][g]) == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -72,13 +83,17 @@ def test_expand_unit_mask_consistent_across_members(tiny):
     cols = np.repeat(k["mhsa"], dh)
     for name in ("query", "key", "value", "pos"):
       np.testing.assert_array_equal(blk["mhsa"][name]["kernel"], np.broadcast_to(cols, (d, d)))
-    np.testing.assert_array_equal(blk["mhsa"]["out"]["kernel"], np.broadcast_to(cols[:, None], (d, d)))
+    np.testing.assert_array_equal(
+      blk["mhsa"]["out"]["kernel"], np.broadcast_to(cols[:, None], (d, d))
+    )
     np.testing.assert_array_equal(blk["mhsa"]["pos_bias_u"][:, 0], k["mhsa"])
     assert blk["mhsa"]["out"]["bias"] is None and blk["mhsa"]["norm"]["scale"] is None
     np.testing.assert_array_equal(blk["ffn1"]["dense_in"]["kernel"][0], k["ffn1"])
     np.testing.assert_array_equal(blk["ffn1"]["dense_out"]["kernel"][:, 0], k["ffn1"])
     ch = np.repeat(k["conv"], cpg)
-    np.testing.assert_array_equal(blk["conv"]["pointwise_in"]["kernel"][0], np.concatenate([ch, ch]))
+    np.testing.assert_array_equal(
+      blk["conv"]["pointwise_in"]["kernel"][0], np.concatenate([ch, ch])
+    )
     np.testing.assert_array_equal(blk["conv"]["depthwise"]["kernel"][0, 0], ch)
     np.testing.assert_array_equal(blk["conv"]["group_norm"]["scale"], ch)
     np.testing.assert_array_equal(blk["conv"]["pointwise_out"]["kernel"][:, 0], ch)
@@ -116,7 +131,7 @@ def test_compaction_equivalence_tiny(tiny):
   pads = jnp.zeros((2, 48)).at[1, 33:].set(1.0)
   batch = {"features": feats, "feature_paddings": pads}
   scores = pruning.random_scores(params, jax.random.PRNGKey(1))
-  for s, a in ((0.75, "global"),):   # uneven per-block sizes
+  for s, a in ((0.75, "global"),):  # uneven per-block sizes
     um = units.unit_mask(params, cfg, s, allocation=a, scores=scores)
     masked = pruning.apply_mask(params, units.expand_unit_mask(params, cfg, um))
     small_model, small = compaction.compact(model, masked, um)
@@ -133,10 +148,12 @@ def test_compaction_equivalence_tiny(tiny):
     assert sizes.heads == tuple(int(um[b]["mhsa"].sum()) for b in units.blocks(params))
     assert sizes.conv_groups == tuple(int(um[b]["conv"].sum()) for b in units.blocks(params))
     # The compacted model's own init gives exactly the compacted shapes.
-    assert (jax.tree.map(jnp.shape, small_model.init(jax.random.PRNGKey(2)))
-            == jax.tree.map(jnp.shape, small))
+    assert jax.tree.map(jnp.shape, small_model.init(jax.random.PRNGKey(2))) == jax.tree.map(
+      jnp.shape, small
+    )
     assert pruning.param_count(small) == conformer.analytic_param_count(
-        small_model.config, model.head.vocab_size)
+      small_model.config, model.head.vocab_size
+    )
     ratio = compaction.flops(small_model.config, 48) / compaction.flops(cfg, 48)
     assert ratio == compaction.flops(cfg, 48, sizes) / compaction.flops(cfg, 48)
     assert 0.0 < ratio < 1.0

@@ -18,6 +18,7 @@ SPEAKERS, UTTERANCES, SEED = 4, 3, 0
 
 # ----------------------------------------------------------------- text.py
 
+
 @pytest.fixture(scope="module")
 def vocab():
   return text_lib.build_vocabulary(500, num_topics=8, num_common=50)
@@ -25,18 +26,19 @@ def vocab():
 
 def test_vocabulary_is_zipfian_and_in_alphabet(vocab):
   import wordfreq
+
   assert len(vocab) == 500 and len(set(vocab.words)) == 500
   assert all(set(w) <= set(ALPHABET) - {" "} for w in vocab.words)
   assert all(text_lib.is_speakable_word(w) for w in vocab.words)
   assert vocab.words[0] == "THE"
   np.testing.assert_allclose(vocab.probs.sum(), 1.0)
-  expected = np.array([wordfreq.word_frequency(w.lower(), "en")
-                       for w in vocab.words])
+  expected = np.array([wordfreq.word_frequency(w.lower(), "en") for w in vocab.words])
   np.testing.assert_allclose(vocab.probs, expected / expected.sum())
   # Topics: the 50 common words have none, the others are balanced over 8.
   assert np.all(vocab.topics[:50] == -1)
-  np.testing.assert_array_equal(np.bincount(vocab.topics[50:]),
-                                np.full(8, 450 // 8) + (np.arange(8) < 450 % 8))
+  np.testing.assert_array_equal(
+    np.bincount(vocab.topics[50:]), np.full(8, 450 // 8) + (np.arange(8) < 450 % 8)
+  )
 
 
 def test_small_vocabulary_is_all_common_words():
@@ -56,16 +58,14 @@ def test_is_speakable_word():
 
 def test_speaker_probs_match_formula_and_skew(vocab):
   k = vocab.num_topics
-  theta = np.random.default_rng(
-      [7, 3, text_lib._SPEAKER_STREAM]).dirichlet(np.full(k, 0.3))
+  theta = np.random.default_rng([7, 3, text_lib._SPEAKER_STREAM]).dirichlet(np.full(k, 0.3))
   mult = np.where(vocab.topics >= 0, 0.2 + 0.8 * k * theta[vocab.topics], 1.0)
   expected = vocab.probs * mult / np.sum(vocab.probs * mult)
-  got = text_lib.speaker_word_probs(vocab, seed=7, speaker=3, skew=0.8,
-                                    alpha=0.3)
+  got = text_lib.speaker_word_probs(vocab, seed=7, speaker=3, skew=0.8, alpha=0.3)
   np.testing.assert_allclose(got, expected, rtol=1e-12)
   np.testing.assert_allclose(
-      text_lib.speaker_word_probs(vocab, seed=7, speaker=3, skew=0.0),
-      vocab.probs, rtol=1e-12)
+    text_lib.speaker_word_probs(vocab, seed=7, speaker=3, skew=0.0), vocab.probs, rtol=1e-12
+  )
   # Non-IID: speakers' distributions are far apart in total variation.
   p = [text_lib.speaker_word_probs(vocab, seed=7, speaker=s) for s in range(4)]
   tv = [0.5 * np.abs(p[i] - p[j]).sum() for i in range(4) for j in range(i)]
@@ -87,6 +87,7 @@ def test_sentences_deterministic_prefix_stable_and_bounded(vocab):
 
 # ---------------------------------------------------------------- synth.py
 
+
 def test_split_counts_and_speaker_plans():
   assert synth._split_counts(48, (0.8, 0.1, 0.1)) == (38, 5, 5)
   assert synth._split_counts(4, (0.8, 0.1, 0.1)) == (2, 1, 1)
@@ -103,15 +104,15 @@ def test_split_counts_and_speaker_plans():
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("synth") / "corpus"
-  synth.synthesize_corpus(out, speakers=SPEAKERS, utterances=UTTERANCES,
-                          seed=SEED, workers=1, progress=False)
+  synth.synthesize_corpus(
+    out, speakers=SPEAKERS, utterances=UTTERANCES, seed=SEED, workers=1, progress=False
+  )
   return out
 
 
@@ -129,7 +130,12 @@ def test_layout_manifest_and_speakers_txt(corpus):
     for n in range(UTTERANCES):
       assert (d / f"{p.speaker_id}-{chapter}-{n:04d}.flac").is_file()
   assert sorted(x.name for x in corpus.iterdir()) == [
-      "SPEAKERS.TXT", "dev", "synth_manifest.json", "test", "train"]
+    "SPEAKERS.TXT",
+    "dev",
+    "synth_manifest.json",
+    "test",
+    "train",
+  ]
   # SPEAKERS.TXT parses the way TFDS parses LibriSpeech's.
   rows = {}
   for line in (corpus / "SPEAKERS.TXT").read_text().splitlines():
@@ -147,15 +153,14 @@ def test_layout_manifest_and_speakers_txt(corpus):
 
 
 def _read_all(corpus: Path):
-  return [u for split in synth.SPLITS
-          for u in librispeech.read_split(corpus / split)]
+  return [u for split in synth.SPLITS for u in librispeech.read_split(corpus / split)]
 
 
 def _norm_log_spectrum(x: np.ndarray) -> np.ndarray:
   n = 512
   frames = np.lib.stride_tricks.sliding_window_view(x, n)[::256] * np.hanning(n)
   energy = (frames**2).mean(1)
-  spec = np.abs(np.fft.rfft(frames[energy > 0.1 * energy.max()]))**2
+  spec = np.abs(np.fft.rfft(frames[energy > 0.1 * energy.max()])) ** 2
   s = np.log(spec.mean(0) + 1e-10)[:200]  # 0..6.25 kHz
   return s - s.mean()
 
@@ -166,8 +171,7 @@ def test_read_back_audio_and_transcripts(corpus):
   vocab = text_lib.build_vocabulary(text_lib.DEFAULT_VOCAB_SIZE)
   expected = {}
   for plan in synth.plan_speakers(speakers=SPEAKERS, seed=SEED):
-    for u in synth.plan_utterances(plan, utterances=UTTERANCES, seed=SEED,
-                                   vocab=vocab):
+    for u in synth.plan_utterances(plan, utterances=UTTERANCES, seed=SEED, vocab=vocab):
       expected[u.utt_id] = u.text
   assert {u.utt_id: u.text for u in utts} == expected
   for u in utts:
@@ -187,8 +191,7 @@ def test_read_back_audio_and_transcripts(corpus):
 def test_render_matches_written_audio(corpus):
   plan = synth.plan_speakers(speakers=SPEAKERS, seed=SEED)[1]
   vocab = text_lib.build_vocabulary(text_lib.DEFAULT_VOCAB_SIZE)
-  utt = synth.plan_utterances(plan, utterances=UTTERANCES, seed=SEED,
-                              vocab=vocab)[2]
+  utt = synth.plan_utterances(plan, utterances=UTTERANCES, seed=SEED, vocab=vocab)[2]
   audio = synth.render_utterance(utt, SEED)
   written, _ = librispeech.load_audio(corpus / utt.rel_path)
   np.testing.assert_allclose(written, audio, atol=1.0 / 32768 + 1e-7)
@@ -196,20 +199,27 @@ def test_render_matches_written_audio(corpus):
 
 def test_cached_resample_filter_equals_scipy_default():
   from scipy import signal
+
   x = np.random.default_rng(0).standard_normal(3000)
   np.testing.assert_array_equal(
-      signal.resample_poly(x, 320, 441),
-      signal.resample_poly(x, 320, 441, window=synth._resample_filter()))
+    signal.resample_poly(x, 320, 441),
+    signal.resample_poly(x, 320, 441, window=synth._resample_filter()),
+  )
 
 
 def test_deterministic_across_runs_and_worker_counts(corpus, tmp_path):
-  other = synth.synthesize_corpus(tmp_path / "c2", speakers=SPEAKERS,
-                                  utterances=UTTERANCES, seed=SEED, workers=2,
-                                  progress=False)
+  other = synth.synthesize_corpus(
+    tmp_path / "c2", speakers=SPEAKERS, utterances=UTTERANCES, seed=SEED, workers=2, progress=False
+  )
   assert _tree_bytes(other) == _tree_bytes(corpus)
-  third = synth.synthesize_corpus(tmp_path / "c3", speakers=SPEAKERS,
-                                  utterances=UTTERANCES, seed=SEED + 1,
-                                  workers=1, progress=False)
+  third = synth.synthesize_corpus(
+    tmp_path / "c3",
+    speakers=SPEAKERS,
+    utterances=UTTERANCES,
+    seed=SEED + 1,
+    workers=1,
+    progress=False,
+  )
   assert _tree_bytes(third) != _tree_bytes(corpus)
 
 
@@ -220,22 +230,26 @@ def test_rerun_is_noop_and_other_params_error(corpus, monkeypatch):
     raise AssertionError("re-run must not render anything")
 
   monkeypatch.setattr(synth, "render_utterance", boom)
-  assert synth.synthesize_corpus(corpus, speakers=SPEAKERS,
-                                 utterances=UTTERANCES, seed=SEED, workers=1,
-                                 progress=False) == corpus
+  assert (
+    synth.synthesize_corpus(
+      corpus, speakers=SPEAKERS, utterances=UTTERANCES, seed=SEED, workers=1, progress=False
+    )
+    == corpus
+  )
   assert _tree_bytes(corpus) == before
   with pytest.raises(CorpusError, match="different parameters"):
-    synth.synthesize_corpus(corpus, speakers=SPEAKERS, utterances=UTTERANCES,
-                            seed=SEED + 5, workers=1, progress=False)
+    synth.synthesize_corpus(
+      corpus, speakers=SPEAKERS, utterances=UTTERANCES, seed=SEED + 5, workers=1, progress=False
+    )
 
 
 def test_existing_foreign_dir_is_an_error(tmp_path):
   (tmp_path / "c").mkdir()
   (tmp_path / "c" / "notes.txt").write_text("mine")
   with pytest.raises(CorpusError, match="not a complete synthetic corpus"):
-    synth.synthesize_corpus(tmp_path / "c", speakers=2, utterances=1,
-                            split_fractions=(1, 0, 0), workers=1,
-                            progress=False)
+    synth.synthesize_corpus(
+      tmp_path / "c", speakers=2, utterances=1, split_fractions=(1, 0, 0), workers=1, progress=False
+    )
 
 
 def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
@@ -250,9 +264,9 @@ def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
 
   monkeypatch.setattr(synth, "render_utterance", flaky)
   with pytest.raises(RuntimeError, match="disk on fire"):
-    synth.synthesize_corpus(tmp_path / "c", speakers=2, utterances=2,
-                            split_fractions=(1, 0, 0), workers=1,
-                            progress=False)
+    synth.synthesize_corpus(
+      tmp_path / "c", speakers=2, utterances=2, split_fractions=(1, 0, 0), workers=1, progress=False
+    )
   assert list(tmp_path.iterdir()) == []  # neither the corpus nor a temp dir
 
 

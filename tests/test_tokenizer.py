@@ -25,8 +25,7 @@ def test_encode_known_ids():
   assert tokenizer.encode("").shape == (0,)
 
 
-@pytest.mark.parametrize("text,bad", [("HELLO, WORLD", "','"),
-                                      ("hello", "'h'"), ("A\tB", "'\\t'")])
+@pytest.mark.parametrize("text,bad", [("HELLO, WORLD", "','"), ("hello", "'h'"), ("A\tB", "'\\t'")])
 def test_encode_names_bad_character(text, bad):
   with pytest.raises(ValueError, match="character " + bad.replace("\\", "\\\\")):
     tokenizer.encode(text)

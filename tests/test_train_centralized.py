@@ -16,9 +16,18 @@ from fedprune_jax.train import centralized
 
 
 def _overrides(corpus, workdir, steps=40):
-  sets = [f"data.root={corpus}", f"workdir={workdir}", f"train.steps={steps}", "train.eval_every=20",
-          "train.log_every=10", "data.batch_size=4", "data.num_buckets=1", "data.eval_batch_size=8",
-          "optim.warmup_steps=5", "optim.peak_lr=3e-3"]
+  sets = [
+    f"data.root={corpus}",
+    f"workdir={workdir}",
+    f"train.steps={steps}",
+    "train.eval_every=20",
+    "train.log_every=10",
+    "data.batch_size=4",
+    "data.num_buckets=1",
+    "data.eval_batch_size=8",
+    "optim.warmup_steps=5",
+    "optim.peak_lr=3e-3",
+  ]
   sets += [f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()]
   return sets
 
@@ -64,7 +73,8 @@ def test_masked_train_step_keeps_pruned_weights_zero(tiny_corpus):
   step = centralized.make_train_step(model, optimizer, specaug=dict(cfg.specaug))
   fs = centralized.load_split(cfg, "train")
   from fedprune_jax.train import evaluate  # pylint: disable=g-import-not-at-top
-  (_, batch), = evaluate.eval_batches(fs, batch_size=16, num_buckets=1)[:1]
+
+  ((_, batch),) = evaluate.eval_batches(fs, batch_size=16, num_buckets=1)[:1]
   params = apply_mask(params, mask)
   opt_state = optimizer.init(params)
   before = np.asarray(params["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]).copy()

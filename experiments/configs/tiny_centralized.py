@@ -13,12 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/tiny_centralized"
 
   c.data = ml_collections.ConfigDict()
-  c.data.root = "data/synth"          # LibriSpeech layout: ROOT/{train,dev,test}/SPEAKER/CHAPTER/...
-  c.data.source = "librispeech_dir"   # or "tfds" (tensorflow-datasets librispeech)
+  c.data.root = "data/synth"  # LibriSpeech layout: ROOT/{train,dev,test}/SPEAKER/CHAPTER/...
+  c.data.source = "librispeech_dir"  # or "tfds" (tensorflow-datasets librispeech)
   c.data.train_split = "train"
   c.data.dev_split = "dev"
   c.data.test_split = "test"
-  c.data.cache_dir = ""               # feature cache; "" = ROOT/.features
+  c.data.cache_dir = ""  # feature cache; "" = ROOT/.features
   c.data.batch_size = 32
   c.data.num_buckets = 4
   c.data.eval_batch_size = 64
@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 5.0
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1300                # schedule length: ~what 10 minutes on 2 CPU cores reach
-  c.train.max_minutes = 10.0          # wall-clock training budget, excluding evaluation
+  c.train.steps = 1300  # schedule length: ~what 10 minutes on 2 CPU cores reach
+  c.train.max_minutes = 10.0  # wall-clock training budget, excluding evaluation
   c.train.eval_every = 500
   c.train.log_every = 25
   c.train.spec_augment = True

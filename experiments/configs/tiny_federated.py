@@ -18,10 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/tiny_federated"
   c.data = base.data
   c.data.batch_size = 8
-  c.data.max_steps = 8          # local steps per round cap (S); a speaker has ~40 utterances
+  c.data.max_steps = 8  # local steps per round cap (S); a speaker has ~40 utterances
   c.data.max_frames = None
   c.model = base.model
-  c.specaug = base.specaug      # on every client step, as in centralized training; None = off
+  c.specaug = base.specaug  # on every client step, as in centralized training; None = off
 
   c.rounds = 40
   c.cohort_size = 16
@@ -30,10 +30,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Clients: a fresh Adam per round (CTC losses are large and badly scaled for plain SGD);
   # server: FedAvg (set server.optimizer='fedadam' / 'fedyogi' and a learning rate to switch).
-  c.client = ml_collections.ConfigDict(dict(optimizer="adam", learning_rate=1e-3, momentum=None,
-                                            num_epochs=1, shuffle=True))
-  c.server = ml_collections.ConfigDict(dict(optimizer="fedavg", learning_rate=1.0, b1=0.9, b2=0.99,
-                                            eps=1e-8, momentum=None))
-  c.engine = ml_collections.ConfigDict(dict(executor="chunked", chunk_size=8, num_devices=1,
-                                            weighting="num_examples", vmap_size=None, device_loop=False))
+  c.client = ml_collections.ConfigDict(
+    dict(optimizer="adam", learning_rate=1e-3, momentum=None, num_epochs=1, shuffle=True)
+  )
+  c.server = ml_collections.ConfigDict(
+    dict(optimizer="fedavg", learning_rate=1.0, b1=0.9, b2=0.99, eps=1e-8, momentum=None)
+  )
+  c.engine = ml_collections.ConfigDict(
+    dict(
+      executor="chunked",
+      chunk_size=8,
+      num_devices=1,
+      weighting="num_examples",
+      vmap_size=None,
+      device_loop=False,
+    )
+  )
   return c

@@ -25,7 +25,7 @@ def cost_analysis_flops(compiled: Any) -> float | None:
     return None
   if isinstance(ca, dict):
     ca = [ca]
-  total = sum(float(d.get('flops', 0.0)) for d in ca if d)
+  total = sum(float(d.get("flops", 0.0)) for d in ca if d)
   return total if total > 0 else None
 
 
@@ -38,8 +38,9 @@ def jit_flops(fn: Callable[..., Any], *args, **kwargs) -> float | None:
   return cost_analysis_flops(jax.jit(fn).lower(*args, **kwargs).compile())
 
 
-def conformer_flops(cfg: conformer.ConformerConfig, batch: int, frames: int,
-                    vocab_size: int = 29, train: bool = True) -> float:
+def conformer_flops(
+  cfg: conformer.ConformerConfig, batch: int, frames: int, vocab_size: int = 29, train: bool = True
+) -> float:
   """Analytic matmul + conv FLOPs (2 per multiply-add) of the encoder + CTC head.
 
   Forward pass on ``batch`` x ``frames`` input frames; ``train=True``
@@ -50,11 +51,15 @@ def conformer_flops(cfg: conformer.ConformerConfig, batch: int, frames: int,
   t1, f1 = -(-frames // 2), -(-f // 2)
   t2, f2 = -(-t1 // 2), -(-f1 // 2)
   sub = 2 * t1 * f1 * 9 * c + 2 * t2 * f2 * 9 * c * c + 2 * t2 * f2 * c * d
-  per_frame = (2 * 2 * 2 * d * cfg.ffn_mult * d     # two FFNs, in + out
-               + 4 * 2 * d * d                       # q, k, v, out
-               + 2 * d * 2 * d + 2 * k * d + 2 * d * d)  # conv module
+  per_frame = (
+    2 * 2 * 2 * d * cfg.ffn_mult * d  # two FFNs, in + out
+    + 4 * 2 * d * d  # q, k, v, out
+    + 2 * d * 2 * d
+    + 2 * k * d
+    + 2 * d * d
+  )  # conv module
   attn = 2 * t2 * t2 * d * 2 + 2 * t2 * (2 * t2 - 1) * d  # ac, probs@v, bd
-  pos = 2 * (2 * t2 - 1) * d * d                     # once per batch
+  pos = 2 * (2 * t2 - 1) * d * d  # once per batch
   block = batch * (t2 * per_frame + attn) + pos
   fwd = batch * sub + cfg.num_layers * block + batch * t2 * 2 * d * vocab_size
   return float(3 * fwd if train else fwd)

@@ -27,8 +27,9 @@ from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 
 
-def synthetic_batch(batch_size: int, frames: int, input_dim: int = 80,
-                    vocab_size: int = 29, seed: int = 0) -> dict[str, jax.Array]:
+def synthetic_batch(
+  batch_size: int, frames: int, input_dim: int = 80, vocab_size: int = 29, seed: int = 0
+) -> dict[str, jax.Array]:
   """A random batch in the project's batch format (~1 label per 4 output frames)."""
   rng = np.random.default_rng(seed)
   labels_len = max(1, frames // 16)
@@ -37,11 +38,11 @@ def synthetic_batch(batch_size: int, frames: int, input_dim: int = 80,
   fpad = (np.arange(frames)[None, :] >= lengths[:, None]).astype(np.float32)
   feats = rng.normal(size=(batch_size, frames, input_dim)).astype(np.float32)
   return {
-      'features': jnp.asarray(feats * (1.0 - fpad[..., None])),
-      'feature_paddings': jnp.asarray(fpad),
-      'labels': jnp.asarray(rng.integers(1, vocab_size, (batch_size, labels_len)), jnp.int32),
-      'label_paddings': jnp.zeros((batch_size, labels_len), jnp.float32),
-      'weights': jnp.ones((batch_size,), jnp.float32),
+    "features": jnp.asarray(feats * (1.0 - fpad[..., None])),
+    "feature_paddings": jnp.asarray(fpad),
+    "labels": jnp.asarray(rng.integers(1, vocab_size, (batch_size, labels_len)), jnp.int32),
+    "label_paddings": jnp.zeros((batch_size, labels_len), jnp.float32),
+    "weights": jnp.ones((batch_size,), jnp.float32),
   }
 
 
@@ -56,8 +57,9 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_preset(model: asr.AsrModel, batch_size: int, frames: int, steps: int,
-                 warmup: int = 1, seed: int = 0) -> dict:
+def bench_preset(
+  model: asr.AsrModel, batch_size: int, frames: int, steps: int, warmup: int = 1, seed: int = 0
+) -> dict:
   """Times ``steps`` train steps of ``model`` (after compile + warm-up)."""
   batch = synthetic_batch(batch_size, frames, model.config.input_dim, seed=seed)
   params = model.init(jax.random.PRNGKey(seed))
@@ -70,37 +72,49 @@ def bench_preset(model: asr.AsrModel, batch_size: int, frames: int, steps: int,
   compiled = step.lower(params, opt_state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   xla_flops = flops_lib.cost_analysis_flops(compiled)
-  model_flops = flops_lib.conformer_flops(model.config, batch_size, frames,
-                                          train=True)
+  model_flops = flops_lib.conformer_flops(model.config, batch_size, frames, train=True)
   for i in range(warmup):
     params, opt_state, loss = compiled(params, opt_state, batch, jax.random.fold_in(rng, i))
   loss.block_until_ready()
   times, cpu_times = [], []
   for i in range(steps):
     t0, c0 = time.perf_counter(), time.process_time()
-    params, opt_state, loss = compiled(params, opt_state, batch,
-                                       jax.random.fold_in(rng, warmup + i))
+    params, opt_state, loss = compiled(
+      params, opt_state, batch, jax.random.fold_in(rng, warmup + i)
+    )
     loss.block_until_ready()
     times.append(time.perf_counter() - t0)
     cpu_times.append(time.process_time() - c0)
   step_s = float(np.median(times))
   return {
-      'params': conformer.count_params(params),
-      'batch_size': batch_size, 'frames': frames,
-      'compile_s': compile_s, 'step_s': step_s, 'step_s_min': float(min(times)),
-      # CPU seconds of this process per step (all threads): on a shared
-      # machine, wall time inflates with other jobs' load, CPU time much less.
-      'step_cpu_s': float(np.median(cpu_times)),
-      'loss': float(loss),
-      'xla_flops': xla_flops, 'model_flops': model_flops,
-      'xla_flop_s': xla_flops / step_s if xla_flops else None,
-      'model_flop_s': model_flops / step_s,
+    "params": conformer.count_params(params),
+    "batch_size": batch_size,
+    "frames": frames,
+    "compile_s": compile_s,
+    "step_s": step_s,
+    "step_s_min": float(min(times)),
+    # CPU seconds of this process per step (all threads): on a shared
+    # machine, wall time inflates with other jobs' load, CPU time much less.
+    "step_cpu_s": float(np.median(cpu_times)),
+    "loss": float(loss),
+    "xla_flops": xla_flops,
+    "model_flops": model_flops,
+    "xla_flop_s": xla_flops / step_s if xla_flops else None,
+    "model_flop_s": model_flops / step_s,
   }
 
 
-def run(presets: Sequence[str] = ('tiny', 's'), batch_size: int = 8, frames: int = 800,
-        steps: int = 5, *, dtype: str = 'float32', peak_n: int | None = None,
-        config_overrides: dict | None = None, verbose: bool = True) -> list[dict]:
+def run(
+  presets: Sequence[str] = ("tiny", "s"),
+  batch_size: int = 8,
+  frames: int = 800,
+  steps: int = 5,
+  *,
+  dtype: str = "float32",
+  peak_n: int | None = None,
+  config_overrides: dict | None = None,
+  verbose: bool = True,
+) -> list[dict]:
   """Benchmarks one train step per preset; returns one dict per preset.
 
   Args:
@@ -112,27 +126,31 @@ def run(presets: Sequence[str] = ('tiny', 's'), batch_size: int = 8, frames: int
     config_overrides: extra ConformerConfig fields for every preset.
     verbose: print a table.
   """
-  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
-  peak_dtype = jnp.float32 if dtype == 'float32' else jnp.bfloat16
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  peak_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
   peak, peak_cpu = peak_lib.measure_matmul_peak(peak_dtype, n=peak_n, return_cpu=True)
   rows = []
   for preset in presets:
     model = asr.make_asr_model(preset, dtype=dtype, **(config_overrides or {}))
-    row = {'preset': preset if isinstance(preset, str) else 'custom', 'dtype': dtype,
-           'backend': jax.default_backend(), 'load_avg_1min': load}
+    row = {
+      "preset": preset if isinstance(preset, str) else "custom",
+      "dtype": dtype,
+      "backend": jax.default_backend(),
+      "load_avg_1min": load,
+    }
     row.update(bench_preset(model, batch_size, frames, steps))
-    row['peak_flop_s'] = peak
-    row['model_vs_peak'] = row['model_flop_s'] / peak
+    row["peak_flop_s"] = peak
+    row["model_vs_peak"] = row["model_flop_s"] / peak
     # Same ratio on process CPU time (numerator and denominator), robust to load.
-    row['peak_flop_cpu_s'] = peak_cpu
-    row['model_vs_peak_cpu'] = (row['model_flops'] / row['step_cpu_s']) / peak_cpu
-    row['xla_vs_peak'] = row['xla_flop_s'] / peak if row['xla_flop_s'] else None
+    row["peak_flop_cpu_s"] = peak_cpu
+    row["model_vs_peak_cpu"] = (row["model_flops"] / row["step_cpu_s"]) / peak_cpu
+    row["xla_vs_peak"] = row["xla_flop_s"] / peak if row["xla_flop_s"] else None
     rows.append(row)
   peak_after = peak_lib.measure_matmul_peak(peak_dtype, n=peak_n)
-  load_after = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+  load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   for row in rows:
-    row['peak_flop_s_after'] = peak_after
-    row['load_avg_1min_after'] = load_after
+    row["peak_flop_s_after"] = peak_after
+    row["load_avg_1min_after"] = load_after
   if verbose:
     print(format_table(rows))
   return rows
@@ -140,42 +158,54 @@ def run(presets: Sequence[str] = ('tiny', 's'), batch_size: int = 8, frames: int
 
 def format_table(rows: Sequence[dict]) -> str:
   """Markdown table of ``run`` results."""
-  g = lambda x: '-' if x is None else f'{x / 1e9:.1f}'  # noqa: E731
-  pct = lambda x: '-' if x is None else f'{100 * x:.0f}%'  # noqa: E731
-  out = ['| preset | params | B x T | compile s | step s | model GFLOP/step | '
-         'model GFLOP/s | XLA GFLOP/s | peak GFLOP/s | model/peak | XLA/peak | '
-         'CPU s/step | model/peak (CPU time) |',
-         '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+  g = lambda x: "-" if x is None else f"{x / 1e9:.1f}"  # noqa: E731
+  pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+  out = [
+    "| preset | params | B x T | compile s | step s | model GFLOP/step | "
+    "model GFLOP/s | XLA GFLOP/s | peak GFLOP/s | model/peak | XLA/peak | "
+    "CPU s/step | model/peak (CPU time) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    out.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['batch_size']}x{r['frames']} | "
-               f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['model_flops'] / 1e9:.1f} | "
-               f"{g(r['model_flop_s'])} | {g(r['xla_flop_s'])} | {g(r['peak_flop_s'])} | "
-               f"{pct(r['model_vs_peak'])} | {pct(r['xla_vs_peak'])} | "
-               f"{r['step_cpu_s']:.2f} | {pct(r['model_vs_peak_cpu'])} |")
+    out.append(
+      f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['batch_size']}x{r['frames']} | "
+      f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['model_flops'] / 1e9:.1f} | "
+      f"{g(r['model_flop_s'])} | {g(r['xla_flop_s'])} | {g(r['peak_flop_s'])} | "
+      f"{pct(r['model_vs_peak'])} | {pct(r['xla_vs_peak'])} | "
+      f"{r['step_cpu_s']:.2f} | {pct(r['model_vs_peak_cpu'])} |"
+    )
   if rows:
     r = rows[0]
-    out.append(f"\nbackend={r['backend']} dtype={r['dtype']} load(1min) before/after="
-               f"{r['load_avg_1min']}/{r['load_avg_1min_after']} "
-               f"peak before/after={g(r['peak_flop_s'])}/{g(r['peak_flop_s_after'])} GFLOP/s")
-  return '\n'.join(out)
+    out.append(
+      f"\nbackend={r['backend']} dtype={r['dtype']} load(1min) before/after="
+      f"{r['load_avg_1min']}/{r['load_avg_1min_after']} "
+      f"peak before/after={g(r['peak_flop_s'])}/{g(r['peak_flop_s_after'])} GFLOP/s"
+    )
+  return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  p = argparse.ArgumentParser(prog='fedprune bench step', description=__doc__.split('\n')[0])
-  p.add_argument('--presets', default='tiny,s', help='comma-separated preset names')
-  p.add_argument('--batch-size', type=int, default=8)
-  p.add_argument('--frames', type=int, default=800)
-  p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--peak-n', type=int, default=None)
-  p.add_argument('--json', default=None, help='write the rows to this JSON file')
+  p = argparse.ArgumentParser(prog="fedprune bench step", description=__doc__.split("\n")[0])
+  p.add_argument("--presets", default="tiny,s", help="comma-separated preset names")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--frames", type=int, default=800)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--peak-n", type=int, default=None)
+  p.add_argument("--json", default=None, help="write the rows to this JSON file")
   args = p.parse_args(argv)
-  rows = run(args.presets.split(','), args.batch_size, args.frames, args.steps,
-             dtype=args.dtype, peak_n=args.peak_n)
+  rows = run(
+    args.presets.split(","),
+    args.batch_size,
+    args.frames,
+    args.steps,
+    dtype=args.dtype,
+    peak_n=args.peak_n,
+  )
   if args.json:
     io_utils.write_json_atomic(args.json, rows)
   return rows
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -41,8 +41,7 @@ class ClientOutput(NamedTuple):
 
 
 def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true,
-                                on_false)
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def _shuffle_real_examples(data: Batch, key: jax.Array) -> Batch:
@@ -52,18 +51,21 @@ def _shuffle_real_examples(data: Batch, key: jax.Array) -> Batch:
   pinned to +inf keeps the number of live steps (and the no-op padding steps)
   unchanged.
   """
-  w = data['weights']
+  w = data["weights"]
   s, b = w.shape
   flat_w = w.reshape(s * b)
   r = jax.random.uniform(key, (s * b,))
   perm = jnp.argsort(jnp.where(flat_w > 0, r, 2.0 + jnp.arange(s * b)))
   return jax.tree_util.tree_map(
-      lambda x: x.reshape((s * b,) + x.shape[2:])[perm].reshape(x.shape), data)
+    lambda x: x.reshape((s * b,) + x.shape[2:])[perm].reshape(x.shape), data
+  )
 
 
 def make_client_update(
-    loss_fn: LossFn, optimizer: optax.GradientTransformation,
-    num_epochs: int = 1, shuffle: bool = False
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  num_epochs: int = 1,
+  shuffle: bool = False,
 ) -> Callable[..., ClientOutput]:
   """Builds ``client_update(params, data, rng, mask=None) -> ClientOutput``.
 
@@ -85,58 +87,58 @@ def make_client_update(
   client padded with extra steps trains exactly like the unpadded client.
   """
   if num_epochs < 1:
-    raise ValueError(f'num_epochs must be >= 1, got {num_epochs}')
+    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def client_update(params: PyTree, data: Batch, rng: jax.Array,
-                    mask: PyTree | None = None) -> ClientOutput:
-    if 'weights' not in data:
+  def client_update(
+    params: PyTree, data: Batch, rng: jax.Array, mask: PyTree | None = None
+  ) -> ClientOutput:
+    if "weights" not in data:
       raise KeyError("client data needs a 'weights' field")
     params_start = apply_mask(params, mask)
-    num_steps = data['weights'].shape[0]
+    num_steps = data["weights"].shape[0]
 
     def step(carry, xs):
       p, opt_state, loss_sum, n_sum, steps = carry
       batch, key = xs
-      n = jnp.sum(batch['weights'])
+      n = jnp.sum(batch["weights"])
       (loss, _), grads = grad_fn(p, batch, key)
       grads = apply_mask(grads, mask)
       updates, new_opt_state = optimizer.update(grads, opt_state, p)
-      new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)),
-                         mask)
+      new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)), mask)
       live = n > 0
       p = _tree_select(live, new_p, p)
       opt_state = _tree_select(live, new_opt_state, opt_state)
       loss_sum = loss_sum + jnp.where(live, loss * n, 0.0)
-      return (p, opt_state, loss_sum, n_sum + n,
-              steps + live.astype(jnp.float32)), None
+      return (p, opt_state, loss_sum, n_sum + n, steps + live.astype(jnp.float32)), None
 
     def epoch(carry, e):
       ekey = jax.random.fold_in(rng, e)
       epoch_data = data
       if shuffle:
-        epoch_data = _shuffle_real_examples(
-            data, jax.random.fold_in(ekey, num_steps))
-      keys = jax.vmap(lambda s: jax.random.fold_in(ekey, s))(
-          jnp.arange(num_steps))
+        epoch_data = _shuffle_real_examples(data, jax.random.fold_in(ekey, num_steps))
+      keys = jax.vmap(lambda s: jax.random.fold_in(ekey, s))(jnp.arange(num_steps))
       carry, _ = jax.lax.scan(step, carry, (epoch_data, keys))
       return carry, None
 
     zero = jnp.zeros((), jnp.float32)
     init = (params_start, optimizer.init(params_start), zero, zero, zero)
-    (p_end, _, loss_sum, n_sum, steps), _ = jax.lax.scan(
-        epoch, init, jnp.arange(num_epochs))
+    (p_end, _, loss_sum, n_sum, steps), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
     loss = loss_sum / jnp.maximum(n_sum, 1e-12)
     ok = client_finite(loss, p_end)
     # where() fuses with the subtraction: no extra params-sized buffer
     delta = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start,
-        p_end)
+      lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start, p_end
+    )
     return ClientOutput(
-        delta=delta,
-        num_examples=jnp.sum(data['weights']).astype(jnp.float32),
-        metrics={'loss': jnp.where(ok, loss, 0.0), 'num_steps': steps,
-                 'failed': 1.0 - ok.astype(jnp.float32)})
+      delta=delta,
+      num_examples=jnp.sum(data["weights"]).astype(jnp.float32),
+      metrics={
+        "loss": jnp.where(ok, loss, 0.0),
+        "num_steps": steps,
+        "failed": 1.0 - ok.astype(jnp.float32),
+      },
+    )
 
   return client_update
 
@@ -155,12 +157,12 @@ def client_finite(loss: jax.Array, params: PyTree) -> jax.Array:
   return jnp.isfinite(total)
 
 
-def client_rng(seed_key: jax.Array, round_num: int | jax.Array,
-               client_id: int | jax.Array) -> jax.Array:
+def client_rng(
+  seed_key: jax.Array, round_num: int | jax.Array, client_id: int | jax.Array
+) -> jax.Array:
   """The client's key: ``fold_in(fold_in(seed_key, round), client_id)``.
 
   ``seed_key`` is ``jax.random.key(seed)`` (or a PRNGKey); the key depends on
   the client id, never on its position in the cohort or chunk.
   """
-  return jax.random.fold_in(jax.random.fold_in(seed_key, round_num),
-                            client_id)
+  return jax.random.fold_in(jax.random.fold_in(seed_key, round_num), client_id)

@@ -34,7 +34,7 @@ Example = Mapping[str, np.ndarray]
 ClientArrays = dict[str, np.ndarray]
 
 # keys whose first per-example axis is variable-length, and their padding keys
-SEQUENCE_PADDINGS = {'features': 'feature_paddings', 'labels': 'label_paddings'}
+SEQUENCE_PADDINGS = {"features": "feature_paddings", "labels": "label_paddings"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +56,10 @@ class Bucket:
   batch_size: int
   shapes: Mapping[str, tuple[int, ...]]
   dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  paddings: Mapping[str, str] = dataclasses.field(
-      default_factory=lambda: dict(SEQUENCE_PADDINGS))
+  paddings: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(SEQUENCE_PADDINGS))
 
   def dtype(self, key: str) -> np.dtype:
-    return np.dtype(self.dtypes.get(key, 'int32' if key == 'labels'
-                                    else 'float32'))
+    return np.dtype(self.dtypes.get(key, "int32" if key == "labels" else "float32"))
 
   def zeros(self, num_clients: int | None = None) -> ClientArrays:
     """All-padding client(s): ``[S, B, ...]`` or ``[C, S, B, ...]``."""
@@ -73,7 +71,7 @@ class Bucket:
       out[key] = np.zeros(lead + tuple(shape), self.dtype(key))
       if key in self.paddings:
         out[self.paddings[key]] = np.ones(lead + (shape[0],), np.float32)
-    out['weights'] = np.zeros(lead, np.float32)
+    out["weights"] = np.zeros(lead, np.float32)
     return out
 
   @property
@@ -81,8 +79,7 @@ class Bucket:
     return self.num_steps * self.batch_size
 
 
-def pack_client(examples: Sequence[Example], bucket: Bucket,
-                name: str = 'client') -> ClientArrays:
+def pack_client(examples: Sequence[Example], bucket: Bucket, name: str = "client") -> ClientArrays:
   """Pads one client's examples into the bucket's ``[S, B, ...]`` tensors.
 
   Args:
@@ -95,29 +92,30 @@ def pack_client(examples: Sequence[Example], bucket: Bucket,
     dict of arrays with leading ``[S, B]``; see the module docstring.
   """
   if len(examples) > bucket.slots:
-    raise ValueError(f'{name}: {len(examples)} examples exceed bucket '
-                     f'capacity S*B={bucket.slots}')
+    raise ValueError(f"{name}: {len(examples)} examples exceed bucket capacity S*B={bucket.slots}")
   out = bucket.zeros()
   flat = {k: v.reshape((bucket.slots,) + v.shape[2:]) for k, v in out.items()}
   for i, ex in enumerate(examples):
     for key, shape in bucket.shapes.items():
       if key not in ex:
-        raise ValueError(f'{name}: example {i} lacks field {key!r}')
+        raise ValueError(f"{name}: example {i} lacks field {key!r}")
       x = np.asarray(ex[key])
       if key in bucket.paddings:
         n = x.shape[0]
         if n > shape[0] or x.shape[1:] != tuple(shape[1:]):
           raise ValueError(
-              f'{name}: example {i} field {key!r} has shape {x.shape}, '
-              f'does not fit bucket shape {tuple(shape)}')
+            f"{name}: example {i} field {key!r} has shape {x.shape}, "
+            f"does not fit bucket shape {tuple(shape)}"
+          )
         flat[key][i, :n] = x
         flat[bucket.paddings[key]][i, :n] = 0.0
       else:
         if x.shape != tuple(shape):
-          raise ValueError(f'{name}: example {i} field {key!r} has shape '
-                           f'{x.shape}, expected {tuple(shape)}')
+          raise ValueError(
+            f"{name}: example {i} field {key!r} has shape {x.shape}, expected {tuple(shape)}"
+          )
         flat[key][i] = x
-    flat['weights'][i] = float(ex.get('weight', 1.0))
+    flat["weights"][i] = float(ex.get("weight", 1.0))
   return out
 
 
@@ -125,10 +123,14 @@ def steps_needed(num_examples: int, batch_size: int) -> int:
   return max(1, math.ceil(num_examples / batch_size))
 
 
-def make_buckets(lengths: np.ndarray, batch_size: int, num_buckets: int,
-                 feature_dim: int, round_to: int = 1,
-                 max_steps: int | None = None
-                 ) -> tuple[list[Bucket], np.ndarray]:
+def make_buckets(
+  lengths: np.ndarray,
+  batch_size: int,
+  num_buckets: int,
+  feature_dim: int,
+  round_to: int = 1,
+  max_steps: int | None = None,
+) -> tuple[list[Bucket], np.ndarray]:
   """Groups clients by size into at most ``num_buckets`` shape buckets.
 
   Args:
@@ -147,24 +149,27 @@ def make_buckets(lengths: np.ndarray, batch_size: int, num_buckets: int,
   """
   lengths = np.asarray(lengths, np.int64)
   if lengths.ndim != 2 or lengths.shape[1] != 3 or len(lengths) == 0:
-    raise ValueError(f'lengths must be int[N>0, 3], got {lengths.shape}')
+    raise ValueError(f"lengths must be int[N>0, 3], got {lengths.shape}")
   steps = np.maximum(1, -(-lengths[:, 0] // batch_size))
   if max_steps is not None:
     steps = np.minimum(steps, max_steps)
   cost = steps * batch_size * np.maximum(lengths[:, 1], 1)
-  order = np.argsort(cost, kind='stable')
+  order = np.argsort(cost, kind="stable")
   cum = np.cumsum(cost[order]) / cost.sum()
-  group = np.minimum((cum * num_buckets - 1e-9).astype(np.int64),
-                     num_buckets - 1)
+  group = np.minimum((cum * num_buckets - 1e-9).astype(np.int64), num_buckets - 1)
   bucket_of = np.empty(len(lengths), np.int64)
   buckets: list[Bucket] = []
   rnd = lambda x: int(-(-int(x) // round_to) * round_to)
   for g in np.unique(group):
     members = order[group == g]
     bucket = Bucket(
-        num_steps=int(steps[members].max()), batch_size=batch_size,
-        shapes={'features': (rnd(lengths[members, 1].max()), feature_dim),
-                'labels': (rnd(max(1, lengths[members, 2].max())),)})
+      num_steps=int(steps[members].max()),
+      batch_size=batch_size,
+      shapes={
+        "features": (rnd(lengths[members, 1].max()), feature_dim),
+        "labels": (rnd(max(1, lengths[members, 2].max())),),
+      },
+    )
     if bucket not in buckets:  # identical shapes share one compilation
       buckets.append(bucket)
     bucket_of[members] = buckets.index(bucket)
@@ -204,12 +209,16 @@ class ClientStore(abc.ABC):
 class InMemoryClientStore(ClientStore):
   """Packed clients kept as one stacked array per bucket and key."""
 
-  def __init__(self, clients: Sequence[ClientArrays],
-               buckets: Sequence[Bucket], bucket_of: Sequence[int],
-               names: Sequence[str] | None = None):
+  def __init__(
+    self,
+    clients: Sequence[ClientArrays],
+    buckets: Sequence[Bucket],
+    bucket_of: Sequence[int],
+    names: Sequence[str] | None = None,
+  ):
     """Args: clients[i] packed to ``buckets[bucket_of[i]]`` (``pack_client``)."""
     if len(clients) != len(bucket_of):
-      raise ValueError('clients and bucket_of differ in length')
+      raise ValueError("clients and bucket_of differ in length")
     self.buckets = list(buckets)
     self._bucket_of = np.asarray(bucket_of, np.int64)
     self._row = np.zeros(len(clients), np.int64)
@@ -225,38 +234,44 @@ class InMemoryClientStore(ClientStore):
           if key not in clients[i] or clients[i][key].shape != z.shape:
             got = clients[i].get(key)
             raise ValueError(
-                f'client {i}: field {key!r} has shape '
-                f'{None if got is None else got.shape}, bucket {b} '
-                f'expects {z.shape}')
+              f"client {i}: field {key!r} has shape "
+              f"{None if got is None else got.shape}, bucket {b} "
+              f"expects {z.shape}"
+            )
           rows.append(clients[i][key])
-        stacked[key] = (np.stack(rows) if rows
-                        else np.zeros((0,) + z.shape, z.dtype))
+        stacked[key] = np.stack(rows) if rows else np.zeros((0,) + z.shape, z.dtype)
       self._arrays.append(stacked)
-    self._num_examples = np.array(
-        [float(c['weights'].sum()) for c in clients], np.float64)
+    self._num_examples = np.array([float(c["weights"].sum()) for c in clients], np.float64)
     self._names = list(names) if names is not None else None
 
   @classmethod
-  def from_examples(cls, clients: Mapping[str, Sequence[Example]],
-                    batch_size: int, num_buckets: int = 4,
-                    round_to: int = 8) -> 'InMemoryClientStore':
+  def from_examples(
+    cls,
+    clients: Mapping[str, Sequence[Example]],
+    batch_size: int,
+    num_buckets: int = 4,
+    round_to: int = 8,
+  ) -> "InMemoryClientStore":
     """Buckets and packs ``{client name: [example dict, ...]}``."""
     names = list(clients)
     if not names:
-      raise ValueError('no clients')
+      raise ValueError("no clients")
     feat_dim = None
     lengths = []
     for n in names:
       exs = clients[n]
       if not exs:
-        raise ValueError(f'client {n!r} has no examples')
-      feat_dim = exs[0]['features'].shape[1]
-      lengths.append((len(exs), max(e['features'].shape[0] for e in exs),
-                      max(len(e['labels']) for e in exs)))
-    buckets, bucket_of = make_buckets(np.array(lengths), batch_size,
-                                      num_buckets, feat_dim, round_to)
-    packed = [pack_client(clients[n], buckets[b], name=f'client {n!r}')
-              for n, b in zip(names, bucket_of)]
+        raise ValueError(f"client {n!r} has no examples")
+      feat_dim = exs[0]["features"].shape[1]
+      lengths.append(
+        (len(exs), max(e["features"].shape[0] for e in exs), max(len(e["labels"]) for e in exs))
+      )
+    buckets, bucket_of = make_buckets(
+      np.array(lengths), batch_size, num_buckets, feat_dim, round_to
+    )
+    packed = [
+      pack_client(clients[n], buckets[b], name=f"client {n!r}") for n, b in zip(names, bucket_of)
+    ]
     return cls(packed, buckets, bucket_of, names)
 
   @property
@@ -276,10 +291,10 @@ class InMemoryClientStore(ClientStore):
     ids = np.asarray(client_ids, np.int64)
     real = ids[ids >= 0]
     if len(real) == 0:
-      raise ValueError('a chunk needs at least one real client')
+      raise ValueError("a chunk needs at least one real client")
     b = int(self._bucket_of[real[0]])
     if np.any(self._bucket_of[real] != b):
-      raise ValueError('clients of one chunk must share a bucket')
+      raise ValueError("clients of one chunk must share a bucket")
     rows = self._row[np.where(ids >= 0, ids, real[0])]
     out = {k: v[rows] for k, v in self._arrays[b].items()}
     if np.any(ids < 0):
@@ -292,8 +307,8 @@ class InMemoryClientStore(ClientStore):
     """Fraction of padded (example, frame) slots over all clients."""
     real = slots = 0.0
     for arrays in self._arrays:
-      fp = arrays['feature_paddings']
-      real += float(((1.0 - fp) * arrays['weights'][..., None]).sum())
+      fp = arrays["feature_paddings"]
+      real += float(((1.0 - fp) * arrays["weights"][..., None]).sum())
       slots += fp.size
     return 1.0 - real / max(slots, 1.0)
 
@@ -307,33 +322,40 @@ class SyntheticClientStore(ClientStore):
   by their number of steps. Meant for scale benchmarks and tests.
   """
 
-  def __init__(self, num_clients: int, batch_size: int = 4,
-               min_examples: int = 1, max_examples: int = 16,
-               num_frames: int = 16, feature_dim: int = 8,
-               label_len: int = 4, num_classes: int = 5, seed: int = 0,
-               num_buckets: int = 1):
+  def __init__(
+    self,
+    num_clients: int,
+    batch_size: int = 4,
+    min_examples: int = 1,
+    max_examples: int = 16,
+    num_frames: int = 16,
+    feature_dim: int = 8,
+    label_len: int = 4,
+    num_classes: int = 5,
+    seed: int = 0,
+    num_buckets: int = 1,
+  ):
     self._n = num_clients
     self.batch_size = batch_size
     self.min_examples, self.max_examples = min_examples, max_examples
     self.num_frames, self.feature_dim = num_frames, feature_dim
     self.label_len, self.num_classes = label_len, num_classes
     self.seed = seed
-    self._counts = np.array([self._count(i) for i in range(num_clients)],
-                            np.int64)
+    self._counts = np.array([self._count(i) for i in range(num_clients)], np.int64)
     max_s = steps_needed(max_examples, batch_size)
-    edges = np.unique(np.ceil(
-        np.linspace(0, max_s, num_buckets + 1)[1:]).astype(np.int64))
+    edges = np.unique(np.ceil(np.linspace(0, max_s, num_buckets + 1)[1:]).astype(np.int64))
     self._edges = edges
-    self.buckets = [Bucket(int(s), batch_size,
-                           {'features': (num_frames, feature_dim),
-                            'labels': (label_len,)}) for s in edges]
+    self.buckets = [
+      Bucket(int(s), batch_size, {"features": (num_frames, feature_dim), "labels": (label_len,)})
+      for s in edges
+    ]
     protos = np.random.default_rng([seed, 2**31 - 1])
-    self._protos = protos.normal(size=(num_classes, feature_dim)).astype(
-        np.float32)
+    self._protos = protos.normal(size=(num_classes, feature_dim)).astype(np.float32)
 
   def _count(self, cid: int) -> int:
-    return int(np.random.default_rng([self.seed, cid, 0]).integers(
-        self.min_examples, self.max_examples + 1))
+    return int(
+      np.random.default_rng([self.seed, cid, 0]).integers(self.min_examples, self.max_examples + 1)
+    )
 
   @property
   def num_clients(self) -> int:
@@ -359,28 +381,30 @@ class SyntheticClientStore(ClientStore):
     noise = rng.standard_normal((n, t_max, self.feature_dim), np.float32)
     feats = self._protos[y][:, None, :] + noise
     feats *= (np.arange(t_max)[None, :] < frames[:, None])[..., None]
-    labels = np.where(np.arange(l_max)[None, :] < lab_len[:, None],
-                      (y + 1)[:, None], 0).astype(np.int32)
+    labels = np.where(np.arange(l_max)[None, :] < lab_len[:, None], (y + 1)[:, None], 0).astype(
+      np.int32
+    )
     return feats, frames, labels, lab_len
 
   def examples(self, cid: int) -> list[dict[str, np.ndarray]]:
     """The client's examples (deterministic in ``(seed, cid)``)."""
     feats, frames, labels, lab_len = self._generate(cid)
-    return [{'features': feats[i, :frames[i]], 'labels': labels[i, :lab_len[i]]}
-            for i in range(len(frames))]
+    return [
+      {"features": feats[i, : frames[i]], "labels": labels[i, : lab_len[i]]}
+      for i in range(len(frames))
+    ]
 
   def get(self, client_ids: np.ndarray) -> ClientArrays:
     ids = np.asarray(client_ids, np.int64)
     real = ids[ids >= 0]
     if len(real) == 0:
-      raise ValueError('a chunk needs at least one real client')
+      raise ValueError("a chunk needs at least one real client")
     b = self.bucket_of(real)
     if np.any(b != b[0]):
-      raise ValueError('clients of one chunk must share a bucket')
+      raise ValueError("clients of one chunk must share a bucket")
     bucket = self.buckets[int(b[0])]
     out = bucket.zeros(len(ids))
-    flat = {k: v.reshape((len(ids), bucket.slots) + v.shape[3:])
-            for k, v in out.items()}
+    flat = {k: v.reshape((len(ids), bucket.slots) + v.shape[3:]) for k, v in out.items()}
     t_idx = np.arange(self.num_frames)
     l_idx = np.arange(self.label_len)
     for j, cid in enumerate(ids):
@@ -388,32 +412,34 @@ class SyntheticClientStore(ClientStore):
         continue
       feats, frames, labels, lab_len = self._generate(int(cid))
       n = len(frames)
-      flat['features'][j, :n] = feats
-      flat['feature_paddings'][j, :n] = t_idx[None] >= frames[:, None]
-      flat['labels'][j, :n] = labels
-      flat['label_paddings'][j, :n] = l_idx[None] >= lab_len[:, None]
-      flat['weights'][j, :n] = 1.0
+      flat["features"][j, :n] = feats
+      flat["feature_paddings"][j, :n] = t_idx[None] >= frames[:, None]
+      flat["labels"][j, :n] = labels
+      flat["label_paddings"][j, :n] = l_idx[None] >= lab_len[:, None]
+      flat["weights"][j, :n] = 1.0
     return out
 
-  def materialize(self, client_ids: np.ndarray | None = None
-                  ) -> 'InMemoryClientStore':
+  def materialize(self, client_ids: np.ndarray | None = None) -> "InMemoryClientStore":
     """An in-memory copy (ids re-numbered 0..n-1 in the given order)."""
     ids = np.arange(self._n) if client_ids is None else np.asarray(client_ids)
     packed = []
     for cid in ids:
       one = self.get(np.array([cid]))
       packed.append({k: v[0] for k, v in one.items()})
-    return InMemoryClientStore(packed, self.buckets, self.bucket_of(ids),
-                               [str(i) for i in ids])
+    return InMemoryClientStore(packed, self.buckets, self.bucket_of(ids), [str(i) for i in ids])
 
 
 class FunctionClientStore(ClientStore):
   """Clients produced on demand by ``make_client(cid) -> examples``."""
 
-  def __init__(self, num_clients: int, make_client: Callable[[int],
-                                                             Sequence[Example]],
-               buckets: Sequence[Bucket], bucket_of: np.ndarray,
-               num_examples: np.ndarray):
+  def __init__(
+    self,
+    num_clients: int,
+    make_client: Callable[[int], Sequence[Example]],
+    buckets: Sequence[Bucket],
+    bucket_of: np.ndarray,
+    num_examples: np.ndarray,
+  ):
     self._n = num_clients
     self._make = make_client
     self.buckets = list(buckets)
@@ -435,19 +461,19 @@ class FunctionClientStore(ClientStore):
     out = bucket.zeros(len(ids))
     for j, cid in enumerate(ids):
       if cid >= 0:
-        packed = pack_client(self._make(int(cid)), bucket,
-                             name=f'client {cid}')
+        packed = pack_client(self._make(int(cid)), bucket, name=f"client {cid}")
         for k in out:
           out[k][j] = packed[k]
     return out
 
 
-def chunk_bucket(client_ids: np.ndarray, bucket_of: np.ndarray,
-                 buckets: Sequence[Bucket]) -> tuple[np.ndarray, Bucket]:
+def chunk_bucket(
+  client_ids: np.ndarray, bucket_of: np.ndarray, buckets: Sequence[Bucket]
+) -> tuple[np.ndarray, Bucket]:
   """int64 ids of a chunk (-1 = padding client) and the one bucket its real clients share."""
   ids = np.asarray(client_ids, np.int64)
   real = ids[ids >= 0]
   b = bucket_of[real]
   if len(real) == 0 or np.any(b != b[0]):
-    raise ValueError('a chunk needs real clients that share a bucket')
+    raise ValueError("a chunk needs real clients that share a bucket")
   return ids, buckets[int(b[0])]

@@ -66,18 +66,16 @@ class Accumulator(NamedTuple):
 
 def zero_accumulator(params: PyTree) -> Accumulator:
   z = jnp.zeros((), jnp.float32)
-  return Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), z, z, z,
-                     z, z)
+  return Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), z, z, z, z, z)
 
 
 def _weights(out: ClientOutput, valid: jax.Array, weighting: str) -> jax.Array:
-  if weighting == 'num_examples':
+  if weighting == "num_examples":
     w = out.num_examples
-  elif weighting == 'uniform':
+  elif weighting == "uniform":
     w = jnp.ones_like(out.num_examples)
   else:
-    raise ValueError(f"weighting must be 'num_examples' or 'uniform', got "
-                     f'{weighting!r}')
+    raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
   return w * valid
 
 
@@ -95,32 +93,37 @@ class Contributions(NamedTuple):
   failed: jax.Array
 
 
-def contributions(out: ClientOutput, valid: jax.Array,
-                  weighting: str = 'num_examples') -> Contributions:
+def contributions(
+  out: ClientOutput, valid: jax.Array, weighting: str = "num_examples"
+) -> Contributions:
   """What each of ``[C]`` clients counts for (valid: float32[C]).
 
   A failed client's delta and loss are already 0 (client.py), so giving it
   weight 0 removes it from every sum.
   """
-  failed = valid * out.metrics['failed']
+  failed = valid * out.metrics["failed"]
   succeeded = valid - failed
-  return Contributions(weight=_weights(out, succeeded, weighting),
-                       succeeded=succeeded, failed=failed)
+  return Contributions(
+    weight=_weights(out, succeeded, weighting), succeeded=succeeded, failed=failed
+  )
 
 
-def accumulate(acc: Accumulator, out: ClientOutput, valid: jax.Array,
-               weighting: str = 'num_examples') -> Accumulator:
+def accumulate(
+  acc: Accumulator, out: ClientOutput, valid: jax.Array, weighting: str = "num_examples"
+) -> Accumulator:
   """Adds a ``[C]``-stacked ClientOutput to ``acc`` (valid: float32[C])."""
   c = contributions(out, valid, weighting)
   delta_sum = jax.tree_util.tree_map(
-      lambda s, d: s + jnp.tensordot(c.weight.astype(d.dtype), d, axes=1),
-      acc.delta_sum, out.delta)
+    lambda s, d: s + jnp.tensordot(c.weight.astype(d.dtype), d, axes=1), acc.delta_sum, out.delta
+  )
   return Accumulator(
-      delta_sum=delta_sum, weight_sum=acc.weight_sum + c.weight.sum(),
-      loss_sum=acc.loss_sum + jnp.sum(c.weight * out.metrics['loss']),
-      num_clients=acc.num_clients + c.succeeded.sum(),
-      num_examples=acc.num_examples + jnp.sum(c.succeeded * out.num_examples),
-      num_failed=acc.num_failed + c.failed.sum())
+    delta_sum=delta_sum,
+    weight_sum=acc.weight_sum + c.weight.sum(),
+    loss_sum=acc.loss_sum + jnp.sum(c.weight * out.metrics["loss"]),
+    num_clients=acc.num_clients + c.succeeded.sum(),
+    num_examples=acc.num_examples + jnp.sum(c.succeeded * out.num_examples),
+    num_failed=acc.num_failed + c.failed.sum(),
+  )
 
 
 def finalize(acc: Accumulator) -> tuple[PyTree, dict[str, float]]:
@@ -128,15 +131,17 @@ def finalize(acc: Accumulator) -> tuple[PyTree, dict[str, float]]:
   acc = multihost.fetch(acc)
   mean = weighted_mean_delta(acc.delta_sum, acc.weight_sum)
   return mean, {
-      'train_loss': float(acc.loss_sum / max(float(acc.weight_sum), 1e-12)),
-      'num_clients': float(acc.num_clients),
-      'num_examples': float(acc.num_examples),
-      'num_failed_clients': float(acc.num_failed),
-      'weight_sum': float(acc.weight_sum)}
+    "train_loss": float(acc.loss_sum / max(float(acc.weight_sum), 1e-12)),
+    "num_clients": float(acc.num_clients),
+    "num_examples": float(acc.num_examples),
+    "num_failed_clients": float(acc.num_failed),
+    "weight_sum": float(acc.weight_sum),
+  }
 
 
-def plan_chunks(bucket_of: np.ndarray, client_ids: np.ndarray,
-                chunk_size: int) -> list[tuple[int, np.ndarray]]:
+def plan_chunks(
+  bucket_of: np.ndarray, client_ids: np.ndarray, chunk_size: int
+) -> list[tuple[int, np.ndarray]]:
   """Cuts a cohort into same-bucket chunks of exactly ``chunk_size`` ids.
 
   Args:
@@ -155,47 +160,53 @@ def plan_chunks(bucket_of: np.ndarray, client_ids: np.ndarray,
     ids = client_ids[bucket_of == b]
     for i in range(0, len(ids), chunk_size):
       chunk = np.full(chunk_size, -1, np.int64)
-      part = ids[i:i + chunk_size]
-      chunk[:len(part)] = part
+      part = ids[i : i + chunk_size]
+      chunk[: len(part)] = part
       plan.append((int(b), chunk))
   return plan
 
 
 def _client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
-  return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(
-      jnp.maximum(ids, 0))
+  return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.maximum(ids, 0))
 
 
 class ChunkedExecutor:
   """vmap over chunks of C clients, a host loop over chunks, optional mesh."""
 
-  def __init__(self, client_update: ClientUpdate, chunk_size: int,
-               mesh: jax.sharding.Mesh | None = None,
-               weighting: str = 'num_examples', max_in_flight: int = 2,
-               device_loop: bool = False, vmap_size: int | None = None):
+  def __init__(
+    self,
+    client_update: ClientUpdate,
+    chunk_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+    weighting: str = "num_examples",
+    max_in_flight: int = 2,
+    device_loop: bool = False,
+    vmap_size: int | None = None,
+  ):
     """Args:
-      client_update: from ``client.make_client_update``.
-      chunk_size: C clients per vmapped step (a multiple of the mesh size).
-      mesh: optional 1-D mesh with axis ``clients`` (``multihost``).
-      weighting: ``num_examples`` or ``uniform``.
-      max_in_flight: chunks dispatched ahead of the device (host memory bound).
-      device_loop: instead of the host loop, stack all chunks of a bucket and
-        ``lax.scan`` over them in one jitted call (less dispatch overhead for
-        small models; host memory then grows with the cohort; single process).
-      vmap_size: clients vectorised together inside a chunk (default: all C).
-        Smaller values run the chunk as ``lax.map(..., batch_size=vmap_size)``
-        (a scan over groups of vmapped clients): vmap over per-client weights
-        turns convolutions into grouped convolutions, which XLA:CPU runs
-        slower than a sequence of plain ones; 1 = one client at a time, still
-        one dispatch per chunk and on-device accumulation. Meant for one
-        device: with a mesh, keep the default (the scan would run over the
-        sharded client axis).
+    client_update: from ``client.make_client_update``.
+    chunk_size: C clients per vmapped step (a multiple of the mesh size).
+    mesh: optional 1-D mesh with axis ``clients`` (``multihost``).
+    weighting: ``num_examples`` or ``uniform``.
+    max_in_flight: chunks dispatched ahead of the device (host memory bound).
+    device_loop: instead of the host loop, stack all chunks of a bucket and
+      ``lax.scan`` over them in one jitted call (less dispatch overhead for
+      small models; host memory then grows with the cohort; single process).
+    vmap_size: clients vectorised together inside a chunk (default: all C).
+      Smaller values run the chunk as ``lax.map(..., batch_size=vmap_size)``
+      (a scan over groups of vmapped clients): vmap over per-client weights
+      turns convolutions into grouped convolutions, which XLA:CPU runs
+      slower than a sequence of plain ones; 1 = one client at a time, still
+      one dispatch per chunk and on-device accumulation. Meant for one
+      device: with a mesh, keep the default (the scan would run over the
+      sharded client axis).
     """
     if chunk_size < 1:
-      raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+      raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if mesh is not None and chunk_size % mesh.devices.size:
-      raise ValueError(f'chunk_size {chunk_size} must be a multiple of the '
-                       f'number of devices {mesh.devices.size}')
+      raise ValueError(
+        f"chunk_size {chunk_size} must be a multiple of the number of devices {mesh.devices.size}"
+      )
     self.client_update = client_update
     self.chunk_size = chunk_size
     self.mesh = mesh
@@ -203,26 +214,24 @@ class ChunkedExecutor:
     self.max_in_flight = max_in_flight
 
     if vmap_size is not None and not 1 <= vmap_size <= chunk_size:
-      raise ValueError(f'vmap_size must be in [1, chunk_size={chunk_size}], '
-                       f'got {vmap_size}')
+      raise ValueError(f"vmap_size must be in [1, chunk_size={chunk_size}], got {vmap_size}")
     self.vmap_size = vmap_size
 
     def chunk_step(acc, params, mask, data, ids, round_key):
       keys = _client_keys(round_key, ids)
       if vmap_size is None or vmap_size == chunk_size:
-        out = jax.vmap(client_update, in_axes=(None, 0, 0, None))(
-            params, data, keys, mask)
+        out = jax.vmap(client_update, in_axes=(None, 0, 0, None))(params, data, keys, mask)
       else:
-        out = jax.lax.map(lambda x: client_update(params, x[0], x[1], mask),
-                          (data, keys), batch_size=vmap_size)
+        out = jax.lax.map(
+          lambda x: client_update(params, x[0], x[1], mask), (data, keys), batch_size=vmap_size
+        )
       return accumulate(acc, out, (ids >= 0).astype(jnp.float32), weighting)
 
     self._chunk_step = jax.jit(chunk_step)
     self.device_loop = device_loop
 
     def scan_chunks(acc, params, mask, data, ids, round_key):
-      body = lambda a, x: (chunk_step(a, params, mask, x[0], x[1], round_key),
-                           None)
+      body = lambda a, x: (chunk_step(a, params, mask, x[0], x[1], round_key), None)
       return jax.lax.scan(body, acc, (data, ids))[0]
 
     self._scan_chunks = jax.jit(scan_chunks)
@@ -232,18 +241,22 @@ class ChunkedExecutor:
       return slice(0, self.chunk_size)
     return multihost.local_rows(self.mesh, self.chunk_size)
 
-  def __call__(self, params: PyTree, store: ClientStore,
-               client_ids: np.ndarray, round_key: jax.Array,
-               mask: PyTree | None = None
-               ) -> tuple[PyTree, dict[str, float]]:
+  def __call__(
+    self,
+    params: PyTree,
+    store: ClientStore,
+    client_ids: np.ndarray,
+    round_key: jax.Array,
+    mask: PyTree | None = None,
+  ) -> tuple[PyTree, dict[str, float]]:
     """Runs the cohort; returns (mean delta, metrics dict)."""
     client_ids = np.asarray(client_ids, np.int64)
-    plan = plan_chunks(store.bucket_of(client_ids), client_ids,
-                       self.chunk_size)
+    plan = plan_chunks(store.bucket_of(client_ids), client_ids, self.chunk_size)
     acc = zero_accumulator(params)
     if self.mesh is not None:
       params, mask, acc, round_key = multihost.put_replicated(
-          (params, mask, acc, round_key), self.mesh)
+        (params, mask, acc, round_key), self.mesh
+      )
     if self.device_loop:
       return self._run_device_loop(params, store, plan, round_key, mask, acc)
     rows = self._rows()
@@ -259,7 +272,8 @@ class ChunkedExecutor:
         local_data = store.get(local_ids)
       if self.mesh is not None:
         data, ids_dev = multihost.put_client_sharded(
-            (local_data, local_ids), self.mesh, self.chunk_size)
+          (local_data, local_ids), self.mesh, self.chunk_size
+        )
       else:
         data, ids_dev = local_data, ids
       acc = self._chunk_step(acc, params, mask, data, ids_dev, round_key)
@@ -271,14 +285,15 @@ class ChunkedExecutor:
 
   def _run_device_loop(self, params, store, plan, round_key, mask, acc):
     if jax.process_count() > 1:
-      raise ValueError('device_loop=True supports a single process only')
+      raise ValueError("device_loop=True supports a single process only")
     for b in sorted({b for b, _ in plan}):
       ids = np.stack([c for bb, c in plan if bb == b])  # [n_chunks, C]
       chunks = [store.get(c) for c in ids]
       data = {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
       if self.mesh is not None:
         sharding = jax.sharding.NamedSharding(
-            self.mesh, jax.sharding.PartitionSpec(None, multihost.CLIENTS))
+          self.mesh, jax.sharding.PartitionSpec(None, multihost.CLIENTS)
+        )
         data, ids = jax.device_put((data, ids), sharding)
       acc = self._scan_chunks(acc, params, mask, data, ids, round_key)
     return finalize(acc)
@@ -287,15 +302,15 @@ class ChunkedExecutor:
 class SequentialExecutor:
   """Reference: one jitted client update per client, summed in cohort order."""
 
-  def __init__(self, client_update: ClientUpdate,
-               weighting: str = 'num_examples'):
+  def __init__(self, client_update: ClientUpdate, weighting: str = "num_examples"):
     self.weighting = weighting
     self.update = jax.jit(client_update)
 
     def add(acc, out, cid):
       one = lambda x: jnp.asarray(x)[None]
-      return accumulate(acc, jax.tree_util.tree_map(one, out),
-                        jnp.ones((1,), jnp.float32), weighting)
+      return accumulate(
+        acc, jax.tree_util.tree_map(one, out), jnp.ones((1,), jnp.float32), weighting
+      )
 
     self._add = jax.jit(add)
 
@@ -303,8 +318,7 @@ class SequentialExecutor:
     acc = zero_accumulator(params)
     for cid in np.asarray(client_ids, np.int64):
       data = {k: v[0] for k, v in store.get(np.array([cid])).items()}
-      out = self.update(params, data, jax.random.fold_in(round_key, cid),
-                         mask)
+      out = self.update(params, data, jax.random.fold_in(round_key, cid), mask)
       acc = self._add(acc, out, cid)
     return finalize(acc)
 
@@ -312,8 +326,7 @@ class SequentialExecutor:
 class DrjaxExecutor:
   """Whole-cohort ``drjax.map_fn`` per bucket (memory grows with the cohort)."""
 
-  def __init__(self, client_update: ClientUpdate,
-               weighting: str = 'num_examples'):
+  def __init__(self, client_update: ClientUpdate, weighting: str = "num_examples"):
     self.client_update = client_update
     self.weighting = weighting
     self._cache = {}
@@ -322,26 +335,27 @@ class DrjaxExecutor:
     if n in self._cache:
       return self._cache[n]
     import drjax  # pylint: disable=g-import-not-at-top
+
     update, weighting = self.client_update, self.weighting
 
     @jax.jit
-    @drjax.program(placements={'clients': n})
+    @drjax.program(placements={"clients": n})
     def run(params, mask, data, ids, round_key):
       placed = drjax.broadcast(params)
       keys = drjax.map_fn(lambda i: jax.random.fold_in(round_key, i), ids)
-      out = drjax.map_fn(lambda p, d, k: update(p, d, k, mask),
-                         (placed, data, keys))
+      out = drjax.map_fn(lambda p, d, k: update(p, d, k, mask), (placed, data, keys))
       c = contributions(out, jnp.ones_like(out.num_examples), weighting)
       weighted = drjax.map_fn(
-          lambda d, wi: jax.tree_util.tree_map(lambda x: x * wi, d),
-          (out.delta, c.weight))
+        lambda d, wi: jax.tree_util.tree_map(lambda x: x * wi, d), (out.delta, c.weight)
+      )
       return Accumulator(
-          delta_sum=drjax.reduce_sum(weighted),
-          weight_sum=drjax.reduce_sum(c.weight),
-          loss_sum=drjax.reduce_sum(c.weight * out.metrics['loss']),
-          num_clients=drjax.reduce_sum(c.succeeded),
-          num_examples=drjax.reduce_sum(c.succeeded * out.num_examples),
-          num_failed=drjax.reduce_sum(c.failed))
+        delta_sum=drjax.reduce_sum(weighted),
+        weight_sum=drjax.reduce_sum(c.weight),
+        loss_sum=drjax.reduce_sum(c.weight * out.metrics["loss"]),
+        num_clients=drjax.reduce_sum(c.succeeded),
+        num_examples=drjax.reduce_sum(c.succeeded * out.num_examples),
+        num_failed=drjax.reduce_sum(c.failed),
+      )
 
     self._cache[n] = run
     return run
@@ -356,12 +370,10 @@ class DrjaxExecutor:
       verbosity = absl_logging.get_verbosity()
       absl_logging.set_verbosity(absl_logging.ERROR)
       try:
-        acc = self._program(len(ids))(params, mask, store.get(ids), ids,
-                                      round_key)
+        acc = self._program(len(ids))(params, mask, store.get(ids), ids, round_key)
       finally:
         absl_logging.set_verbosity(verbosity)
-      total = acc if total is None else jax.tree_util.tree_map(
-          jnp.add, total, acc)
+      total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     return finalize(total)
 
 

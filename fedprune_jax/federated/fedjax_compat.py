@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-if not hasattr(jax, 'tree_map'):
+if not hasattr(jax, "tree_map"):
   # Compatibility alias for fedjax 0.0.17 (removed from JAX in 0.6).
   jax.tree_map = jax.tree_util.tree_map
 
@@ -18,4 +18,4 @@ if not hasattr(jax, 'tree_map'):
 import fedjax  # noqa: E402
 from fedjax.core import for_each_client as for_each_client_lib  # noqa: E402
 
-__all__ = ['fedjax', 'for_each_client_lib']
+__all__ = ["fedjax", "for_each_client_lib"]

@@ -26,24 +26,22 @@ from fedprune_jax.federated.fedjax_compat import for_each_client_lib
 PyTree = Any
 
 
-def pack_arrays(examples: dict[str, np.ndarray], bucket: Bucket
-                ) -> dict[str, np.ndarray]:
+def pack_arrays(examples: dict[str, np.ndarray], bucket: Bucket) -> dict[str, np.ndarray]:
   """Packs fixed-shape examples ``{key: [n, ...]}`` into ``[S, B, ...]``."""
   out = bucket.zeros()
   n = len(next(iter(examples.values())))
   if n > bucket.slots:
-    raise ValueError(f'{n} examples exceed bucket capacity {bucket.slots}')
+    raise ValueError(f"{n} examples exceed bucket capacity {bucket.slots}")
   for key, value in out.items():
     flat = value.reshape((bucket.slots,) + value.shape[2:])
-    if key == 'weights':
-      flat[:n] = np.asarray(examples.get('weights', np.ones(n)), np.float32)
+    if key == "weights":
+      flat[:n] = np.asarray(examples.get("weights", np.ones(n)), np.float32)
     else:
       flat[:n] = examples[key]
   return out
 
 
-def store_from_fedjax(fd, batch_size: int, num_buckets: int = 4
-                      ) -> InMemoryClientStore:
+def store_from_fedjax(fd, batch_size: int, num_buckets: int = 4) -> InMemoryClientStore:
   """Converts a ``fedjax.FederatedData`` (fixed-shape features) to a store.
 
   Client names are the fedjax client ids (bytes decoded as UTF-8 where
@@ -53,27 +51,25 @@ def store_from_fedjax(fd, batch_size: int, num_buckets: int = 4
   for cid in fd.client_ids():
     ex = {k: np.asarray(v) for k, v in fd.get_client(cid).all_examples().items()}
     if not ex or len(next(iter(ex.values()))) == 0:
-      raise ValueError(f'fedjax client {cid!r} has no examples')
-    names.append(cid.decode('utf-8', 'replace') if isinstance(cid, bytes)
-                 else str(cid))
+      raise ValueError(f"fedjax client {cid!r} has no examples")
+    names.append(cid.decode("utf-8", "replace") if isinstance(cid, bytes) else str(cid))
     examples.append(ex)
   first = examples[0]
-  shapes = {k: v.shape[1:] for k, v in first.items() if k != 'weights'}
-  dtypes = {k: v.dtype.name for k, v in first.items() if k != 'weights'}
-  steps = np.array([-(-len(next(iter(e.values()))) // batch_size)
-                    for e in examples])
-  qs = np.quantile(steps, np.linspace(0, 1, num_buckets + 1)[1:],
-                   method='higher')
+  shapes = {k: v.shape[1:] for k, v in first.items() if k != "weights"}
+  dtypes = {k: v.dtype.name for k, v in first.items() if k != "weights"}
+  steps = np.array([-(-len(next(iter(e.values()))) // batch_size) for e in examples])
+  qs = np.quantile(steps, np.linspace(0, 1, num_buckets + 1)[1:], method="higher")
   edges = np.unique(qs.astype(np.int64))
-  buckets = [Bucket(int(s), batch_size, shapes, dtypes, paddings={})
-             for s in edges]
+  buckets = [Bucket(int(s), batch_size, shapes, dtypes, paddings={}) for s in edges]
   bucket_of = np.searchsorted(edges, steps)
   packed = []
   for name, ex, b in zip(names, examples, bucket_of):
     for k in shapes:
       if k not in ex or ex[k].shape[1:] != shapes[k]:
-        raise ValueError(f'fedjax client {name!r}: field {k!r} missing or of '
-                         f'shape {None if k not in ex else ex[k].shape}')
+        raise ValueError(
+          f"fedjax client {name!r}: field {k!r} missing or of "
+          f"shape {None if k not in ex else ex[k].shape}"
+        )
     packed.append(pack_arrays(ex, buckets[b]))
   return InMemoryClientStore(packed, buckets, bucket_of, names)
 
@@ -88,7 +84,7 @@ class VmapBackend(for_each_client_lib.ForEachClientBackend):
 
   def __init__(self, block_size: int = 8):
     if block_size < 1:
-      raise ValueError(f'block_size must be >= 1, got {block_size}')
+      raise ValueError(f"block_size must be >= 1, got {block_size}")
     self.block_size = block_size
 
   def __call__(self, client_init, client_step, client_final):
@@ -102,8 +98,7 @@ class VmapBackend(for_each_client_lib.ForEachClientBackend):
       def body(s, xs):
         batch, mask = xs
         new_s, result = jax.vmap(client_step)(s, batch)
-        sel = lambda a, b: jnp.where(
-            mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+        sel = lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
         return jax.tree_util.tree_map(sel, new_s, s), result
 
       return jax.lax.scan(body, state, (batches, live))
@@ -134,16 +129,16 @@ class VmapBackend(for_each_client_lib.ForEachClientBackend):
       zero = jax.tree_util.tree_map(np.zeros_like, template)
       for i, b in enumerate(batches):
         for batch in b:
-          if jax.tree_util.tree_structure(batch) != jax.tree_util \
-              .tree_structure(template) or any(
-                  np.shape(x) != np.shape(y) for x, y in zip(
-                      jax.tree_util.tree_leaves(batch),
-                      jax.tree_util.tree_leaves(template))):
-            raise ValueError(f'client {ids[min(i, n_real - 1)]!r}: batches '
-                             'must all have the same structure and shapes '
-                             'for the vmap backend')
-      steps = [_stack([b[s] if s < len(b) else zero for b in batches])
-               for s in range(max_steps)]
+          if jax.tree_util.tree_structure(batch) != jax.tree_util.tree_structure(template) or any(
+            np.shape(x) != np.shape(y)
+            for x, y in zip(jax.tree_util.tree_leaves(batch), jax.tree_util.tree_leaves(template))
+          ):
+            raise ValueError(
+              f"client {ids[min(i, n_real - 1)]!r}: batches "
+              "must all have the same structure and shapes "
+              "for the vmap backend"
+            )
+      steps = [_stack([b[s] if s < len(b) else zero for b in batches]) for s in range(max_steps)]
       live = np.array([[s < n for n in num] for s in range(max_steps)])
       state = v_init(shared_input, _stack(inputs))
       if max_steps:
@@ -153,9 +148,11 @@ class VmapBackend(for_each_client_lib.ForEachClientBackend):
       out = v_final(shared_input, state)
       for i in range(n_real):
         client_out = jax.tree_util.tree_map(lambda x: x[i], out)
-        step_results = [] if results is None else [
-            jax.tree_util.tree_map(lambda x: x[s, i], results)
-            for s in range(num[i])]
+        step_results = (
+          []
+          if results is None
+          else [jax.tree_util.tree_map(lambda x: x[s, i], results) for s in range(num[i])]
+        )
         yield ids[i], client_out, step_results
 
     return run

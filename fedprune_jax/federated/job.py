@@ -21,8 +21,13 @@ from fedprune_jax.train import centralized
 def make_store(cfg: ml_collections.ConfigDict) -> SpeakerClientStore:
   """One client per training speaker, packed to fixed [S, B, T, F] shape buckets."""
   train_fs = centralized.load_split(cfg, cfg.data.train_split)
-  return SpeakerClientStore(train_fs, batch_size=cfg.data.batch_size, num_buckets=cfg.data.num_buckets,
-                            max_steps=cfg.data.get("max_steps"), max_frames=cfg.data.get("max_frames"))
+  return SpeakerClientStore(
+    train_fs,
+    batch_size=cfg.data.batch_size,
+    num_buckets=cfg.data.num_buckets,
+    max_steps=cfg.data.get("max_steps"),
+    max_frames=cfg.data.get("max_frames"),
+  )
 
 
 def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, Any]:
@@ -49,13 +54,19 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, A
   if cfg.eval_every:  # the starting point, so the log shows what the rounds changed
     with io_utils.JsonlLogger(run_cfg["log_path"]) as log:
       log.log(rounds_completed=0, **{f"eval_{k}": v for k, v in eval_fn(params, 0).items()})
-  state, history = rounds.run_federated(run_cfg, loss_fn, params, store, eval_fn=eval_fn, progress=progress)
+  state, history = rounds.run_federated(
+    run_cfg, loss_fn, params, store, eval_fn=eval_fn, progress=progress
+  )
   final = evals.evaluate_all(model, state.params)
-  summary = {"rounds": int(state.round), "num_clients": store.num_clients,
-             "padding_fraction": store.padding_fraction(), "num_params": conformer.count_params(state.params),
-             "preset": cfg.model.preset,
-             "mean_clients_per_s": _mean(history, "clients_per_s"),
-             "mean_examples_per_s": _mean(history, "examples_per_s")}
+  summary = {
+    "rounds": int(state.round),
+    "num_clients": store.num_clients,
+    "padding_fraction": store.padding_fraction(),
+    "num_params": conformer.count_params(state.params),
+    "preset": cfg.model.preset,
+    "mean_clients_per_s": _mean(history, "clients_per_s"),
+    "mean_examples_per_s": _mean(history, "examples_per_s"),
+  }
   result = {"final": final, "train": summary, "history": history}
   io_utils.write_json_atomic(workdir / "results.json", result)
   centralized.save_params(workdir / "checkpoint", state.params)
@@ -63,5 +74,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, A
 
 
 def _mean(history: list[dict], key: str) -> float:
-  values = [h[key] for h in history[1:]] or [h[key] for h in history]  # round 0 includes compilation
+  values = [h[key] for h in history[1:]] or [
+    h[key] for h in history
+  ]  # round 0 includes compilation
   return float(sum(values) / max(len(values), 1))

@@ -16,20 +16,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
-CLIENTS = 'clients'
+CLIENTS = "clients"
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int,
-               cpu_collectives: bool = True) -> None:
+def initialize(
+  coordinator_address: str, num_processes: int, process_id: int, cpu_collectives: bool = True
+) -> None:
   """``jax.distributed.initialize`` (gloo collectives for CPU backends).
 
   Must run before any other JAX call in the process.
   """
   if cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
 
 
 def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -47,14 +48,12 @@ def local_rows(mesh: Mesh, chunk_size: int) -> slice:
   """
   n = mesh.devices.size
   if chunk_size % n:
-    raise ValueError(f'chunk_size {chunk_size} must be a multiple of the '
-                     f'mesh size {n}')
+    raise ValueError(f"chunk_size {chunk_size} must be a multiple of the mesh size {n}")
   per_dev = chunk_size // n
   pidx = jax.process_index()
-  mine = [i for i, d in enumerate(mesh.devices.flat)
-          if d.process_index == pidx]
+  mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == pidx]
   if mine != list(range(mine[0], mine[-1] + 1)):
-    raise ValueError('this process\'s devices are not contiguous in the mesh')
+    raise ValueError("this process's devices are not contiguous in the mesh")
   return slice(mine[0] * per_dev, (mine[-1] + 1) * per_dev)
 
 
@@ -71,8 +70,11 @@ def put_client_sharded(tree: PyTree, mesh: Mesh, global_rows: int) -> PyTree:
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), (global_rows,) + np.shape(x)[1:]), tree)
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (global_rows,) + np.shape(x)[1:]
+    ),
+    tree,
+  )
 
 
 def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -84,10 +86,9 @@ def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
   def put(x):
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
-    if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
       # typed keys have no numpy form: replicate the raw key data
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 

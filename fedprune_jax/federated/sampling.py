@@ -33,39 +33,40 @@ class CohortSampler:
 
   def __post_init__(self):
     if self.num_clients < 1:
-      raise ValueError(f'num_clients must be >= 1, got {self.num_clients}')
+      raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
     if not 1 <= self.cohort_size <= self.num_clients:
       raise ValueError(
-          f'cohort_size must be in [1, num_clients={self.num_clients}], '
-          f'got {self.cohort_size}')
+        f"cohort_size must be in [1, num_clients={self.num_clients}], got {self.cohort_size}"
+      )
     if self.weights is not None:
       w = np.asarray(self.weights, np.float64)
       if w.shape != (self.num_clients,):
-        raise ValueError(f'weights must have shape ({self.num_clients},), '
-                         f'got {w.shape}')
+        raise ValueError(f"weights must have shape ({self.num_clients},), got {w.shape}")
       if np.any(w < 0) or not np.all(np.isfinite(w)):
-        raise ValueError('weights must be finite and >= 0')
+        raise ValueError("weights must be finite and >= 0")
       if np.count_nonzero(w) < self.cohort_size:
         raise ValueError(
-            f'only {np.count_nonzero(w)} clients have positive weight, fewer '
-            f'than cohort_size={self.cohort_size}')
-      object.__setattr__(self, 'weights', w)
+          f"only {np.count_nonzero(w)} clients have positive weight, fewer "
+          f"than cohort_size={self.cohort_size}"
+        )
+      object.__setattr__(self, "weights", w)
 
   def sample(self, round_num: int) -> np.ndarray:
     """Returns int64[cohort_size] distinct client ids for ``round_num``."""
-    return sample_cohort(self.num_clients, self.cohort_size, self.seed,
-                         round_num, self.weights)
+    return sample_cohort(self.num_clients, self.cohort_size, self.seed, round_num, self.weights)
 
   def state(self, round_num: int) -> dict[str, np.ndarray]:
     """The sampler state as an orbax-saveable pytree (seed and next round)."""
-    return {'seed': np.asarray(self.seed, np.int64),
-            'round': np.asarray(round_num, np.int64)}
+    return {"seed": np.asarray(self.seed, np.int64), "round": np.asarray(round_num, np.int64)}
 
 
-def sample_cohort(num_clients: int, cohort_size: int, seed: int,
-                  round_num: int,
-                  weights: Sequence[float] | np.ndarray | None = None
-                  ) -> np.ndarray:
+def sample_cohort(
+  num_clients: int,
+  cohort_size: int,
+  seed: int,
+  round_num: int,
+  weights: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
   """Draws ``cohort_size`` distinct ids from ``range(num_clients)``.
 
   Args:
@@ -79,14 +80,12 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int,
     int64[cohort_size] client ids, in draw order.
   """
   if round_num < 0:
-    raise ValueError(f'round_num must be >= 0, got {round_num}')
+    raise ValueError(f"round_num must be >= 0, got {round_num}")
   rng = np.random.default_rng([int(seed), int(round_num)])
   if weights is None:
     if cohort_size == num_clients:
       return rng.permutation(num_clients).astype(np.int64)
-    return rng.choice(num_clients, size=cohort_size,
-                      replace=False).astype(np.int64)
+    return rng.choice(num_clients, size=cohort_size, replace=False).astype(np.int64)
   p = np.asarray(weights, np.float64)
   p = p / p.sum()
-  return rng.choice(num_clients, size=cohort_size, replace=False,
-                    p=p).astype(np.int64)
+  return rng.choice(num_clients, size=cohort_size, replace=False, p=p).astype(np.int64)

@@ -32,10 +32,14 @@ class ServerState:
   round: jax.Array
 
 
-def make_server_optimizer(name: str, learning_rate: float = 1.0,
-                          b1: float = 0.9, b2: float = 0.99,
-                          eps: float = 1e-3, momentum: float | None = None
-                          ) -> optax.GradientTransformation:
+def make_server_optimizer(
+  name: str,
+  learning_rate: float = 1.0,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  eps: float = 1e-3,
+  momentum: float | None = None,
+) -> optax.GradientTransformation:
   """Server optimizers by name.
 
   Args:
@@ -45,29 +49,29 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0,
     learning_rate: server learning rate.
   """
   name = name.lower()
-  if name in ('fedavg', 'sgd'):
+  if name in ("fedavg", "sgd"):
     return optax.sgd(learning_rate, momentum=momentum)
-  if name in ('fedadam', 'adam'):
+  if name in ("fedadam", "adam"):
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-  if name in ('fedyogi', 'yogi'):
+  if name in ("fedyogi", "yogi"):
     return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
-  raise ValueError(f"unknown server optimizer {name!r}; expected 'fedavg', "
-                   "'fedadam' or 'fedyogi'")
+  raise ValueError(f"unknown server optimizer {name!r}; expected 'fedavg', 'fedadam' or 'fedyogi'")
 
 
-def server_init(params: PyTree,
-                optimizer: optax.GradientTransformation) -> ServerState:
-  return ServerState(params=params, opt_state=optimizer.init(params),
-                     round=jnp.zeros((), jnp.int32))
+def server_init(params: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
+  return ServerState(
+    params=params, opt_state=optimizer.init(params), round=jnp.zeros((), jnp.int32)
+  )
 
 
-def server_update(state: ServerState, mean_delta: PyTree,
-                  optimizer: optax.GradientTransformation) -> ServerState:
+def server_update(
+  state: ServerState, mean_delta: PyTree, optimizer: optax.GradientTransformation
+) -> ServerState:
   """One server step: ``params <- params + opt(mean_delta as gradient)``."""
-  updates, opt_state = optimizer.update(mean_delta, state.opt_state,
-                                        state.params)
-  return ServerState(params=optax.apply_updates(state.params, updates),
-                     opt_state=opt_state, round=state.round + 1)
+  updates, opt_state = optimizer.update(mean_delta, state.opt_state, state.params)
+  return ServerState(
+    params=optax.apply_updates(state.params, updates), opt_state=opt_state, round=state.round + 1
+  )
 
 
 def weighted_mean_delta(delta_sum: PyTree, weight_sum: jax.Array) -> PyTree:

@@ -12,8 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedprune_jax.federated.client_data import (ClientArrays, ClientStore,
-                                                chunk_bucket, make_buckets)
+from fedprune_jax.federated.client_data import ClientArrays, ClientStore, chunk_bucket, make_buckets
 
 
 class SpeakerClientStore(ClientStore):
@@ -34,10 +33,16 @@ class SpeakerClientStore(ClientStore):
       percentile cuts the padding fraction a lot.
   """
 
-  def __init__(self, feature_set, batch_size: int, num_buckets: int = 4,
-               round_to: int = 16, max_steps: int | None = None,
-               speakers: Sequence[str] | None = None,
-               max_frames: int | None = None):
+  def __init__(
+    self,
+    feature_set,
+    batch_size: int,
+    num_buckets: int = 4,
+    round_to: int = 16,
+    max_steps: int | None = None,
+    speakers: Sequence[str] | None = None,
+    max_frames: int | None = None,
+  ):
     fs = feature_set
     self._fs = fs
     frames = np.diff(np.asarray(fs.frame_offsets))
@@ -51,25 +56,26 @@ class SpeakerClientStore(ClientStore):
     names = sorted(index) if speakers is None else [str(s) for s in speakers]
     missing = [s for s in names if s not in index]
     if missing:
-      raise ValueError(f'speakers not in the feature set (or with no '
-                       f'utterance under max_frames): {missing[:5]}')
+      raise ValueError(
+        f"speakers not in the feature set (or with no utterance under max_frames): {missing[:5]}"
+      )
     if not names:
-      raise ValueError('the feature set has no speakers')
+      raise ValueError("the feature set has no speakers")
     cap = None if max_steps is None else max_steps * batch_size
     self._utts = [np.array(index[s][:cap], np.int64) for s in names]
-    self.num_truncated = sum(len(index[s]) - len(u)
-                             for s, u in zip(names, self._utts))
+    self.num_truncated = sum(len(index[s]) - len(u) for s, u in zip(names, self._utts))
     self._names = names
     labels = np.diff(np.asarray(fs.token_offsets))
-    lengths = np.array([(len(u), frames[u].max(), labels[u].max())
-                        for u in self._utts])
+    lengths = np.array([(len(u), frames[u].max(), labels[u].max()) for u in self._utts])
     num_features = int(np.asarray(fs.features).shape[1])
     self.buckets, self._bucket_of = make_buckets(
-        lengths, batch_size, num_buckets, num_features, round_to, max_steps)
+      lengths, batch_size, num_buckets, num_features, round_to, max_steps
+    )
     self._num_examples = lengths[:, 0].astype(np.float64)
     real = sum(int(frames[u].sum()) for u in self._utts)
-    slots = sum(self.buckets[b].slots * self.buckets[b].shapes['features'][0]
-                for b in self._bucket_of)
+    slots = sum(
+      self.buckets[b].slots * self.buckets[b].shapes["features"][0] for b in self._bucket_of
+    )
     self._padding_fraction = 1.0 - real / slots
 
   @property
@@ -100,9 +106,9 @@ class SpeakerClientStore(ClientStore):
         s, r = divmod(k, bucket.batch_size)
         f0, f1 = fs.frame_offsets[u], fs.frame_offsets[u + 1]
         t0, t1 = fs.token_offsets[u], fs.token_offsets[u + 1]
-        out['features'][j, s, r, :f1 - f0] = fs.features[f0:f1]
-        out['feature_paddings'][j, s, r, :f1 - f0] = 0.0
-        out['labels'][j, s, r, :t1 - t0] = fs.tokens[t0:t1]
-        out['label_paddings'][j, s, r, :t1 - t0] = 0.0
-        out['weights'][j, s, r] = 1.0
+        out["features"][j, s, r, : f1 - f0] = fs.features[f0:f1]
+        out["feature_paddings"][j, s, r, : f1 - f0] = 0.0
+        out["labels"][j, s, r, : t1 - t0] = fs.tokens[t0:t1]
+        out["label_paddings"][j, s, r, : t1 - t0] = 0.0
+        out["weights"][j, s, r] = 1.0
     return out

@@ -1,6 +1,11 @@
 """fedprune_jax.models: Conformer encoder, CTC head, head-agnostic AsrModel."""
 
 from fedprune_jax.models.asr import AsrModel, CtcHead, Head, make_asr_model
-from fedprune_jax.models.conformer import (PRESETS, ConformerConfig, ConformerEncoder,
-                                           count_params, get_config)
+from fedprune_jax.models.conformer import (
+  PRESETS,
+  ConformerConfig,
+  ConformerEncoder,
+  count_params,
+  get_config,
+)
 from fedprune_jax.models.ctc import ctc_loss, greedy_decode, ids_to_strings

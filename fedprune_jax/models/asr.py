@@ -37,12 +37,18 @@ class Head(Protocol):
   def init(self, rng: Array, d_model: int) -> Params:
     """Fresh head params for encoder width ``d_model``."""
 
-  def per_example_loss(self, params: Params, enc: Array, enc_paddings: Array,
-                       batch: Batch, rng: Array | None, train: bool) -> Array:
+  def per_example_loss(
+    self,
+    params: Params,
+    enc: Array,
+    enc_paddings: Array,
+    batch: Batch,
+    rng: Array | None,
+    train: bool,
+  ) -> Array:
     """enc f32[B, T', d], enc_paddings f32[B, T'] -> f32[B] loss."""
 
-  def decode_ids(self, params: Params, enc: Array,
-                 enc_paddings: Array) -> tuple[Array, Array]:
+  def decode_ids(self, params: Params, enc: Array, enc_paddings: Array) -> tuple[Array, Array]:
     """Greedy hypotheses: (ids i32[B, N] left-compacted, -1 padded; lengths i32[B])."""
 
 
@@ -51,50 +57,54 @@ class CtcHead:
   """Linear projection d -> V, CTC loss, best-path decoding."""
 
   vocab_size: int = 29
-  name: str = 'ctc_head'
+  name: str = "ctc_head"
 
   def _dense(self) -> nn.Dense:
     return nn.Dense(self.vocab_size)
 
   def init(self, rng: Array, d_model: int) -> Params:
     shapes = jax.eval_shape(
-        lambda r: self._dense().init(r, jnp.zeros((1, d_model), jnp.float32)), rng)
-    return flax.core.unfreeze(conformer.init_from_shapes(shapes['params'], rng))
+      lambda r: self._dense().init(r, jnp.zeros((1, d_model), jnp.float32)), rng
+    )
+    return flax.core.unfreeze(conformer.init_from_shapes(shapes["params"], rng))
 
   def logits(self, params: Params, enc: Array) -> Array:
     """enc f32[B, T', d] -> logits f32[B, T', V]."""
-    return self._dense().apply({'params': params}, enc)
+    return self._dense().apply({"params": params}, enc)
 
   def per_example_loss(self, params, enc, enc_paddings, batch, rng, train):
     del rng, train  # no stochastic layers in the CTC head
-    return ctc.ctc_loss(self.logits(params, enc), enc_paddings,
-                        batch['labels'], batch['label_paddings'])
+    return ctc.ctc_loss(
+      self.logits(params, enc), enc_paddings, batch["labels"], batch["label_paddings"]
+    )
 
   def decode_ids(self, params, enc, enc_paddings):
     return ctc.greedy_decode(self.logits(params, enc), enc_paddings)
 
 
-HEADS = {'ctc': CtcHead}
+HEADS = {"ctc": CtcHead}
 
 
 def _check_batch(batch: Batch, cfg: conformer.ConformerConfig, need_labels: bool):
-  keys = ['features', 'feature_paddings'] + (
-      ['labels', 'label_paddings'] if need_labels else [])
+  keys = ["features", "feature_paddings"] + (["labels", "label_paddings"] if need_labels else [])
   for k in keys:
     if k not in batch:
-      raise KeyError(f'batch is missing field {k!r} (has {sorted(batch)})')
-  f = batch['features']
+      raise KeyError(f"batch is missing field {k!r} (has {sorted(batch)})")
+  f = batch["features"]
   if f.ndim != 3 or f.shape[-1] != cfg.input_dim:
     raise ValueError(f'batch["features"]: expected [B, T, {cfg.input_dim}], got {f.shape}')
-  if batch['feature_paddings'].shape != f.shape[:2]:
-    raise ValueError(f'batch["feature_paddings"]: expected {f.shape[:2]}, '
-                     f'got {batch["feature_paddings"].shape}')
+  if batch["feature_paddings"].shape != f.shape[:2]:
+    raise ValueError(
+      f'batch["feature_paddings"]: expected {f.shape[:2]}, got {batch["feature_paddings"].shape}'
+    )
   if need_labels:
-    lab, lp = batch['labels'], batch['label_paddings']
+    lab, lp = batch["labels"], batch["label_paddings"]
     if lab.ndim != 2 or lab.shape != lp.shape or lab.shape[0] != f.shape[0]:
-      raise ValueError(f'batch["labels"] {lab.shape} / batch["label_paddings"] '
-                       f'{lp.shape}: expected both [B={f.shape[0]}, L]')
-  if 'weights' in batch and batch['weights'].shape != f.shape[:1]:
+      raise ValueError(
+        f'batch["labels"] {lab.shape} / batch["label_paddings"] '
+        f"{lp.shape}: expected both [B={f.shape[0]}, L]"
+      )
+  if "weights" in batch and batch["weights"].shape != f.shape[:1]:
     raise ValueError(f'batch["weights"]: expected [{f.shape[0]}], got {batch["weights"].shape}')
 
 
@@ -117,91 +127,101 @@ class AsrModel:
     if batch is not None:
       _check_batch(batch, self.config, need_labels=False)
     enc_rng, head_rng = jax.random.split(rng)
-    return {'encoder': self.init_encoder(enc_rng),
-            self.head.name: self.head.init(head_rng, self.config.d_model)}
+    return {
+      "encoder": self.init_encoder(enc_rng),
+      self.head.name: self.head.init(head_rng, self.config.d_model),
+    }
 
   def init_encoder(self, rng: Array) -> Params:
     """Encoder params with Flax's default initial values (fast to compile)."""
     cfg = self.config
     dummy = jnp.zeros((1, 8, cfg.input_dim), jnp.float32)
     shapes = jax.eval_shape(
-        lambda r: self.encoder.init({'params': r}, dummy, jnp.zeros((1, 8)), False), rng)
-    return flax.core.unfreeze(conformer.init_from_shapes(shapes['params'], rng))
+      lambda r: self.encoder.init({"params": r}, dummy, jnp.zeros((1, 8)), False), rng
+    )
+    return flax.core.unfreeze(conformer.init_from_shapes(shapes["params"], rng))
 
-  def apply_features(self, params: Params, features: Array, paddings: Array,
-                     rng: Array | None = None, train: bool = False):
+  def apply_features(
+    self,
+    params: Params,
+    features: Array,
+    paddings: Array,
+    rng: Array | None = None,
+    train: bool = False,
+  ):
     """Encoder forward: f32[B, T, F], f32[B, T] -> (f32[B, T', d], f32[B, T'])."""
     if train and rng is None:
-      raise ValueError('train=True needs an rng for dropout')
-    rngs = {'dropout': rng} if train else {}
-    return self.encoder.apply({'params': params['encoder']}, features, paddings,
-                              train, rngs=rngs)
+      raise ValueError("train=True needs an rng for dropout")
+    rngs = {"dropout": rng} if train else {}
+    return self.encoder.apply({"params": params["encoder"]}, features, paddings, train, rngs=rngs)
 
-  def per_example_loss(self, params: Params, batch: Batch, rng: Array | None = None,
-                       train: bool = True) -> tuple[Array, dict[str, Array]]:
+  def per_example_loss(
+    self, params: Params, batch: Batch, rng: Array | None = None, train: bool = True
+  ) -> tuple[Array, dict[str, Array]]:
     """-> (loss f32[B], aux {'enc_lengths': f32[B]})."""
     _check_batch(batch, self.config, need_labels=True)
     if rng is not None:
       enc_rng, head_rng = jax.random.split(rng)
     else:
       enc_rng = head_rng = None
-    enc, enc_pad = self.apply_features(params, batch['features'],
-                                       batch['feature_paddings'], enc_rng, train)
-    loss = self.head.per_example_loss(params[self.head.name], enc, enc_pad,
-                                      batch, head_rng, train)
-    return loss, {'enc_lengths': jnp.sum(1.0 - enc_pad, axis=1)}
+    enc, enc_pad = self.apply_features(
+      params, batch["features"], batch["feature_paddings"], enc_rng, train
+    )
+    loss = self.head.per_example_loss(params[self.head.name], enc, enc_pad, batch, head_rng, train)
+    return loss, {"enc_lengths": jnp.sum(1.0 - enc_pad, axis=1)}
 
-  def loss(self, params: Params, batch: Batch, rng: Array | None = None,
-           train: bool = True) -> tuple[Array, dict[str, Array]]:
+  def loss(
+    self, params: Params, batch: Batch, rng: Array | None = None, train: bool = True
+  ) -> tuple[Array, dict[str, Array]]:
     """Weighted mean loss sum(w*l)/max(sum(w), 1) and aux scalars.
 
     aux: 'num_examples' = sum(w), 'loss_sum' = sum(w*l).
     """
     per_ex, _ = self.per_example_loss(params, batch, rng, train)
-    w = batch.get('weights')
+    w = batch.get("weights")
     w = jnp.ones_like(per_ex) if w is None else w.astype(jnp.float32)
     # Zero-weight rows are padding; keep their (possibly huge) loss out of the sum.
     per_ex = jnp.where(w > 0, per_ex, 0.0)
     loss_sum = jnp.sum(w * per_ex)
     n = jnp.sum(w)
-    return loss_sum / jnp.maximum(n, 1.0), {'num_examples': n, 'loss_sum': loss_sum}
+    return loss_sum / jnp.maximum(n, 1.0), {"num_examples": n, "loss_sum": loss_sum}
 
   def logits(self, params: Params, batch: Batch) -> tuple[Array, Array]:
     """Frame-level head outputs (CTC): (f32[B, T', V], paddings f32[B, T'])."""
     _check_batch(batch, self.config, need_labels=False)
-    enc, enc_pad = self.apply_features(params, batch['features'],
-                                       batch['feature_paddings'])
+    enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
     return self.head.logits(params[self.head.name], enc), enc_pad
 
   def decode_ids(self, params: Params, batch: Batch) -> tuple[Array, Array]:
     """Greedy ids i32[B, N] (-1 padded) and lengths i32[B]; jit-able."""
     _check_batch(batch, self.config, need_labels=False)
-    enc, enc_pad = self.apply_features(params, batch['features'],
-                                       batch['feature_paddings'])
+    enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
     return self.head.decode_ids(params[self.head.name], enc, enc_pad)
 
   def decode(self, params: Params, batch: Batch) -> list[str]:
     """Greedy transcripts (host side; the device part is jitted)."""
-    ids, lengths = _decode_ids_jit(self, params, batch['features'],
-                                   batch['feature_paddings'])
+    ids, lengths = _decode_ids_jit(self, params, batch["features"], batch["feature_paddings"])
     return ctc.ids_to_strings(ids, lengths)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode_ids_jit(model: AsrModel, params: Params, features: Array,
-                    paddings: Array) -> tuple[Array, Array]:
-  return model.decode_ids(params, {'features': features,
-                                   'feature_paddings': paddings})
+def _decode_ids_jit(
+  model: AsrModel, params: Params, features: Array, paddings: Array
+) -> tuple[Array, Array]:
+  return model.decode_ids(params, {"features": features, "feature_paddings": paddings})
 
 
-def make_asr_model(config_or_preset: str | conformer.ConformerConfig = 'tiny',
-                   vocab_size: int = 29, head: str = 'ctc',
-                   **config_overrides) -> AsrModel:
+def make_asr_model(
+  config_or_preset: str | conformer.ConformerConfig = "tiny",
+  vocab_size: int = 29,
+  head: str = "ctc",
+  **config_overrides,
+) -> AsrModel:
   """Builds an ``AsrModel`` from a preset name ('tiny', 's', 'm', 'l') or config.
 
   ``config_overrides`` replace ConformerConfig fields (e.g. dropout_rate=0.0).
   """
   cfg = conformer.get_config(config_or_preset, **config_overrides)
   if head not in HEADS:
-    raise ValueError(f'unknown head {head!r}; choose one of {sorted(HEADS)}')
+    raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
   return AsrModel(cfg, HEADS[head](vocab_size=vocab_size))

@@ -32,8 +32,15 @@ import numpy as np
 
 # Re-exported: the layers used below (tests and users refer to them from here).
 from fedprune_jax.models.layers import (  # noqa: F401
-    Conv2DStride2, DepthwiseConv1D, Dropout, MaskedGroupNorm, depthwise_conv1d,
-    init_from_shapes, rel_positional_embedding, rel_shift)
+  Conv2DStride2,
+  DepthwiseConv1D,
+  Dropout,
+  MaskedGroupNorm,
+  depthwise_conv1d,
+  init_from_shapes,
+  rel_positional_embedding,
+  rel_shift,
+)
 
 Array = jax.Array
 
@@ -77,56 +84,70 @@ class ConformerConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   input_dim: int = 80
-  dtype: str = 'float32'
+  dtype: str = "float32"
   remat: bool = False
   layer_sizes: tuple[tuple[int, int, int, int], ...] | None = None
 
   def __post_init__(self):
     def bad(field, why):
-      raise ValueError(f'ConformerConfig.{field}: {why}')
-    for f in ('d_model', 'num_layers', 'num_heads', 'ffn_mult', 'conv_kernel',
-              'conv_groups', 'subsample_channels', 'input_dim'):
+      raise ValueError(f"ConformerConfig.{field}: {why}")
+
+    for f in (
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "ffn_mult",
+      "conv_kernel",
+      "conv_groups",
+      "subsample_channels",
+      "input_dim",
+    ):
       if int(getattr(self, f)) < 1:
-        bad(f, f'must be >= 1, got {getattr(self, f)}')
+        bad(f, f"must be >= 1, got {getattr(self, f)}")
     if self.d_model % self.num_heads:
-      bad('num_heads', f'{self.num_heads} does not divide d_model={self.d_model}')
+      bad("num_heads", f"{self.num_heads} does not divide d_model={self.d_model}")
     if (self.d_model // self.num_heads) % 2:
-      bad('num_heads', 'head dim d_model/num_heads must be even')
+      bad("num_heads", "head dim d_model/num_heads must be even")
     if self.d_model % 2:
-      bad('d_model', 'must be even (sinusoidal position embeddings)')
+      bad("d_model", "must be even (sinusoidal position embeddings)")
     if self.d_model % self.conv_groups:
-      bad('conv_groups', f'{self.conv_groups} does not divide d_model={self.d_model}')
+      bad("conv_groups", f"{self.conv_groups} does not divide d_model={self.d_model}")
     if self.conv_kernel % 2 == 0:
-      bad('conv_kernel', f'must be odd, got {self.conv_kernel}')
-    for f in ('dropout_rate', 'attention_dropout_rate'):
+      bad("conv_kernel", f"must be odd, got {self.conv_kernel}")
+    for f in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, f) < 1.0:
-        bad(f, f'must be in [0, 1), got {getattr(self, f)}')
-    if self.dtype not in ('float32', 'bfloat16', 'float16'):
-      bad('dtype', f'unsupported {self.dtype!r}')
+        bad(f, f"must be in [0, 1), got {getattr(self, f)}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      bad("dtype", f"unsupported {self.dtype!r}")
     if self.layer_sizes is not None:
       # Normalised to a tuple of int 4-tuples (hashable: configs are static
       # jit arguments via AsrModel).
-      object.__setattr__(self, 'layer_sizes', self._checked_layer_sizes(bad))
+      object.__setattr__(self, "layer_sizes", self._checked_layer_sizes(bad))
 
   def _checked_layer_sizes(self, bad) -> tuple[tuple[int, int, int, int], ...]:
     try:
       rows = [tuple(row) for row in self.layer_sizes]
     except TypeError:
-      bad('layer_sizes', f'expected a sequence of (num_heads, ffn1_hidden, ffn2_hidden, '
-                         f'conv_groups) tuples, got {self.layer_sizes!r}')
+      bad(
+        "layer_sizes",
+        f"expected a sequence of (num_heads, ffn1_hidden, ffn2_hidden, "
+        f"conv_groups) tuples, got {self.layer_sizes!r}",
+      )
     if len(rows) != self.num_layers:
-      bad('layer_sizes', f'has {len(rows)} entries, expected num_layers={self.num_layers}')
+      bad("layer_sizes", f"has {len(rows)} entries, expected num_layers={self.num_layers}")
     out = []
     for i, row in enumerate(rows):
       if len(row) != 4:
-        bad('layer_sizes', f'entry {i} = {row!r}: expected (num_heads, ffn1_hidden, '
-                           f'ffn2_hidden, conv_groups)')
+        bad(
+          "layer_sizes",
+          f"entry {i} = {row!r}: expected (num_heads, ffn1_hidden, ffn2_hidden, conv_groups)",
+        )
       try:
         ints = tuple(operator.index(v) for v in row)
       except TypeError:
-        bad('layer_sizes', f'entry {i} = {row!r}: sizes must be integers')
+        bad("layer_sizes", f"entry {i} = {row!r}: sizes must be integers")
       if any(isinstance(v, bool) for v in row) or min(ints) < 1:
-        bad('layer_sizes', f'entry {i} = {row!r}: sizes must be integers >= 1')
+        bad("layer_sizes", f"entry {i} = {row!r}: sizes must be integers >= 1")
       out.append(ints)
     return tuple(out)
 
@@ -157,16 +178,26 @@ class ConformerConfig:
 
 # Gulati et al. 2020 sizes (kernel 32 there; we use 31 so the conv is centred).
 PRESETS: dict[str, ConformerConfig] = {
-    # Small enough to train on 2 CPU cores in minutes (~1.1M params).
-    'tiny': ConformerConfig(d_model=96, num_layers=4, num_heads=4, conv_kernel=15,
-                            conv_groups=8, subsample_channels=64,
-                            dropout_rate=0.1, attention_dropout_rate=0.0),
-    's': ConformerConfig(d_model=144, num_layers=16, num_heads=4, conv_kernel=31,
-                         conv_groups=8, subsample_channels=144),
-    'm': ConformerConfig(d_model=256, num_layers=16, num_heads=4, conv_kernel=31,
-                         conv_groups=8, subsample_channels=256),
-    'l': ConformerConfig(d_model=512, num_layers=17, num_heads=8, conv_kernel=31,
-                         conv_groups=16, subsample_channels=512),
+  # Small enough to train on 2 CPU cores in minutes (~1.1M params).
+  "tiny": ConformerConfig(
+    d_model=96,
+    num_layers=4,
+    num_heads=4,
+    conv_kernel=15,
+    conv_groups=8,
+    subsample_channels=64,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.0,
+  ),
+  "s": ConformerConfig(
+    d_model=144, num_layers=16, num_heads=4, conv_kernel=31, conv_groups=8, subsample_channels=144
+  ),
+  "m": ConformerConfig(
+    d_model=256, num_layers=16, num_heads=4, conv_kernel=31, conv_groups=8, subsample_channels=256
+  ),
+  "l": ConformerConfig(
+    d_model=512, num_layers=17, num_heads=8, conv_kernel=31, conv_groups=16, subsample_channels=512
+  ),
 }
 
 
@@ -176,8 +207,9 @@ def get_config(name_or_config: str | ConformerConfig, **overrides) -> ConformerC
     cfg = name_or_config
   else:
     if name_or_config not in PRESETS:
-      raise ValueError(f'unknown Conformer preset {name_or_config!r}; '
-                       f'choose one of {sorted(PRESETS)}')
+      raise ValueError(
+        f"unknown Conformer preset {name_or_config!r}; choose one of {sorted(PRESETS)}"
+      )
     cfg = PRESETS[name_or_config]
   return cfg.replace(**overrides) if overrides else cfg
 
@@ -207,6 +239,7 @@ class Subsample(nn.Module):
   inputs 2t'-1..2t'+1, independent of T's parity; output t' is padded iff
   input 2t' is.
   """
+
   cfg: ConformerConfig
 
   @nn.compact
@@ -214,15 +247,15 @@ class Subsample(nn.Module):
     """x: f32[B, T, F], paddings: f32[B, T] -> (f32[B, T', d], f32[B, T'])."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     c = cfg.subsample_channels
-    x = _mask(x, paddings)[..., None]                      # [B, T, F, 1]
+    x = _mask(x, paddings)[..., None]  # [B, T, F, 1]
     for i in (1, 2):
-      x = Conv2DStride2(c, dtype=dt, name=f'conv{i}')(x)
+      x = Conv2DStride2(c, dtype=dt, name=f"conv{i}")(x)
       x = nn.relu(x)
       paddings = paddings[:, ::2]
       x = _mask(x, paddings)
     b, t, f, _ = x.shape
     x = x.reshape(b, t, f * c)
-    x = _dense(cfg.d_model, 'proj', dt)(x)
+    x = _dense(cfg.d_model, "proj", dt)(x)
     x = Dropout(cfg.dropout_rate)(x, not train)
     return x, paddings
 
@@ -232,6 +265,7 @@ class FeedForward(nn.Module):
 
   f = ``hidden``, default ``ffn_mult * d_model`` (4d).
   """
+
   cfg: ConformerConfig
   hidden: int | None = None
 
@@ -240,11 +274,11 @@ class FeedForward(nn.Module):
     """x: [B, T, d] -> [B, T, d]."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     f = cfg.ffn_mult * cfg.d_model if self.hidden is None else self.hidden
-    y = nn.LayerNorm(name='norm')(x)
-    y = _dense(f, 'dense_in', dt)(y)
+    y = nn.LayerNorm(name="norm")(x)
+    y = _dense(f, "dense_in", dt)(y)
     y = nn.swish(y)
     y = Dropout(cfg.dropout_rate)(y, not train)
-    y = _dense(cfg.d_model, 'dense_out', dt)(y)
+    y = _dense(cfg.d_model, "dense_out", dt)(y)
     return Dropout(cfg.dropout_rate)(y, not train)
 
 
@@ -256,6 +290,7 @@ class RelPosSelfAttention(nn.Module):
   padded keys masked out.  H = ``num_heads`` (default ``cfg.num_heads``);
   Dh = ``cfg.head_dim`` always, so q/k/v/pos project d -> H*Dh.
   """
+
   cfg: ConformerConfig
   num_heads: int | None = None
 
@@ -267,24 +302,24 @@ class RelPosSelfAttention(nn.Module):
     h = cfg.num_heads if self.num_heads is None else self.num_heads
     dh = cfg.head_dim
     hd = h * dh
-    y = nn.LayerNorm(name='norm')(x)
-    q = _dense(hd, 'query', dt)(y).reshape(b, t, h, dh)
-    k = _dense(hd, 'key', dt)(y).reshape(b, t, h, dh)
-    v = _dense(hd, 'value', dt)(y).reshape(b, t, h, dh)
+    y = nn.LayerNorm(name="norm")(x)
+    q = _dense(hd, "query", dt)(y).reshape(b, t, h, dh)
+    k = _dense(hd, "key", dt)(y).reshape(b, t, h, dh)
+    v = _dense(hd, "value", dt)(y).reshape(b, t, h, dh)
     pe = rel_positional_embedding(t, d).astype(dt)
-    p = _dense(hd, 'pos', dt, use_bias=False)(pe).reshape(2 * t - 1, h, dh)
-    u = self.param('pos_bias_u', nn.initializers.zeros, (h, dh)).astype(dt)
-    w = self.param('pos_bias_v', nn.initializers.zeros, (h, dh)).astype(dt)
+    p = _dense(hd, "pos", dt, use_bias=False)(pe).reshape(2 * t - 1, h, dh)
+    u = self.param("pos_bias_u", nn.initializers.zeros, (h, dh)).astype(dt)
+    w = self.param("pos_bias_v", nn.initializers.zeros, (h, dh)).astype(dt)
 
-    ac = jnp.einsum('bihd,bjhd->bhij', q + u, k)           # content
-    bd = jnp.einsum('bihd,rhd->bhir', q + w, p)            # position
+    ac = jnp.einsum("bihd,bjhd->bhij", q + u, k)  # content
+    bd = jnp.einsum("bihd,rhd->bhir", q + w, p)  # position
     scores = (ac + rel_shift(bd)).astype(jnp.float32) / math.sqrt(dh)
-    key_ok = (paddings < 0.5)[:, None, None, :]            # [B, 1, 1, T]
+    key_ok = (paddings < 0.5)[:, None, None, :]  # [B, 1, 1, T]
     scores = jnp.where(key_ok, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     probs = Dropout(cfg.attention_dropout_rate)(probs, not train)
-    o = jnp.einsum('bhij,bjhd->bihd', probs, v).reshape(b, t, hd)
-    o = _dense(d, 'out', dt)(o)
+    o = jnp.einsum("bhij,bjhd->bihd", probs, v).reshape(b, t, hd)
+    o = _dense(d, "out", dt)(o)
     return Dropout(cfg.dropout_rate)(o, not train)
 
 
@@ -295,6 +330,7 @@ class ConvModule(nn.Module):
   ``cfg.conv_group_channels`` channels each: c = G * d_model // conv_groups
   (c = d by default).
   """
+
   cfg: ConformerConfig
   groups: int | None = None
 
@@ -304,14 +340,14 @@ class ConvModule(nn.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     g = cfg.conv_groups if self.groups is None else self.groups
     c, k = g * cfg.conv_group_channels, cfg.conv_kernel
-    y = nn.LayerNorm(name='norm')(x)
-    y = _dense(2 * c, 'pointwise_in', dt)(y)
-    y = y[..., :c] * jax.nn.sigmoid(y[..., c:])            # GLU: channel i with i + c
+    y = nn.LayerNorm(name="norm")(x)
+    y = _dense(2 * c, "pointwise_in", dt)(y)
+    y = y[..., :c] * jax.nn.sigmoid(y[..., c:])  # GLU: channel i with i + c
     y = _mask(y, paddings)
-    y = DepthwiseConv1D(k, dtype=dt, name='depthwise')(y)
-    y = MaskedGroupNorm(g, name='group_norm')(y, paddings)
+    y = DepthwiseConv1D(k, dtype=dt, name="depthwise")(y)
+    y = MaskedGroupNorm(g, name="group_norm")(y, paddings)
     y = nn.swish(y).astype(dt)
-    y = _dense(cfg.d_model, 'pointwise_out', dt)(y)
+    y = _dense(cfg.d_model, "pointwise_out", dt)(y)
     return Dropout(cfg.dropout_rate)(y, not train)
 
 
@@ -320,6 +356,7 @@ class ConformerBlock(nn.Module):
 
   Unit counts are those of block ``layer`` (``cfg.block_sizes(layer)``).
   """
+
   cfg: ConformerConfig
   layer: int = 0
 
@@ -328,15 +365,16 @@ class ConformerBlock(nn.Module):
     """x: [B, T', d], paddings: f32[B, T'] -> [B, T', d]."""
     cfg = self.cfg
     heads, ffn1, ffn2, groups = cfg.block_sizes(self.layer)
-    x = x + 0.5 * FeedForward(cfg, ffn1, name='ffn1')(x, train)
-    x = x + RelPosSelfAttention(cfg, heads, name='mhsa')(x, paddings, train)
-    x = x + ConvModule(cfg, groups, name='conv')(x, paddings, train)
-    x = x + 0.5 * FeedForward(cfg, ffn2, name='ffn2')(x, train)
-    return nn.LayerNorm(name='final_norm')(x)
+    x = x + 0.5 * FeedForward(cfg, ffn1, name="ffn1")(x, train)
+    x = x + RelPosSelfAttention(cfg, heads, name="mhsa")(x, paddings, train)
+    x = x + ConvModule(cfg, groups, name="conv")(x, paddings, train)
+    x = x + 0.5 * FeedForward(cfg, ffn2, name="ffn2")(x, train)
+    return nn.LayerNorm(name="final_norm")(x)
 
 
 class ConformerEncoder(nn.Module):
   """Subsampling x4 followed by ``num_layers`` Conformer blocks."""
+
   cfg: ConformerConfig
 
   @nn.compact
@@ -344,15 +382,14 @@ class ConformerEncoder(nn.Module):
     """features f32[B, T, F], paddings f32[B, T] -> (f32[B, T', d], f32[B, T'])."""
     cfg = self.cfg
     if features.ndim != 3 or features.shape[-1] != cfg.input_dim:
-      raise ValueError(f'features: expected [B, T, {cfg.input_dim}], got {features.shape}')
+      raise ValueError(f"features: expected [B, T, {cfg.input_dim}], got {features.shape}")
     if paddings.shape != features.shape[:2]:
-      raise ValueError(f'feature_paddings: expected {features.shape[:2]}, got {paddings.shape}')
+      raise ValueError(f"feature_paddings: expected {features.shape[:2]}, got {paddings.shape}")
     paddings = paddings.astype(jnp.float32)
-    x, paddings = Subsample(cfg, name='subsample')(features, paddings, train)
-    block_cls = (nn.remat(ConformerBlock, static_argnums=(3,)) if cfg.remat
-                 else ConformerBlock)
+    x, paddings = Subsample(cfg, name="subsample")(features, paddings, train)
+    block_cls = nn.remat(ConformerBlock, static_argnums=(3,)) if cfg.remat else ConformerBlock
     for i in range(cfg.num_layers):
-      x = block_cls(cfg, i, name=f'block_{i}')(x, paddings, train)
+      x = block_cls(cfg, i, name=f"block_{i}")(x, paddings, train)
     x = _mask(x.astype(jnp.float32), paddings)
     return x, paddings
 
@@ -389,19 +426,22 @@ def analytic_param_count(cfg: ConformerConfig, vocab_size: int | None = None) ->
   return total
 
 
-def param_table(presets: Mapping[str, ConformerConfig] | None = None,
-                vocab_size: int = 29) -> str:
+def param_table(presets: Mapping[str, ConformerConfig] | None = None, vocab_size: int = 29) -> str:
   """A markdown table of parameter counts per preset (encoder + CTC head)."""
   presets = PRESETS if presets is None else presets
-  rows = ['| preset | d | layers | heads | K | C | params (enc) | params (+CTC) |',
-          '|---|---|---|---|---|---|---|---|']
+  rows = [
+    "| preset | d | layers | heads | K | C | params (enc) | params (+CTC) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for name, cfg in presets.items():
     enc = analytic_param_count(cfg)
-    rows.append(f'| {name} | {cfg.d_model} | {cfg.num_layers} | {cfg.num_heads} | '
-                f'{cfg.conv_kernel} | {cfg.subsample_channels} | {enc / 1e6:.2f}M | '
-                f'{analytic_param_count(cfg, vocab_size) / 1e6:.2f}M |')
-  return '\n'.join(rows)
+    rows.append(
+      f"| {name} | {cfg.d_model} | {cfg.num_layers} | {cfg.num_heads} | "
+      f"{cfg.conv_kernel} | {cfg.subsample_channels} | {enc / 1e6:.2f}M | "
+      f"{analytic_param_count(cfg, vocab_size) / 1e6:.2f}M |"
+    )
+  return "\n".join(rows)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   print(param_table())

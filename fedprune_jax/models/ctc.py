@@ -18,8 +18,7 @@ Array = jax.Array
 BLANK_ID = 0
 
 
-def ctc_loss(logits: Array, logit_paddings: Array, labels: Array,
-             label_paddings: Array) -> Array:
+def ctc_loss(logits: Array, logit_paddings: Array, labels: Array, label_paddings: Array) -> Array:
   """Per-sequence CTC negative log-likelihood.
 
   Args:
@@ -34,18 +33,21 @@ def ctc_loss(logits: Array, logit_paddings: Array, labels: Array,
     all-padding example gets 0.
   """
   if logits.ndim != 3:
-    raise ValueError(f'logits: expected [B, T, V], got {logits.shape}')
+    raise ValueError(f"logits: expected [B, T, V], got {logits.shape}")
   if logit_paddings.shape != logits.shape[:2]:
-    raise ValueError(f'logit_paddings: expected {logits.shape[:2]}, '
-                     f'got {logit_paddings.shape}')
+    raise ValueError(f"logit_paddings: expected {logits.shape[:2]}, got {logit_paddings.shape}")
   if labels.shape != label_paddings.shape or labels.shape[0] != logits.shape[0]:
-    raise ValueError(f'labels {labels.shape} / label_paddings '
-                     f'{label_paddings.shape}: expected [B={logits.shape[0]}, L]')
-  return optax.ctc_loss(logits.astype(jnp.float32),
-                        logit_paddings.astype(jnp.float32),
-                        labels.astype(jnp.int32),
-                        label_paddings.astype(jnp.float32),
-                        blank_id=BLANK_ID)
+    raise ValueError(
+      f"labels {labels.shape} / label_paddings "
+      f"{label_paddings.shape}: expected [B={logits.shape[0]}, L]"
+    )
+  return optax.ctc_loss(
+    logits.astype(jnp.float32),
+    logit_paddings.astype(jnp.float32),
+    labels.astype(jnp.int32),
+    label_paddings.astype(jnp.float32),
+    blank_id=BLANK_ID,
+  )
 
 
 def greedy_decode(logits: Array, paddings: Array) -> tuple[Array, Array]:
@@ -60,7 +62,7 @@ def greedy_decode(logits: Array, paddings: Array) -> tuple[Array, Array]:
     lengths: i32[B] number of decoded tokens.
   """
   b, t, _ = logits.shape
-  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)               # [B, T]
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, T]
   prev = jnp.pad(best, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
   keep = (best != prev) & (best != BLANK_ID) & (paddings < 0.5)
   pos = jnp.cumsum(keep, axis=1) - 1
@@ -71,9 +73,11 @@ def greedy_decode(logits: Array, paddings: Array) -> tuple[Array, Array]:
   return ids, jnp.sum(keep, axis=1).astype(jnp.int32)
 
 
-def ids_to_strings(ids: np.ndarray | Array,
-                   lengths: np.ndarray | Array | Sequence[int]) -> list[str]:
+def ids_to_strings(
+  ids: np.ndarray | Array, lengths: np.ndarray | Array | Sequence[int]
+) -> list[str]:
   """Host helper: i32[B, T] decoded ids + lengths -> B transcripts."""
   from fedprune_jax.data import tokenizer  # lazy: data layer is optional here
+
   ids, lengths = np.asarray(ids), np.asarray(lengths)
   return [tokenizer.decode(row[:n]) for row, n in zip(ids, lengths)]

@@ -27,8 +27,7 @@ def rel_positional_embedding(length: int, dim: int) -> Array:
   a given r does not depend on ``length`` (needed for padding invariance).
   """
   r = jnp.arange(length - 1, -length, -1, dtype=jnp.float32)
-  inv_freq = jnp.exp(-math.log(10000.0) *
-                     jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   ang = r[:, None] * inv_freq[None, :]
   return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
 
@@ -42,9 +41,9 @@ def rel_shift(x: Array) -> Array:
   skews each row by one, dropping the first row.
   """
   *lead, t, w = x.shape
-  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])   # [..., T, 2T]
-  x = x.reshape(*lead, 2 * t, t)[..., 1:, :]               # [..., 2T-1, T]
-  x = x.reshape(*lead, t, w)                               # [..., T, 2T-1]
+  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, 2T]
+  x = x.reshape(*lead, 2 * t, t)[..., 1:, :]  # [..., 2T-1, T]
+  x = x.reshape(*lead, t, w)  # [..., T, 2T-1]
   return x[..., :t]
 
 
@@ -55,13 +54,14 @@ class Dropout(nn.Module):
   32-bit threefry draw serves two elements: on CPU, random-bit generation was
   the largest cost of dropout in the Conformer train step.
   """
+
   rate: float
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     if deterministic or self.rate == 0.0:
       return x
-    rng = self.make_rng('dropout')
+    rng = self.make_rng("dropout")
     n = x.size
     bits = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
     b16 = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n]
@@ -75,7 +75,7 @@ def _shift_sum(xp: Array, w: Array, t: int) -> Array:
   """sum_k xp[:, k:k+t] * w[k]; xp: [B, t+K-1, d], w: [K, d] -> [B, t, d]."""
   y = xp[:, 0:t] * w[0]
   for i in range(1, w.shape[0]):
-    y = y + xp[:, i:i + t] * w[i]
+    y = y + xp[:, i : i + t] * w[i]
   # Materialise: consumers that read y several times (GroupNorm statistics)
   # would otherwise each recompute the K-term sum.
   return jax.lax.optimization_barrier(y)
@@ -107,9 +107,8 @@ def _dw_fwd(x, w):
 def _dw_bwd(res, g):
   xp, w = res
   k, t = w.shape[0], g.shape[1]
-  dx = _shift_sum(_pad_time(g, k), w[::-1], t)      # correlation with flipped w
-  dw = jnp.stack([jnp.sum(xp[:, i:i + t] * g, axis=(0, 1), dtype=jnp.float32)
-                  for i in range(k)])
+  dx = _shift_sum(_pad_time(g, k), w[::-1], t)  # correlation with flipped w
+  dw = jnp.stack([jnp.sum(xp[:, i : i + t] * g, axis=(0, 1), dtype=jnp.float32) for i in range(k)])
   return dx, dw.astype(w.dtype)
 
 
@@ -122,6 +121,7 @@ class DepthwiseConv1D(nn.Module):
   Equivalent to ``nn.Conv(d, (K,), padding=((K//2, K//2),),
   feature_group_count=d)`` (see ``depthwise_conv1d``).
   """
+
   kernel_size: int
   dtype: Any = jnp.float32
 
@@ -129,8 +129,8 @@ class DepthwiseConv1D(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: [B, T, d] -> [B, T, d]."""
     k, d = self.kernel_size, x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, 1, d))
-    bias = self.param('bias', nn.initializers.zeros, (d,))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, 1, d))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
     y = depthwise_conv1d(x.astype(self.dtype), kernel[:, 0, :].astype(self.dtype))
     return y + bias.astype(self.dtype)
 
@@ -143,6 +143,7 @@ class Conv2DStride2(nn.Module):
   im2col form is ~1.5-2x faster than XLA's strided convolution on CPU
   (forward + backward) at the cost of a 9x patch tensor.
   """
+
   features: int
   dtype: Any = jnp.float32
 
@@ -150,14 +151,16 @@ class Conv2DStride2(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: [B, T, F, Cin] -> [B, ceil(T/2), ceil(F/2), Cout]."""
     b, t, f, cin = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
     to, fo = -(-t // 2), -(-f // 2)
     # One zero row/column in front (the explicit padding); enough at the end
     # for every strided window (reads there are zeros, as with (1, 1) padding).
     xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 2 * to + 1 - t), (1, 2 * fo + 1 - f), (0, 0)))
     patches = jnp.concatenate(
-        [xp[:, i:i + 2 * to:2, j:j + 2 * fo:2, :] for i in range(3) for j in range(3)], axis=-1)
+      [xp[:, i : i + 2 * to : 2, j : j + 2 * fo : 2, :] for i in range(3) for j in range(3)],
+      axis=-1,
+    )
     y = patches @ kernel.reshape(9 * cin, self.features).astype(self.dtype)
     return y + bias.astype(self.dtype)
 
@@ -168,6 +171,7 @@ class MaskedGroupNorm(nn.Module):
   Per example and group g (channels g*d/G:(g+1)*d/G), mean/var use only
   unpadded frames, so removing a whole group leaves the others exact.
   """
+
   num_groups: int
   epsilon: float = 1e-5
 
@@ -176,8 +180,8 @@ class MaskedGroupNorm(nn.Module):
     """x: [B, T, d], paddings: f32[B, T] -> f32[B, T, d]."""
     b, t, d = x.shape
     g = self.num_groups
-    scale = self.param('scale', nn.initializers.ones, (d,))
-    bias = self.param('bias', nn.initializers.zeros, (d,))
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
     xf = x.astype(jnp.float32).reshape(b, t, g, d // g)
     keep = (1.0 - paddings)[:, :, None, None]
     count = jnp.maximum(jnp.sum(keep, axis=1, keepdims=True) * (d // g), 1.0)
@@ -216,9 +220,9 @@ def init_from_shapes(shapes: Any, rng: Array) -> Any:
     pytree of float32 arrays with the structure of ``shapes``.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  names = [str(getattr(path[-1], 'key', path[-1])) for path, _ in leaves]
+  names = [str(getattr(path[-1], "key", path[-1])) for path, _ in leaves]
   sizes = [int(np.prod(s.shape)) for _, s in leaves]
-  n = sum(sz for name, sz in zip(names, sizes) if name == 'kernel')
+  n = sum(sz for name, sz in zip(names, sizes) if name == "kernel")
   draw = _truncated_normal(rng, max(n, 1))
   traced = isinstance(draw, jax.core.Tracer)
   xp = jnp if traced else np
@@ -226,16 +230,17 @@ def init_from_shapes(shapes: Any, rng: Array) -> Any:
     draw = np.asarray(draw)
   out, offset = [], 0
   for (path, s), name, sz in zip(leaves, names, sizes):
-    if name == 'kernel':
+    if name == "kernel":
       std = np.float32(1.0 / math.sqrt(max(sz // s.shape[-1], 1)) / _TRUNC_STD)
-      val = draw[offset:offset + sz].reshape(s.shape) * std
+      val = draw[offset : offset + sz].reshape(s.shape) * std
       offset += sz
-    elif name in ('bias', 'pos_bias_u', 'pos_bias_v'):
+    elif name in ("bias", "pos_bias_u", "pos_bias_v"):
       val = xp.zeros(s.shape, xp.float32)
-    elif name == 'scale':
+    elif name == "scale":
       val = xp.ones(s.shape, xp.float32)
     else:
-      raise ValueError(f'init_from_shapes: no initializer rule for param '
-                       f'{jax.tree_util.keystr(path)}')
+      raise ValueError(
+        f"init_from_shapes: no initializer rule for param {jax.tree_util.keystr(path)}"
+      )
     out.append(val if traced else jnp.asarray(val))
   return jax.tree_util.tree_unflatten(treedef, out)

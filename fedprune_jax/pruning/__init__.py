@@ -13,22 +13,53 @@ is ``kernel[i, :]`` (an input's fan-out), a *column* is ``kernel[:, j]`` (an
 output neuron's fan-in); conv kernels are viewed as ``[prod(other), out]``.
 """
 
-from fedprune_jax.pruning.allocation import (ERK, Adaptive, Global, Uniform,
-                                             erk_densities, parse_allocation,
-                                             prune_mask)
-from fedprune_jax.pruning.masks import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE,
-                                        apply_mask, count_kept, count_total,
-                                        dense_mask, flatten_with_paths,
-                                        init_mask, is_prunable, layer_sparsity,
-                                        load_mask, mask_from_flat, mask_to_flat,
-                                        matches, param_count, save_mask,
-                                        sparsity)
-from fedprune_jax.pruning.optax_wrapper import (MaskedState, masked_optimizer,
-                                                update_mask)
-from fedprune_jax.pruning.patterns import (COLUMN, HALF_COLUMN, HALF_ROW, NM,
-                                           ROW, UNSTRUCTURED, Block,
-                                           group_scores, nm_mask,
-                                           parse_pattern)
+from fedprune_jax.pruning.allocation import (
+  ERK,
+  Adaptive,
+  Global,
+  Uniform,
+  erk_densities,
+  parse_allocation,
+  prune_mask,
+)
+from fedprune_jax.pruning.masks import (
+  DEFAULT_EXCLUDE,
+  DEFAULT_INCLUDE,
+  apply_mask,
+  count_kept,
+  count_total,
+  dense_mask,
+  flatten_with_paths,
+  init_mask,
+  is_prunable,
+  layer_sparsity,
+  load_mask,
+  mask_from_flat,
+  mask_to_flat,
+  matches,
+  param_count,
+  save_mask,
+  sparsity,
+)
+from fedprune_jax.pruning.optax_wrapper import MaskedState, masked_optimizer, update_mask
+from fedprune_jax.pruning.patterns import (
+  COLUMN,
+  HALF_COLUMN,
+  HALF_ROW,
+  NM,
+  ROW,
+  UNSTRUCTURED,
+  Block,
+  group_scores,
+  nm_mask,
+  parse_pattern,
+)
 from fedprune_jax.pruning.schedules import Constant, Polynomial, Step
-from fedprune_jax.pruning.scores import (aggregate_scores, magnitude, movement,
-                                         random_scores, saliency, taylor)
+from fedprune_jax.pruning.scores import (
+  aggregate_scores,
+  magnitude,
+  movement,
+  random_scores,
+  saliency,
+  taylor,
+)

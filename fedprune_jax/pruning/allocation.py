@@ -55,6 +55,7 @@ class Uniform:
 @dataclasses.dataclass(frozen=True)
 class Global:
   """One threshold over per-layer normalised group scores."""
+
   normalize: str = "mean"
 
 
@@ -65,6 +66,7 @@ class Adaptive:
   ``bounds`` optionally overrides the bounds per path pattern:
   ``((regex, floor, ceil), ...)``, first match wins.
   """
+
   floor: float = 0.0
   ceil: float = 1.0
   normalize: str = "mean"
@@ -74,6 +76,7 @@ class Adaptive:
 @dataclasses.dataclass(frozen=True)
 class ERK:
   """Erdos-Renyi-Kernel per-layer densities (``scale`` = ERK power, 1.0 std)."""
+
   scale: float = 1.0
 
 
@@ -87,8 +90,7 @@ def parse_allocation(spec: str | Allocation) -> Allocation:
   """``"uniform" | "global" | "adaptive" | "erk"`` -> allocation object."""
   if isinstance(spec, (Uniform, Global, Adaptive, ERK)):
     return spec
-  table = {"uniform": Uniform(), "global": Global(), "adaptive": Adaptive(),
-           "erk": ERK()}
+  table = {"uniform": Uniform(), "global": Global(), "adaptive": Adaptive(), "erk": ERK()}
   try:
     return table[str(spec).lower()]
   except KeyError:
@@ -110,8 +112,8 @@ class _Layer:
   path: str
   shape: tuple[int, ...]
   pattern: pat.Pattern
-  scores: jax.Array | None = None      # group scores [gh, gw] (Block only)
-  sizes: np.ndarray | None = None      # group sizes [gh, gw]; None = all 1
+  scores: jax.Array | None = None  # group scores [gh, gw] (Block only)
+  sizes: np.ndarray | None = None  # group sizes [gh, gw]; None = all 1
   numel: int = 0
 
 
@@ -131,28 +133,31 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], density, scale: float = 1.0
   """
   n = np.array([math.prod(s) for s in shapes], np.float64)
   raw = np.array([sum(s) / math.prod(s) for s in shapes], np.float64) ** scale
-  order = np.argsort(-raw, kind="stable")           # densest first
+  order = np.argsort(-raw, kind="stable")  # densest first
   n_o, raw_o = n[order], raw[order]
-  dense_n = np.concatenate([[0.0], np.cumsum(n_o)])        # k densest kept dense
+  dense_n = np.concatenate([[0.0], np.cumsum(n_o)])  # k densest kept dense
   rest_rn = np.concatenate([np.cumsum((raw_o * n_o)[::-1])[::-1], [0.0]])
   target = jnp.asarray(density, jnp.float32) * n.sum()
-  eps = (target - dense_n) / np.maximum(rest_rn, 1e-30)     # [L+1]
-  raw_next = np.concatenate([raw_o, [0.0]])                # largest non-dense raw
+  eps = (target - dense_n) / np.maximum(rest_rn, 1e-30)  # [L+1]
+  raw_next = np.concatenate([raw_o, [0.0]])  # largest non-dense raw
   ok = eps * raw_next <= 1.0 + 1e-6
-  k = jnp.argmax(ok)                                        # fewest dense layers
-  d_o = jnp.where(jnp.arange(len(n)) < k, 1.0,
-                  jnp.clip(eps[k] * raw_o, 0.0, 1.0))
+  k = jnp.argmax(ok)  # fewest dense layers
+  d_o = jnp.where(jnp.arange(len(n)) < k, 1.0, jnp.clip(eps[k] * raw_o, 0.0, 1.0))
   inv = np.argsort(order)
   return d_o[inv].astype(jnp.float32)
 
 
-def prune_mask(scores: PyTree, sparsity, *,
-               pattern: PatternSpec = "unstructured",
-               allocation: str | Allocation = "global",
-               reduce: str = "sum",
-               include: Sequence[str] = masks_lib.DEFAULT_INCLUDE,
-               exclude: Sequence[str] = masks_lib.DEFAULT_EXCLUDE,
-               method: str = "auto") -> PyTree:
+def prune_mask(
+  scores: PyTree,
+  sparsity,
+  *,
+  pattern: PatternSpec = "unstructured",
+  allocation: str | Allocation = "global",
+  reduce: str = "sum",
+  include: Sequence[str] = masks_lib.DEFAULT_INCLUDE,
+  exclude: Sequence[str] = masks_lib.DEFAULT_EXCLUDE,
+  method: str = "auto",
+) -> PyTree:
   """Mask (True = keep) pruning ``sparsity`` of the prunable entries.
 
   Args:
@@ -174,14 +179,20 @@ def prune_mask(scores: PyTree, sparsity, *,
     pattern = tuple((str(r), pat.parse_pattern(p)) for r, p in pattern)
   else:
     pattern = pat.parse_pattern(pattern)
-  return _prune_mask_jit(scores, jnp.asarray(sparsity, jnp.float32), pattern,
-                         parse_allocation(allocation), reduce, tuple(include),
-                         tuple(exclude), method)
+  return _prune_mask_jit(
+    scores,
+    jnp.asarray(sparsity, jnp.float32),
+    pattern,
+    parse_allocation(allocation),
+    reduce,
+    tuple(include),
+    tuple(exclude),
+    method,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _prune_mask_jit(scores, sparsity, pattern, alloc, reduce, include, exclude,
-                    method):
+def _prune_mask_jit(scores, sparsity, pattern, alloc, reduce, include, exclude, method):
   flat = masks_lib.flatten_with_paths(scores)
   layers: list[_Layer] = []
   out: dict[str, jax.Array] = {}
@@ -206,8 +217,9 @@ def _prune_mask_jit(scores, sparsity, pattern, alloc, reduce, include, exclude,
   return masks_lib.map_with_paths(lambda p, _: out.get(p), scores)
 
 
-def _allocate(layers: list[_Layer], s: jax.Array, alloc: Allocation,
-              method: str) -> list[jax.Array]:
+def _allocate(
+  layers: list[_Layer], s: jax.Array, alloc: Allocation, method: str
+) -> list[jax.Array]:
   """Group prune masks (True = prune) per layer."""
   numel = np.array([l.numel for l in layers], np.int64)
   if isinstance(alloc, Uniform):

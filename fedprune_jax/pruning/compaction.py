@@ -30,6 +30,7 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Per-block unit counts: heads, FFN hidden widths, conv groups."""
+
   heads: tuple[int, ...]
   ffn1: tuple[int, ...]
   ffn2: tuple[int, ...]
@@ -51,8 +52,7 @@ class BlockSizes:
     return tuple(zip(self.heads, self.ffn1, self.ffn2, self.conv_groups))
 
 
-def compact(model: asr.AsrModel, params: PyTree,
-            umask) -> tuple[asr.AsrModel, PyTree]:
+def compact(model: asr.AsrModel, params: PyTree, umask) -> tuple[asr.AsrModel, PyTree]:
   """Slices pruned units out of ``params``.
 
   Args:
@@ -142,8 +142,8 @@ def flops(cfg: cf.ConformerConfig, frames: int, sizes: BlockSizes | None = None)
   for i in range(cfg.num_layers):
     hd = sizes.heads[i] * cfg.head_dim
     ch = sizes.conv_groups[i] * cpg
-    total += 2 * t2 * (d * sizes.ffn1[i] * 2 + d * sizes.ffn2[i] * 2)     # FFNs
-    total += 2 * t2 * (3 * d * hd + hd * d) + 2 * (2 * t2 - 1) * d * hd   # q,k,v,out,pos
-    total += 2 * (2 * t2 * t2 * hd + t2 * (2 * t2 - 1) * hd)             # scores, values
-    total += 2 * t2 * (d * 2 * ch + cfg.conv_kernel * ch + ch * d)       # conv module
+    total += 2 * t2 * (d * sizes.ffn1[i] * 2 + d * sizes.ffn2[i] * 2)  # FFNs
+    total += 2 * t2 * (3 * d * hd + hd * d) + 2 * (2 * t2 - 1) * d * hd  # q,k,v,out,pos
+    total += 2 * (2 * t2 * t2 * hd + t2 * (2 * t2 - 1) * hd)  # scores, values
+    total += 2 * t2 * (d * 2 * ch + cfg.conv_kernel * ch + ch * d)  # conv module
   return float(total)

@@ -31,10 +31,10 @@ PyTree = Any
 DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|/)kernel$",)
 # ... except the output layer, embeddings and anything that is a norm.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|/)ctc_head/",
-    r"(^|/)output(_layer)?/",
-    r"(^|/)embed[^/]*/",
-    r"norm[^/]*/",
+  r"(^|/)ctc_head/",
+  r"(^|/)output(_layer)?/",
+  r"(^|/)embed[^/]*/",
+  r"norm[^/]*/",
 )
 
 
@@ -56,8 +56,7 @@ def flatten_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
   ``None`` leaves are kept (as ``None``), so a mask and its params flatten to
   the same list of paths.
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: x is None)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
   return [(path_str(p), v) for p, v in leaves]
 
 
@@ -67,8 +66,8 @@ def map_with_paths(fn, tree: PyTree, *rest: PyTree) -> PyTree:
   ``None`` leaves of ``tree`` are passed to ``fn`` as ``None``.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest,
-      is_leaf=lambda x: x is None)
+    lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest, is_leaf=lambda x: x is None
+  )
 
 
 def matches(path: str, patterns: Iterable[str]) -> bool:
@@ -82,23 +81,27 @@ def matches(path: str, patterns: Iterable[str]) -> bool:
   return False
 
 
-def is_prunable(path: str, leaf: Any,
-                include: Iterable[str] = DEFAULT_INCLUDE,
-                exclude: Iterable[str] = DEFAULT_EXCLUDE) -> bool:
+def is_prunable(
+  path: str,
+  leaf: Any,
+  include: Iterable[str] = DEFAULT_INCLUDE,
+  exclude: Iterable[str] = DEFAULT_EXCLUDE,
+) -> bool:
   """Whether the param at ``path`` is pruned under the include/exclude rules."""
   if leaf is None or np.ndim(leaf) < 1:
     return False
   return matches(path, include) and not matches(path, exclude)
 
 
-def init_mask(params: PyTree,
-              include: Iterable[str] = DEFAULT_INCLUDE,
-              exclude: Iterable[str] = DEFAULT_EXCLUDE) -> PyTree:
+def init_mask(
+  params: PyTree, include: Iterable[str] = DEFAULT_INCLUDE, exclude: Iterable[str] = DEFAULT_EXCLUDE
+) -> PyTree:
   """All-kept mask: ``True`` arrays for prunable params, ``None`` elsewhere."""
   include, exclude = tuple(include), tuple(exclude)
   return map_with_paths(
-      lambda p, x: jnp.ones(np.shape(x), bool)
-      if is_prunable(p, x, include, exclude) else None, params)
+    lambda p, x: jnp.ones(np.shape(x), bool) if is_prunable(p, x, include, exclude) else None,
+    params,
+  )
 
 
 @jax.jit
@@ -111,8 +114,8 @@ def apply_mask(params: PyTree, mask: PyTree | None) -> PyTree:
   if mask is None:
     return params
   return jax.tree.map(
-      lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-      params, mask)
+    lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)), params, mask
+  )
 
 
 def dense_mask(mask: PyTree, params: PyTree) -> PyTree:
@@ -120,8 +123,8 @@ def dense_mask(mask: PyTree, params: PyTree) -> PyTree:
   if mask is None:
     return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
   return jax.tree.map(
-      lambda p, m: jnp.ones(jnp.shape(p), bool) if m is None
-      else jnp.asarray(m, bool), params, mask)
+    lambda p, m: jnp.ones(jnp.shape(p), bool) if m is None else jnp.asarray(m, bool), params, mask
+  )
 
 
 def _mask_leaves(mask: PyTree) -> list[jax.Array]:
@@ -149,8 +152,9 @@ def sparsity(mask: PyTree) -> jax.Array:
 
 def layer_sparsity(mask: PyTree) -> dict[str, float]:
   """Per-layer sparsity ``{path: pruned fraction}`` for non-None leaves (host)."""
-  return {p: float(1.0 - np.mean(np.asarray(m)))
-          for p, m in flatten_with_paths(mask) if m is not None}
+  return {
+    p: float(1.0 - np.mean(np.asarray(m))) for p, m in flatten_with_paths(mask) if m is not None
+  }
 
 
 def param_count(params: PyTree, mask: PyTree | None = None) -> int:
@@ -158,8 +162,8 @@ def param_count(params: PyTree, mask: PyTree | None = None) -> int:
   if mask is None:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
   counts = jax.tree.map(
-      lambda p, m: int(np.size(p)) if m is None else int(np.sum(np.asarray(m))),
-      params, mask)
+    lambda p, m: int(np.size(p)) if m is None else int(np.sum(np.asarray(m))), params, mask
+  )
   return int(sum(jax.tree.leaves(counts)))
 
 
@@ -168,12 +172,12 @@ def param_count(params: PyTree, mask: PyTree | None = None) -> int:
 
 def mask_to_flat(mask: PyTree) -> dict[str, np.ndarray]:
   """``{path: bool ndarray}`` for every non-None leaf."""
-  return {p: np.asarray(m, dtype=bool)
-          for p, m in flatten_with_paths(mask) if m is not None}
+  return {p: np.asarray(m, dtype=bool) for p, m in flatten_with_paths(mask) if m is not None}
 
 
-def mask_from_flat(flat: Mapping[str, np.ndarray], like: PyTree,
-                   source: str = "<flat mask>") -> PyTree:
+def mask_from_flat(
+  flat: Mapping[str, np.ndarray], like: PyTree, source: str = "<flat mask>"
+) -> PyTree:
   """Rebuilds a mask with ``like``'s structure (params or a mask).
 
   Paths absent from ``flat`` become ``None``.  Raises ``ValueError`` naming
@@ -188,8 +192,9 @@ def mask_from_flat(flat: Mapping[str, np.ndarray], like: PyTree,
       return None
     arr = np.asarray(flat[path])
     if leaf is not None and tuple(arr.shape) != tuple(np.shape(leaf)):
-      raise ValueError(f"{source}: mask entry {path!r} has shape {arr.shape}, "
-                       f"expected {tuple(np.shape(leaf))}")
+      raise ValueError(
+        f"{source}: mask entry {path!r} has shape {arr.shape}, expected {tuple(np.shape(leaf))}"
+      )
     return jnp.asarray(arr, bool)
 
   out = map_with_paths(build, like)

@@ -49,8 +49,7 @@ def _same_layout(node, ref_def, ref_shapes) -> bool:
   return [jnp.shape(x) for x in jax.tree.leaves(node)] == ref_shapes
 
 
-def reset_params_like(state: Any, like: PyTree, fn: Callable[..., Any],
-                      *rest: PyTree) -> Any:
+def reset_params_like(state: Any, like: PyTree, fn: Callable[..., Any], *rest: PyTree) -> Any:
   """Applies ``fn(leaf, *rest_leaves)`` to every subtree of ``state`` that has
   the structure and leaf shapes of ``like`` (e.g. adam's mu and nu); other
   parts (counts, scalars) are returned unchanged."""
@@ -60,8 +59,7 @@ def reset_params_like(state: Any, like: PyTree, fn: Callable[..., Any],
   def visit(node):
     if _same_layout(node, ref_def, ref_shapes):
       return jax.tree.map(fn, node, *rest)
-    children, treedef = jax.tree_util.tree_flatten(
-        node, is_leaf=lambda x: x is not node)
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
     if treedef.num_nodes == 1:  # a leaf (array, None, scalar)
       return node
     return jax.tree.unflatten(treedef, [visit(c) for c in children])
@@ -69,10 +67,11 @@ def reset_params_like(state: Any, like: PyTree, fn: Callable[..., Any],
   return visit(state)
 
 
-def masked_optimizer(inner: optax.GradientTransformation,
-                     mask_fn: Callable[[PyTree], PyTree] | None = None,
-                     initial_mask: PyTree | None = None
-                     ) -> optax.GradientTransformationExtraArgs:
+def masked_optimizer(
+  inner: optax.GradientTransformation,
+  mask_fn: Callable[[PyTree], PyTree] | None = None,
+  initial_mask: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that masked params stay exactly zero (see module doc)."""
   inner = optax.with_extra_args_support(inner)
 
@@ -85,8 +84,9 @@ def masked_optimizer(inner: optax.GradientTransformation,
 
   def update_fn(updates, state, params=None, *, mask=None, **extra):
     if params is None:
-      raise ValueError("masked_optimizer: update() needs params (to keep pruned "
-                       "weights at exactly zero)")
+      raise ValueError(
+        "masked_optimizer: update() needs params (to keep pruned weights at exactly zero)"
+      )
     if mask is None and mask_fn is not None:
       mask = mask_fn(params)
     if mask is not None:
@@ -95,7 +95,8 @@ def masked_optimizer(inner: optax.GradientTransformation,
     grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros_like(g)), updates, m)
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
     new_updates = jax.tree.map(
-        lambda u, k, p: jnp.where(k, u, -p).astype(u.dtype), new_updates, m, params)
+      lambda u, k, p: jnp.where(k, u, -p).astype(u.dtype), new_updates, m, params
+    )
     return new_updates, MaskedState(inner_state, m)
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -103,12 +104,16 @@ def masked_optimizer(inner: optax.GradientTransformation,
 
 
 def _set_mask(state: MaskedState, new_mask: PyTree) -> MaskedState:
-  new_mask = jax.tree.map(lambda old, new: jnp.ones(jnp.shape(old), bool)
-                          if new is None else jnp.asarray(new, bool),
-                          state.mask, new_mask, is_leaf=lambda x: x is None)
+  new_mask = jax.tree.map(
+    lambda old, new: jnp.ones(jnp.shape(old), bool) if new is None else jnp.asarray(new, bool),
+    state.mask,
+    new_mask,
+    is_leaf=lambda x: x is None,
+  )
   regrow = jax.tree.map(lambda old, new: new & ~old, state.mask, new_mask)
-  inner = reset_params_like(state.inner_state, state.mask,
-                            lambda x, r: jnp.where(r, jnp.zeros_like(x), x), regrow)
+  inner = reset_params_like(
+    state.inner_state, state.mask, lambda x, r: jnp.where(r, jnp.zeros_like(x), x), regrow
+  )
   return MaskedState(inner, new_mask)
 
 

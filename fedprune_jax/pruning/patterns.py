@@ -37,6 +37,7 @@ Dim = Union[int, str]  # an int size, "full" or "half"
 @dataclasses.dataclass(frozen=True)
 class Block:
   """Groups of ``(bh, bw)`` entries of the 2-D view; dims are ints, "full" or "half"."""
+
   bh: Dim = 1
   bw: Dim = 1
 
@@ -52,6 +53,7 @@ class NM:
   ``axis="in"`` groups along axis 0 of the 2-D view (the input dim of a Dense
   kernel, as in 2:4 sparse tensor cores); ``axis="out"`` along axis 1.
   """
+
   n: int = 2
   m: int = 4
   axis: str = "in"
@@ -76,8 +78,11 @@ COLUMN = Block("full", 1)
 HALF_COLUMN = Block("half", 1)
 
 _NAMED = {
-    "unstructured": UNSTRUCTURED, "row": ROW, "half_row": HALF_ROW,
-    "column": COLUMN, "half_column": HALF_COLUMN,
+  "unstructured": UNSTRUCTURED,
+  "row": ROW,
+  "half_row": HALF_ROW,
+  "column": COLUMN,
+  "half_column": HALF_COLUMN,
 }
 
 
@@ -95,8 +100,9 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
   m = re.fullmatch(r"(\d+):(\d+)(?::(in|out))?", s)
   if m:
     return NM(int(m.group(1)), int(m.group(2)), m.group(3) or "in")
-  raise ValueError(f"unknown pruning pattern {spec!r}; expected one of "
-                   f"{sorted(_NAMED)}, 'block:BHxBW' or 'N:M'")
+  raise ValueError(
+    f"unknown pruning pattern {spec!r}; expected one of {sorted(_NAMED)}, 'block:BHxBW' or 'N:M'"
+  )
 
 
 def _resolve_dim(d: Dim, size: int) -> int:
@@ -201,8 +207,10 @@ def nm_mask(scores: jax.Array, pattern: NM, path: str = "<param>") -> jax.Array:
     x = x.T
   rows, cols = x.shape
   if rows % pattern.m:
-    raise ValueError(f"{path}: N:M pattern {pattern.n}:{pattern.m} along "
-                     f"'{pattern.axis}' needs that dim ({rows}) divisible by {pattern.m}")
+    raise ValueError(
+      f"{path}: N:M pattern {pattern.n}:{pattern.m} along "
+      f"'{pattern.axis}' needs that dim ({rows}) divisible by {pattern.m}"
+    )
   x = x.reshape(rows // pattern.m, pattern.m, cols)
   # Rank within each group, descending score, stable -> lower index wins ties.
   order = jnp.argsort(-x, axis=1, stable=True)

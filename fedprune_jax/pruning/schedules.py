@@ -46,6 +46,7 @@ class _Base:
 class Constant(_Base):
   """``target`` from ``begin_step`` on (0 before); updates every ``frequency``
   steps until ``end_step`` (default: only at ``begin_step``)."""
+
   target: float
   begin_step: int = 0
   end_step: int | None = None
@@ -69,6 +70,7 @@ class Step(_Base):
   begin) / every) + 1)) for t >= begin, so the first raise happens at
   ``begin_step``; ``end_step`` is the step that first reaches ``final``.
   """
+
   initial: float
   final: float
   delta: float
@@ -77,8 +79,9 @@ class Step(_Base):
 
   def __post_init__(self):
     if self.delta <= 0 or self.every < 1:
-      raise ValueError(f"step schedule needs delta > 0 and every >= 1, got "
-                       f"{self.delta}, {self.every}")
+      raise ValueError(
+        f"step schedule needs delta > 0 and every >= 1, got {self.delta}, {self.every}"
+      )
     _check(self.initial, self.final, self.begin_step, self.end_step, self.every)
 
   @property
@@ -105,6 +108,7 @@ class Polynomial(_Base):
   s_t = s_f + (s_i - s_f) * (1 - (t - t0) / n) ** power,  t clipped to
   [t0, t0 + n], with t0 = ``begin_step`` and t0 + n = ``end_step``.
   """
+
   initial: float
   final: float
   begin_step: int

@@ -35,8 +35,9 @@ PyTree = Any
 
 
 def _map(fn, *trees):
-  return jax.tree.map(lambda x, *r: None if x is None else fn(x, *r), *trees,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda x, *r: None if x is None else fn(x, *r), *trees, is_leaf=lambda x: x is None
+  )
 
 
 def magnitude(params: PyTree) -> PyTree:
@@ -56,7 +57,7 @@ def random_scores(params: PyTree, key: jax.Array) -> PyTree:
   flat = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32)
   out, o = [], 0
   for x, n in zip(leaves, sizes):
-    out.append(None if x is None else flat[o:o + n].reshape(jnp.shape(x)))
+    out.append(None if x is None else flat[o : o + n].reshape(jnp.shape(x)))
     o += n
   return jax.tree.unflatten(treedef, out)
 
@@ -76,9 +77,11 @@ def movement(params: PyTree, delta: PyTree) -> PyTree:
   return _map(lambda w, d: w * d, params, delta)
 
 
-def aggregate_scores(scores: Sequence[PyTree] | PyTree,
-                     weights: Sequence[float] | jax.Array | None = None,
-                     stacked: bool | None = None) -> PyTree:
+def aggregate_scores(
+  scores: Sequence[PyTree] | PyTree,
+  weights: Sequence[float] | jax.Array | None = None,
+  stacked: bool | None = None,
+) -> PyTree:
   """Weighted mean of score pytrees.
 
   Args:
@@ -95,8 +98,9 @@ def aggregate_scores(scores: Sequence[PyTree] | PyTree,
   if not stacked:
     if len(scores) == 0:
       raise ValueError("aggregate_scores: empty list of scores")
-    scores = jax.tree.map(lambda *xs: None if xs[0] is None else jnp.stack(xs),
-                          *scores, is_leaf=lambda x: x is None)
+    scores = jax.tree.map(
+      lambda *xs: None if xs[0] is None else jnp.stack(xs), *scores, is_leaf=lambda x: x is None
+    )
   leaves = [x for x in jax.tree.leaves(scores)]
   if not leaves:
     return scores

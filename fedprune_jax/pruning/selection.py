@@ -56,8 +56,7 @@ def _hists(keys, weights, digit_fn) -> list[jax.Array]:
   for k, w in zip(keys, weights):
     idx = digit_fn(k).astype(jnp.int32).ravel()
     upd = jnp.int32(1) if w is None else jnp.asarray(w, jnp.int32).ravel()
-    hs.append(jnp.zeros(_BINS + 1, jnp.int32).at[idx].add(
-        upd, mode="promise_in_bounds")[:_BINS])
+    hs.append(jnp.zeros(_BINS + 1, jnp.int32).at[idx].add(upd, mode="promise_in_bounds")[:_BINS])
   return hs
 
 
@@ -83,8 +82,7 @@ def find_threshold(keys: Sequence[jax.Array], weights: Sequence, need):
   b1 = jnp.minimum(jnp.searchsorted(c1, need, side="left"), _BINS - 1)
   below1 = c1[b1] - h1[b1]
   b1u = b1.astype(jnp.uint32)
-  h2s = _hists(keys, weights,
-               lambda k: jnp.where(hi(k) == b1u, k & jnp.uint32(0xFFFF), _BINS))
+  h2s = _hists(keys, weights, lambda k: jnp.where(hi(k) == b1u, k & jnp.uint32(0xFFFF), _BINS))
   h2 = _tree_sum(h2s)
   c2 = below1 + jnp.cumsum(h2)
   b2 = jnp.minimum(jnp.searchsorted(c2, need, side="left"), _BINS - 1)
@@ -95,8 +93,9 @@ def find_threshold(keys: Sequence[jax.Array], weights: Sequence, need):
 SORT_MAX = 1 << 17  # "auto" sorts when there are at most this many groups
 
 
-def select_lowest(keys: Sequence[jax.Array], weights: Sequence, need,
-                  method: str = "auto") -> list[jax.Array]:
+def select_lowest(
+  keys: Sequence[jax.Array], weights: Sequence, need, method: str = "auto"
+) -> list[jax.Array]:
   """Prune masks (True = prune) over ``keys`` with total pruned weight ~ ``need``.
 
   ``method``: "radix" (O(n), the default for large inputs), "sort" (a stable
@@ -114,8 +113,7 @@ def select_lowest(keys: Sequence[jax.Array], weights: Sequence, need,
   """
   keys = [jnp.asarray(k) for k in keys]
   weights = list(weights)
-  total = sum(int(np.prod(k.shape)) if w is None else int(np.sum(w))
-              for k, w in zip(keys, weights))
+  total = sum(int(np.prod(k.shape)) if w is None else int(np.sum(w)) for k, w in zip(keys, weights))
   if total >= 2**30:
     raise ValueError(f"select_lowest: total weight {total} too large for int32")
   need = jnp.clip(jnp.round(jnp.asarray(need)).astype(jnp.int32), 0, total)
@@ -156,7 +154,7 @@ def select_lowest(keys: Sequence[jax.Array], weights: Sequence, need,
 def _select_by_sort(keys, weights, need) -> list[jax.Array]:
   flat = jnp.concatenate([k.ravel() for k in keys])
   w = jnp.concatenate([_weights_like(w, k).ravel() for k, w in zip(keys, weights)])
-  order = jnp.argsort(flat, stable=True)       # ties: lower global index first
+  order = jnp.argsort(flat, stable=True)  # ties: lower global index first
   ws = w[order]
   excl = jnp.cumsum(ws) - ws
   prune_sorted = (2 * excl + ws <= 2 * need) & (need > 0)
@@ -164,13 +162,14 @@ def _select_by_sort(keys, weights, need) -> list[jax.Array]:
   out, o = [], 0
   for k in keys:
     n = int(np.prod(k.shape))
-    out.append(prune[o:o + n].reshape(k.shape))
+    out.append(prune[o : o + n].reshape(k.shape))
     o += n
   return out
 
 
-def clipped_threshold(keys: Sequence[jax.Array], weights: Sequence, need,
-                      lo: jax.Array, hi: jax.Array) -> jax.Array:
+def clipped_threshold(
+  keys: Sequence[jax.Array], weights: Sequence, need, lo: jax.Array, hi: jax.Array
+) -> jax.Array:
   """Per-layer pruned weights for one global threshold with per-layer bounds.
 
   Finds the smallest key ``t`` such that ``sum_l clip(W_l(key <= t), lo_l,
@@ -181,18 +180,17 @@ def clipped_threshold(keys: Sequence[jax.Array], weights: Sequence, need,
   """
   lo = jnp.asarray(lo, jnp.int32)
   hi = jnp.asarray(hi, jnp.int32)
-  need = jnp.clip(jnp.round(jnp.asarray(need)).astype(jnp.int32),
-                  jnp.sum(lo), jnp.sum(hi))
+  need = jnp.clip(jnp.round(jnp.asarray(need)).astype(jnp.int32), jnp.sum(lo), jnp.sum(hi))
 
   def hists(digit_fn):
     return jnp.stack(_hists(keys, weights, digit_fn))
 
   hi16 = lambda k: k >> 16
-  h1 = hists(hi16)                                   # [L, BINS]
+  h1 = hists(hi16)  # [L, BINS]
   c1 = jnp.cumsum(h1, axis=1)
   f1 = jnp.sum(jnp.clip(c1, lo[:, None], hi[:, None]), axis=0)
   b1 = jnp.minimum(jnp.searchsorted(f1, need, side="left"), _BINS - 1)
-  base = c1[:, b1] - h1[:, b1]                       # [L] weight below bin b1
+  base = c1[:, b1] - h1[:, b1]  # [L] weight below bin b1
   b1u = b1.astype(jnp.uint32)
   h2 = hists(lambda k: jnp.where(hi16(k) == b1u, k & jnp.uint32(0xFFFF), _BINS))
   c2 = base[:, None] + jnp.cumsum(h2, axis=1)

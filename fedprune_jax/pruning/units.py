@@ -65,26 +65,35 @@ def _members(blk: dict, kind: str, cpg: int):
     m = blk["mhsa"]
     h, dh = m["pos_bias_u"].shape
     for name in _QKVP:
-      out.append((("mhsa", name, "kernel"), lambda x: x.reshape(x.shape[0], h, dh).transpose(1, 0, 2)))
+      out.append(
+        (("mhsa", name, "kernel"), lambda x: x.reshape(x.shape[0], h, dh).transpose(1, 0, 2))
+      )
       if name != "pos" and "bias" in m[name]:
         out.append((("mhsa", name, "bias"), lambda x: x.reshape(h, dh)))
     out.append((("mhsa", "out", "kernel"), lambda x: x.reshape(h, dh, x.shape[-1])))
     for name in ("pos_bias_u", "pos_bias_v"):
       out.append((("mhsa", name), lambda x: x))
   elif kind in ("ffn1", "ffn2"):
-    out += [((kind, "dense_in", "kernel"), lambda x: x.T),
-            ((kind, "dense_in", "bias"), lambda x: x),
-            ((kind, "dense_out", "kernel"), lambda x: x)]
+    out += [
+      ((kind, "dense_in", "kernel"), lambda x: x.T),
+      ((kind, "dense_in", "bias"), lambda x: x),
+      ((kind, "dense_out", "kernel"), lambda x: x),
+    ]
   elif kind == "conv":
     c = blk["conv"]["depthwise"]["kernel"].shape[-1]
     g = c // cpg
-    out += [(("conv", "pointwise_in", "kernel"), lambda x: x.reshape(x.shape[0], 2, g, cpg).transpose(2, 0, 1, 3)),
-            (("conv", "pointwise_in", "bias"), lambda x: x.reshape(2, g, cpg).transpose(1, 0, 2)),
-            (("conv", "depthwise", "kernel"), lambda x: _front(x.reshape(*x.shape[:-1], g, cpg), -2)),
-            (("conv", "depthwise", "bias"), lambda x: x.reshape(g, cpg)),
-            (("conv", "group_norm", "scale"), lambda x: x.reshape(g, cpg)),
-            (("conv", "group_norm", "bias"), lambda x: x.reshape(g, cpg)),
-            (("conv", "pointwise_out", "kernel"), lambda x: x.reshape(g, cpg, x.shape[-1]))]
+    out += [
+      (
+        ("conv", "pointwise_in", "kernel"),
+        lambda x: x.reshape(x.shape[0], 2, g, cpg).transpose(2, 0, 1, 3),
+      ),
+      (("conv", "pointwise_in", "bias"), lambda x: x.reshape(2, g, cpg).transpose(1, 0, 2)),
+      (("conv", "depthwise", "kernel"), lambda x: _front(x.reshape(*x.shape[:-1], g, cpg), -2)),
+      (("conv", "depthwise", "bias"), lambda x: x.reshape(g, cpg)),
+      (("conv", "group_norm", "scale"), lambda x: x.reshape(g, cpg)),
+      (("conv", "group_norm", "bias"), lambda x: x.reshape(g, cpg)),
+      (("conv", "pointwise_out", "kernel"), lambda x: x.reshape(g, cpg, x.shape[-1])),
+    ]
   else:
     raise ValueError(f"unknown unit kind {kind!r}; expected one of {KINDS}")
   return [(p, v) for p, v in out if _get(blk, p) is not None]
@@ -111,10 +120,12 @@ def num_units(params: PyTree, cfg_or_cpg) -> dict[str, dict[str, int]]:
   out = {}
   for b in blocks(params):
     blk = enc[b]
-    out[b] = {"mhsa": int(blk["mhsa"]["pos_bias_u"].shape[0]),
-              "ffn1": int(blk["ffn1"]["dense_in"]["kernel"].shape[1]),
-              "ffn2": int(blk["ffn2"]["dense_in"]["kernel"].shape[1]),
-              "conv": int(blk["conv"]["depthwise"]["kernel"].shape[-1] // cpg)}
+    out[b] = {
+      "mhsa": int(blk["mhsa"]["pos_bias_u"].shape[0]),
+      "ffn1": int(blk["ffn1"]["dense_in"]["kernel"].shape[1]),
+      "ffn2": int(blk["ffn2"]["dense_in"]["kernel"].shape[1]),
+      "conv": int(blk["conv"]["depthwise"]["kernel"].shape[-1] // cpg),
+    }
   return out
 
 
@@ -124,14 +135,21 @@ def unit_sizes(params: PyTree, cfg_or_cpg) -> dict[str, dict[str, int]]:
   out = {}
   for b in blocks(params):
     blk = params["encoder"][b]
-    out[b] = {k: int(sum(np.prod(view(_get(blk, p)).shape[1:]) if view(_get(blk, p)).ndim > 1
-                         else 1 for p, view in _members(blk, k, cpg)))
-              for k in KINDS}
+    out[b] = {
+      k: int(
+        sum(
+          np.prod(view(_get(blk, p)).shape[1:]) if view(_get(blk, p)).ndim > 1 else 1
+          for p, view in _members(blk, k, cpg)
+        )
+      )
+      for k in KINDS
+    }
   return out
 
 
-def unit_scores(params: PyTree, cfg_or_cpg, scores: PyTree | None = None,
-                reduce: str = "l2sq") -> dict[str, dict[str, jax.Array]]:
+def unit_scores(
+  params: PyTree, cfg_or_cpg, scores: PyTree | None = None, reduce: str = "l2sq"
+) -> dict[str, dict[str, jax.Array]]:
   """Per-unit importance ``{block: {kind: float32[U]}}``.
 
   Args:
@@ -163,11 +181,18 @@ def unit_scores(params: PyTree, cfg_or_cpg, scores: PyTree | None = None,
   return out
 
 
-def unit_mask(params: PyTree, cfg_or_cpg, sparsity, *,
-              scores: PyTree | None = None, reduce: str = "l2sq",
-              allocation: str | alloc_lib.Allocation = "uniform",
-              kinds: tuple[str, ...] = KINDS, min_keep: int = 1,
-              method: str = "auto") -> dict[str, dict[str, jax.Array]]:
+def unit_mask(
+  params: PyTree,
+  cfg_or_cpg,
+  sparsity,
+  *,
+  scores: PyTree | None = None,
+  reduce: str = "l2sq",
+  allocation: str | alloc_lib.Allocation = "uniform",
+  kinds: tuple[str, ...] = KINDS,
+  min_keep: int = 1,
+  method: str = "auto",
+) -> dict[str, dict[str, jax.Array]]:
   """Unit mask removing ``sparsity`` of the units' params.
 
   ``allocation``: "uniform" (every (block, kind) loses round(s * U) units),
@@ -176,9 +201,17 @@ def unit_mask(params: PyTree, cfg_or_cpg, sparsity, *,
   Each (block, kind) keeps at least ``min_keep`` units.  Kinds not in
   ``kinds`` stay fully kept.  Ties prune the lower unit index first.
   """
-  return _unit_mask_jit(params, scores, jnp.asarray(sparsity, jnp.float32),
-                        _cpg(cfg_or_cpg), reduce, alloc_lib.parse_allocation(allocation),
-                        tuple(kinds), int(min_keep), method)
+  return _unit_mask_jit(
+    params,
+    scores,
+    jnp.asarray(sparsity, jnp.float32),
+    _cpg(cfg_or_cpg),
+    reduce,
+    alloc_lib.parse_allocation(allocation),
+    tuple(kinds),
+    int(min_keep),
+    method,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
@@ -208,8 +241,9 @@ def _unit_mask_jit(params, scores, s, cfg_or_cpg, reduce, alloc, kinds, min_keep
   wts = [np.full(ni, wi, np.int32) for ni, wi in zip(n, w)]
   lo = np.minimum(np.ceil(floor * n - 1e-9), cap) * w
   hi = np.minimum(np.floor(ceil * n + 1e-9), cap) * w
-  needs = selection.clipped_threshold(keys, wts, jnp.round(s * np.sum(n * w)),
-                                      lo.astype(np.int32), hi.astype(np.int32))
+  needs = selection.clipped_threshold(
+    keys, wts, jnp.round(s * np.sum(n * w)), lo.astype(np.int32), hi.astype(np.int32)
+  )
   for i, (b, k) in enumerate(entries):
     out[b][k] = ~selection.select_lowest([keys[i]], [wts[i]], needs[i], method)[0]
   return out
@@ -231,8 +265,12 @@ def _expand_jit(params, cpg, umask):
         x = _get(blk, path)
         # Broadcast keep[U] through the inverse of the per-unit view.
         idx = view(jnp.arange(x.size).reshape(x.shape))
-        full = jnp.zeros(x.size, bool).at[idx.reshape(idx.shape[0], -1)].set(
-            keep[:, None]).reshape(x.shape)
+        full = (
+          jnp.zeros(x.size, bool)
+          .at[idx.reshape(idx.shape[0], -1)]
+          .set(keep[:, None])
+          .reshape(x.shape)
+        )
         flat[("encoder", b) + path] = full
 
   def build(tree, prefix=()):
@@ -245,5 +283,4 @@ def _expand_jit(params, cpg, umask):
 
 def kept_indices(umask) -> dict[str, dict[str, np.ndarray]]:
   """Host-side sorted kept unit indices per (block, kind)."""
-  return {b: {k: np.flatnonzero(np.asarray(v)) for k, v in d.items()}
-          for b, d in umask.items()}
+  return {b: {k: np.flatnonzero(np.asarray(v)) for k, v in d.items()} for b, d in umask.items()}

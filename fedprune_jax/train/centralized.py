@@ -30,10 +30,12 @@ Params = Any
 
 # --- data ---------------------------------------------------------------------------------------
 
+
 def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSet:
   """Features of one split of ``cfg.data.root`` (cached on disk after the first call)."""
   if cfg.data.source == "tfds":
     from fedprune_jax.data import tfds_librispeech  # pylint: disable=g-import-not-at-top
+
     utterances = tfds_librispeech.read_tfds(split, data_dir=cfg.data.root or None)
     examples, utt_ids, speakers = [], [], []
     for u, example in zip_featurized(utterances):
@@ -44,8 +46,10 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSe
   root = pathlib.Path(cfg.data.root)
   split_dir = root / split
   if not split_dir.is_dir():
-    raise FileNotFoundError(f"data.root={str(root)!r} has no split directory {split!r} "
-                            f"(run `fedprune corpus synth --out {root}` to make the embedded corpus)")
+    raise FileNotFoundError(
+      f"data.root={str(root)!r} has no split directory {split!r} "
+      f"(run `fedprune corpus synth --out {root}` to make the embedded corpus)"
+    )
   cache_dir = cfg.data.cache_dir or str(root / ".features")
   return batching.cached_features(str(split_dir), cache_dir)
 
@@ -65,15 +69,22 @@ def make_model(cfg: ml_collections.ConfigDict) -> asr.AsrModel:
 
 # --- optimisation -------------------------------------------------------------------------------
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+
+def make_optimizer(
+  optim: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
   """Clip-by-global-norm, then AdamW on a linear-warmup + cosine-decay learning rate."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.peak_lr, warmup_steps=optim.warmup_steps,
-      decay_steps=max(total_steps, optim.warmup_steps + 1),
-      end_value=optim.peak_lr * optim.end_lr_fraction)
+    init_value=0.0,
+    peak_value=optim.peak_lr,
+    warmup_steps=optim.warmup_steps,
+    decay_steps=max(total_steps, optim.warmup_steps + 1),
+    end_value=optim.peak_lr * optim.end_lr_fraction,
+  )
   return optax.chain(
-      optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+    optax.clip_by_global_norm(optim.clip_norm),
+    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+  )
 
 
 def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
@@ -86,15 +97,20 @@ def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
   def loss_fn(params, batch, rng):
     aug_rng, dropout_rng = jax.random.split(rng)
     if specaug is not None:
-      batch = dict(batch, features=features_lib.spec_augment(
-          aug_rng, batch["features"], batch["feature_paddings"], **specaug))
+      batch = dict(
+        batch,
+        features=features_lib.spec_augment(
+          aug_rng, batch["features"], batch["feature_paddings"], **specaug
+        ),
+      )
     return model.loss(params, batch, dropout_rng, True)
 
   return loss_fn
 
 
-def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation,
-                    specaug: dict | None) -> Callable:
+def make_train_step(
+  model: asr.AsrModel, optimizer: optax.GradientTransformation, specaug: dict | None
+) -> Callable:
   """Returns a jitted ``step(params, opt_state, batch, rng, mask=None) -> (params, opt_state, metrics)``.
 
   ``mask`` (optional pytree of {0,1} arrays or None leaves, the params' structure) keeps pruned
@@ -107,8 +123,11 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
     grads = apply_mask(grads, mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = apply_mask(optax.apply_updates(params, updates), mask)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                               "num_examples": aux["num_examples"]}
+    return (
+      params,
+      opt_state,
+      {"loss": loss, "grad_norm": optax.tree.norm(grads), "num_examples": aux["num_examples"]},
+    )
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -125,9 +144,13 @@ class EvalSplits:
   """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
-    self.feature_sets = {name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")}
-    self.batches = {name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
-                    for name, fs in self.feature_sets.items()}
+    self.feature_sets = {
+      name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")
+    }
+    self.batches = {
+      name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
+      for name, fs in self.feature_sets.items()
+    }
 
   def evaluate(self, model: asr.AsrModel, params: Params, name: str) -> dict[str, float]:
     return evaluate_lib.evaluate(model, params, self.feature_sets[name], batches=self.batches[name])
@@ -137,6 +160,7 @@ class EvalSplits:
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """Trains ``cfg.model`` on ``cfg.data.train_split``; evaluates dev during and dev/test after.
@@ -148,6 +172,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
     {'final': {split: {'wer', 'cer', 'loss', 'num_utterances'}, ...}, 'train': {...}}.
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   workdir = prepare_workdir(cfg)
 
   train_fs = load_split(cfg, cfg.data.train_split)
@@ -168,8 +193,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   max_labels = batching.round_up(int(train_fs.num_labels.max()), 16)
 
   def epoch_batches(epoch: int):
-    return batching.bucketed_batches(examples, ids, cfg.data.batch_size, boundaries,
-                                     rng=np.random.default_rng([cfg.seed, epoch]), max_labels=max_labels)
+    return batching.bucketed_batches(
+      examples,
+      ids,
+      cfg.data.batch_size,
+      boundaries,
+      rng=np.random.default_rng([cfg.seed, epoch]),
+      max_labels=max_labels,
+    )
 
   history = []
   step, epoch, train_seconds = 0, 0, 0.0
@@ -203,19 +234,30 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
       examples_seen += int(sum(f["num_examples"] for f in fetched))
       loss_window += [float(f["loss"]) for f in fetched]
       if at_log:
-        record = {"step": step, "epoch": epoch, "train_loss": float(np.mean(loss_window)),
-                  "grad_norm": float(fetched[-1]["grad_norm"]), "train_minutes": train_seconds / 60.0,
-                  "examples_per_s": examples_seen / max(train_seconds, 1e-9)}
+        record = {
+          "step": step,
+          "epoch": epoch,
+          "train_loss": float(np.mean(loss_window)),
+          "grad_norm": float(fetched[-1]["grad_norm"]),
+          "train_minutes": train_seconds / 60.0,
+          "examples_per_s": examples_seen / max(train_seconds, 1e-9),
+        }
         bar.set_postfix(loss=f"{record['train_loss']:.3f}")
         log.log(**record)
         loss_window = []
       if at_eval:
         dev = evals.evaluate(model, params, "dev")
-        record = {"step": step, "train_minutes": train_seconds / 60.0, **{f"dev_{k}": v for k, v in dev.items()}}
+        record = {
+          "step": step,
+          "train_minutes": train_seconds / 60.0,
+          **{f"dev_{k}": v for k, v in dev.items()},
+        }
         history.append(record)
         log.log(**record)
-        bar.write(f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}",
-                  file=sys.stderr)
+        bar.write(
+          f"step {step}: dev WER {dev['wer']:.2%} CER {dev['cer']:.2%} loss {dev['loss']:.3f}",
+          file=sys.stderr,
+        )
       if train_seconds >= budget_s:
         stop_reason = f"time budget ({cfg.train.max_minutes} min)"
         break
@@ -223,10 +265,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   bar.close()
 
   final = evals.evaluate_all(model, params)
-  train_info = {"steps": step, "epochs": epoch, "train_minutes": train_seconds / 60.0,
-                "stop_reason": stop_reason, "num_params": num_params, "preset": cfg.model.preset,
-                "train_utterances": len(train_fs), "train_speakers": len(set(train_fs.speaker_ids.tolist())),
-                "examples_per_s": examples_seen / max(train_seconds, 1e-9)}
+  train_info = {
+    "steps": step,
+    "epochs": epoch,
+    "train_minutes": train_seconds / 60.0,
+    "stop_reason": stop_reason,
+    "num_params": num_params,
+    "preset": cfg.model.preset,
+    "train_utterances": len(train_fs),
+    "train_speakers": len(set(train_fs.speaker_ids.tolist())),
+    "examples_per_s": examples_seen / max(train_seconds, 1e-9),
+  }
   log.log(step=step, **{f"{s}_{k}": v for s, r in final.items() for k, v in r.items()})
   log.close()
   result = {"final": final, "train": train_info, "history": history}
@@ -238,9 +287,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
 
 # --- checkpoints --------------------------------------------------------------------------------
 
+
 def save_params(path: pathlib.Path, params: Params) -> None:
   """Saves params with orbax (atomic: orbax writes a temporary directory, then renames)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path).absolute()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, params, force=True)
@@ -249,6 +300,7 @@ def save_params(path: pathlib.Path, params: Params) -> None:
 
 def restore_params(path: pathlib.Path, like: Params) -> Params:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -256,7 +308,9 @@ def restore_params(path: pathlib.Path, like: Params) -> Params:
   return ocp.StandardCheckpointer().restore(path, abstract)
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, splits=("dev", "test")) -> dict:
+def evaluate_checkpoint(
+  cfg: ml_collections.ConfigDict, checkpoint: str, splits=("dev", "test")
+) -> dict:
   """WER/CER of a saved checkpoint on the named splits of ``cfg.data``."""
   model = make_model(cfg)
   params = restore_params(pathlib.Path(checkpoint), model.init(jax.random.key(0)))
@@ -270,13 +324,16 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, splits=
 def format_results_table(result: dict) -> str:
   """Markdown table of the final WER/CER per split plus the training summary."""
   t = result["train"]
-  lines = [f"preset {t['preset']} ({t['num_params']:,} params), {t['steps']} steps in "
-           f"{t['train_minutes']:.1f} min ({t['stop_reason']}), {t['train_utterances']} utterances "
-           f"from {t['train_speakers']} speakers",
-           "",
-           "| split | utterances | WER | CER | loss |",
-           "|---|---:|---:|---:|---:|"]
+  lines = [
+    f"preset {t['preset']} ({t['num_params']:,} params), {t['steps']} steps in "
+    f"{t['train_minutes']:.1f} min ({t['stop_reason']}), {t['train_utterances']} utterances "
+    f"from {t['train_speakers']} speakers",
+    "",
+    "| split | utterances | WER | CER | loss |",
+    "|---|---:|---:|---:|---:|",
+  ]
   for split, r in result["final"].items():
-    lines.append(f"| {split} | {r['num_utterances']} | {r['wer']:.2%} | {r['cer']:.2%} | {r['loss']:.3f} |")
+    lines.append(
+      f"| {split} | {r['num_utterances']} | {r['wer']:.2%} | {r['cer']:.2%} | {r['loss']:.3f} |"
+    )
   return "\n".join(lines)
-

@@ -14,8 +14,9 @@ from fedprune_jax.data import batching
 from fedprune_jax.data import tokenizer
 
 
-def eval_batches(feature_set: batching.FeatureSet, batch_size: int, num_buckets: int = 4,
-                 frame_multiple: int = 16) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+def eval_batches(
+  feature_set: batching.FeatureSet, batch_size: int, num_buckets: int = 4, frame_multiple: int = 16
+) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """Length-sorted fixed-shape batches covering every utterance exactly once.
 
   Returns:
@@ -31,11 +32,15 @@ def eval_batches(feature_set: batching.FeatureSet, batch_size: int, num_buckets:
   order = np.argsort(frames, kind="stable")
   result = []
   for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
+    idx = order[start : start + batch_size]
     bound = int(boundaries[np.searchsorted(boundaries, frames[idx].max())])
-    batch = batching.pad_batch([feature_set.example(i) for i in idx], batch_size=batch_size,
-                               max_frames=bound, max_labels=max_labels,
-                               ids=[str(feature_set.utt_ids[i]) for i in idx])
+    batch = batching.pad_batch(
+      [feature_set.example(i) for i in idx],
+      batch_size=batch_size,
+      max_frames=bound,
+      max_labels=max_labels,
+      ids=[str(feature_set.utt_ids[i]) for i in idx],
+    )
     result.append((idx, batch))
   return result
 
@@ -45,8 +50,15 @@ def references(feature_set: batching.FeatureSet) -> list[str]:
   return [tokenizer.decode(feature_set.example(i).tokens) for i in range(len(feature_set))]
 
 
-def evaluate(model: Any, params: Any, feature_set: batching.FeatureSet, *, batch_size: int = 64,
-             num_buckets: int = 4, batches: Sequence | None = None) -> dict[str, float]:
+def evaluate(
+  model: Any,
+  params: Any,
+  feature_set: batching.FeatureSet,
+  *,
+  batch_size: int = 64,
+  num_buckets: int = 4,
+  batches: Sequence | None = None,
+) -> dict[str, float]:
   """WER, CER and mean CTC loss of greedy decoding over a whole split.
 
   Args:
@@ -72,10 +84,10 @@ def evaluate(model: Any, params: Any, feature_set: batching.FeatureSet, *, batch
     loss_sum += float(np.sum(per_example * weights))
     count += float(np.sum(weights))
   return {
-      "wer": metrics.wer(refs, hyps),
-      "cer": metrics.cer(refs, hyps),
-      "loss": loss_sum / max(count, 1.0),
-      "num_utterances": len(refs),
+    "wer": metrics.wer(refs, hyps),
+    "cer": metrics.cer(refs, hyps),
+    "loss": loss_sum / max(count, 1.0),
+    "num_utterances": len(refs),
   }
 
 
