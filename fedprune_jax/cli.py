@@ -13,12 +13,16 @@ import sys
 from typing import Callable, Sequence
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
   parser.add_argument(
     "--config",
     default=default_config,
     help="config file (Python, defines get_config()) or a name in experiments/configs/ "
-    f"(default: {default_config})",
+    + (
+      f"(default: {default_config})"
+      if default_config
+      else "(default: the run's saved config.json beside the checkpoint, else tiny_centralized)"
+    ),
   )
   parser.add_argument(
     "--set",
@@ -99,10 +103,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  from fedprune_jax.train import centralized
+  from fedprune_jax import config as config_lib
+  from fedprune_jax import task
 
-  cfg = _load(args)
-  metrics = centralized.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
+  # The run's own config (model preset and overrides) when the checkpoint sits in a workdir.
+  workdir = pathlib.Path(args.workdir or pathlib.Path(args.checkpoint).absolute().parent)
+  saved = task.load_run_config(workdir)
+  if saved is not None and args.config is None:
+    cfg = saved
+    config_lib.apply_overrides(cfg, args.overrides, source=str(workdir / "config.json"))
+    if args.data:
+      cfg.data.root = args.data
+  else:
+    args.config = args.config or "tiny_centralized"
+    cfg = _load(args)
+  metrics = task.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
   print(json.dumps(metrics, indent=2, sort_keys=True))
   return 0
 
@@ -111,7 +126,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
   from fedprune_jax.federated import job
 
   cfg = _load(args)
-  result = job.run(cfg)
+  result = job.run(cfg, fresh=args.fresh)
   print(json.dumps(result.get("final", {}), indent=2, sort_keys=True))
   return 0
 
@@ -196,13 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
   train_p.set_defaults(func=cmd_train)
 
   eval_p = sub.add_parser("eval", help="evaluate a checkpoint (WER/CER)")
-  _add_config_args(eval_p, "tiny_centralized")
+  _add_config_args(eval_p, None)
   eval_p.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
   eval_p.add_argument("--splits", nargs="+", default=["dev", "test"])
   eval_p.set_defaults(func=cmd_eval)
 
   fed_p = sub.add_parser("federated", help="federated training rounds (vmap executor)")
   _add_config_args(fed_p, "tiny_federated")
+  fed_p.add_argument(
+    "--fresh",
+    action="store_true",
+    help="start over: discard the workdir's round checkpoints and log (default: resume)",
+  )
   fed_p.set_defaults(func=cmd_federated)
 
   presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")

@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""
     for chunk in ((8,) if mode == 'devices' else (4,)):
       ex = executor.ChunkedExecutor(cu, chunk, mesh=mesh)
       delta, m = ex(params, store, ids, key)
-      state = case.server_round(params, delta, opt)
+      state = case.server_round(params, delta.update['delta'], opt)
       results[f'c{chunk}'] = np.concatenate(
           [np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
       results[f'n{chunk}'] = np.array([m['num_clients'], m['num_examples']])
@@ -80,7 +80,7 @@ def reference(workdir):
     sys.path.pop(0)
   store, cu, params, ids, key, opt = case.build()
   delta, m = executor.SequentialExecutor(cu)(params, store, ids, key)
-  state = case.server_round(params, delta, opt)
+  state = case.server_round(params, delta.update["delta"], opt)
   flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
   moved = np.abs(
     flat - np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)])

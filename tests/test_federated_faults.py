@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from fedprune_jax.algorithms import fedavg
 from fedprune_jax.federated import client, client_data, executor, rounds, sampling, server, toy
 
 F, K = 4, 3
@@ -91,8 +92,9 @@ def test_a_round_where_every_client_fails_leaves_the_server_unchanged(setup):
   opt = server.make_server_optimizer("fedadam", 0.1)
   state = server.server_init(params, opt)
   sampler = sampling.CohortSampler(12, 4, seed=0)
+  algorithm = fedavg.fedavg(cu, opt)
   final, history = rounds.run_rounds(
-    state, store, executor.ChunkedExecutor(cu, 4), opt, sampler, 2, seed=0, progress=False
+    algorithm, state, store, executor.ChunkedExecutor(cu, 4), sampler, 2, progress=False
   )
   assert int(final.round) == 2
   _close(final.params, params)
@@ -106,20 +108,19 @@ def test_a_failed_client_leaves_the_round_of_the_others(setup):
   opt = server.make_server_optimizer("fedavg", 1.0)
   sampler = sampling.CohortSampler(12, 12, seed=0)  # everyone, every round
   final, history = rounds.run_rounds(
+    fedavg.fedavg(cu, opt),
     server.server_init(params, opt),
     PoisonedStore(inner, [3]),
     executor.ChunkedExecutor(cu, 5),
-    opt,
     sampler,
     1,
-    seed=0,
     progress=False,
   )
   good = np.array([c for c in range(12) if c != 3])
   ref, _ = executor.SequentialExecutor(cu)(
     params, inner, good, jax.random.fold_in(jax.random.key(0), 0)
   )
-  expected = server.server_update(server.server_init(params, opt), ref, opt)
+  expected = server.server_update(server.server_init(params, opt), ref.update["delta"], opt)
   _close(final.params, expected.params)
   assert history[0]["num_failed_clients"] == 1
   assert history[0]["num_clients"] == 11
