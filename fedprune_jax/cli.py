@@ -131,6 +131,14 @@ def cmd_federated(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+  from fedprune_jax.federated import job
+
+  result = job.run_baseline(_load(args))
+  print(json.dumps(result["final"], indent=2, sort_keys=True))
+  return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
   from fedprune_jax.models import conformer
 
@@ -139,24 +147,35 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-  """Synthesizes the embedded corpus, trains the tiny preset, prints the WER table."""
+  """Synthesizes the embedded corpus, runs dense federated training and federated pruning from
+  one warm start, prints the comparison table."""
   from fedprune_jax import config as config_lib
   from fedprune_jax.data import synth
-  from fedprune_jax.train import centralized
+  from fedprune_jax.federated import job
 
   cfg = config_lib.load_config("demo", args.overrides)
+  d = cfg.data
   corpus = synth.synthesize_corpus(
-    pathlib.Path(args.data) / "synth",
-    speakers=cfg.data.synth_speakers,
-    utterances=cfg.data.synth_utterances,
-    seed=cfg.data.synth_seed,
+    pathlib.Path(args.data) / f"synth_v{d.synth_vocab_size}",
+    speakers=d.synth_speakers,
+    utterances=d.synth_utterances,
+    vocab_size=d.synth_vocab_size,
+    seed=d.synth_seed,
     progress=True,
   )
   cfg.data.root = str(corpus)
-  cfg.workdir = args.workdir
-  result = centralized.train_and_evaluate(cfg)
+  workdir = pathlib.Path(args.workdir)
+  cfg.warm_start.path = str(workdir / "warm_start")
+  results = {}
+  for name in ("dense", "pruned"):
+    run_cfg = cfg.copy_and_resolve_references()
+    run_cfg.workdir = str(workdir / name)
+    if name == "dense":
+      run_cfg.pruning = None
+    print(f"\n== {name}: {run_cfg.rounds} federated rounds ==", file=sys.stderr)
+    results[name] = job.run(run_cfg)
   print()
-  print(centralized.format_results_table(result))
+  print(job.format_comparison(results))
   return 0
 
 
@@ -225,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   fed_p.set_defaults(func=cmd_federated)
 
+  base_p = sub.add_parser(
+    "baseline", help="centralized pruning with a federated pruning config's policy (by steps)"
+  )
+  _add_config_args(base_p, "fedprune_tiny")
+  base_p.set_defaults(func=cmd_baseline)
+
   presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")
   presets_p.set_defaults(func=cmd_presets)
 
@@ -237,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
   bench_p.add_argument(
     "which",
-    choices=["step", "prune", "engine", "synth"],
+    choices=["step", "prune", "engine", "synth", "fedprune"],
     help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
-    "engine: federated executors side by side; synth: corpus synthesis speed",
+    "engine: federated executors side by side; synth: corpus synthesis speed; "
+    "fedprune: federated pruning round and mask update vs dense FedAvg",
   )
   bench_p.add_argument(
     "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)"

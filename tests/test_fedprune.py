@@ -10,26 +10,17 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import toy_store
 from fedprune_jax import pruning
 from fedprune_jax.algorithms import build, fedprune, mask_policy
-from fedprune_jax.federated import aggregation, client, client_data, executor, rounds, toy
+from fedprune_jax.federated import aggregation, client, executor, rounds, toy
 from fedprune_jax.federated.sampling import CohortSampler
 
 F, K, H = 4, 3, 6
 
 
 def _store(n=10, seed=0):
-  return client_data.SyntheticClientStore(
-    n,
-    batch_size=3,
-    min_examples=2,
-    max_examples=7,
-    num_frames=5,
-    feature_dim=F,
-    label_len=2,
-    num_classes=K,
-    seed=seed,
-  )
+  return toy_store(n, seed)
 
 
 def _params(seed=0):

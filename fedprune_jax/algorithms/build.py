@@ -18,7 +18,7 @@ from fedprune_jax import io_utils
 from fedprune_jax.algorithms import mask_policy
 from fedprune_jax.algorithms.fedavg import fedavg
 from fedprune_jax.algorithms.fedprune import federated_pruning
-from fedprune_jax.federated import rounds
+from fedprune_jax.federated import faults, rounds
 from fedprune_jax.federated.algorithm import FederatedAlgorithm
 from fedprune_jax.federated.checkpoints import RoundCheckpointer
 from fedprune_jax.federated.client import LossFn, make_client_update
@@ -104,6 +104,7 @@ def build_algorithm(
     shuffle=c["shuffle"],
     grad_stats=policy is not None and policy.uses_client_scores,
   )
+  local = faults.with_faults(local, faults.FaultConfig(**cfg["faults"]))
   server_opt = make_server_optimizer(
     s["optimizer"], s["learning_rate"], b1=s["b1"], b2=s["b2"], eps=s["eps"], momentum=s["momentum"]
   )

@@ -131,6 +131,8 @@ class Accumulator(NamedTuple):
     num_clients: real (non-padding) clients that succeeded.
     num_examples: sum of those clients' example counts.
     num_failed: real clients whose ``metrics['failed']`` was 1 (they contribute nothing).
+    metric_sums: per client metric other than ``loss``, its sum over the real clients (e.g.
+      ``num_steps``, and the fault counts ``dropped``, ``straggler``, ``corrupt``, ``clipped``).
   """
 
   update: dict
@@ -139,6 +141,7 @@ class Accumulator(NamedTuple):
   num_clients: jax.Array
   num_examples: jax.Array
   num_failed: jax.Array
+  metric_sums: dict
 
 
 class Aggregate(NamedTuple):
@@ -161,18 +164,24 @@ def _reducer(reducers: Mapping[str, Reducer], key: str) -> Reducer:
   return reducers.get(key, WeightedMean())
 
 
-def zero_accumulator(update_like: Mapping[str, PyTree], reducers: Mapping[str, Reducer]):
-  """The empty accumulator for client updates shaped like ``update_like`` (no client axis)."""
+def zero_accumulator(
+  update_like: Mapping[str, PyTree],
+  reducers: Mapping[str, Reducer],
+  metric_names: tuple[str, ...] = (),
+):
+  """The empty accumulator for client outputs shaped like ``update_like`` (no client axis) with
+  per-client metrics ``metric_names``."""
   z = jnp.zeros((), jnp.float32)
   update = {k: _reducer(reducers, k).init(v) for k, v in update_like.items()}
-  return Accumulator(update, z, z, z, z, z)
+  sums = {k: z for k in metric_names if k != "loss"}
+  return Accumulator(update, z, z, z, z, z, sums)
 
 
 class Contributions(NamedTuple):
   """Per-client terms of the aggregate, each float32[C].
 
   Attributes:
-    weight: aggregation weight (0 for padding and failed clients).
+    weight: aggregation weight (0 for padding, failed and dropped-out clients).
     succeeded: 1 for real clients that succeeded.
     failed: 1 for real clients that failed (``metrics['failed']``).
   """
@@ -189,7 +198,7 @@ def contributions(out, valid: jax.Array, weighting: str = "num_examples") -> Con
   so giving it weight 0 removes it from every sum.
   """
   failed = valid * out.metrics["failed"]
-  succeeded = valid - failed
+  succeeded = valid - failed - valid * out.metrics.get("dropped", 0.0)
   if weighting == "num_examples":
     weight = out.num_examples * succeeded
   elif weighting == "uniform":
@@ -216,13 +225,15 @@ def accumulate(
     num_clients=acc.num_clients + c.succeeded.sum(),
     num_examples=acc.num_examples + jnp.sum(c.succeeded * out.num_examples),
     num_failed=acc.num_failed + c.failed.sum(),
+    metric_sums={k: v + jnp.sum(valid * out.metrics[k]) for k, v in acc.metric_sums.items()},
   )
 
 
 def merge(a: Accumulator, b: Accumulator, reducers: Mapping[str, Reducer]) -> Accumulator:
   """Two accumulators over disjoint client sets as one."""
   update = {k: _reducer(reducers, k).merge(a.update[k], b.update[k]) for k in a.update}
-  return Accumulator(update, *(x + y for x, y in zip(a[1:], b[1:])))
+  sums = {k: a.metric_sums[k] + b.metric_sums[k] for k in a.metric_sums}
+  return Accumulator(update, *(x + y for x, y in zip(a[1:6], b[1:6])), sums)
 
 
 def finalize(
@@ -238,5 +249,6 @@ def finalize(
     "num_examples": float(acc.num_examples),
     "num_failed_clients": float(acc.num_failed),
     "weight_sum": weight_sum,
+    **{f"sum_{k}": float(v) for k, v in acc.metric_sums.items()},
   }
   return Aggregate(update, acc.weight_sum, acc.num_clients, acc.num_examples), metrics

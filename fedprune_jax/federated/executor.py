@@ -44,13 +44,14 @@ ClientUpdate = Callable[[PyTree, dict, jax.Array], ClientOutput]
 
 
 class _UpdateShapes:
-  """Shapes of one client's ``update`` (no client axis), traced once per input signature."""
+  """Shapes of one client's output (no client axis), traced once per input signature."""
 
   def __init__(self, client_update: ClientUpdate):
     self.client_update = client_update
     self._cache: dict = {}
 
-  def __call__(self, client_input: PyTree, data: Mapping[str, np.ndarray]) -> dict:
+  def __call__(self, client_input: PyTree, data: Mapping[str, np.ndarray]):
+    """(update shapes, metric names) of one client's output."""
     one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
     sig = (
       jax.tree.structure(client_input),
@@ -59,8 +60,13 @@ class _UpdateShapes:
     )
     if sig not in self._cache:
       key = jax.random.key(0)
-      self._cache[sig] = jax.eval_shape(self.client_update, client_input, one, key).update
+      out = jax.eval_shape(self.client_update, client_input, one, key)
+      self._cache[sig] = (out.update, tuple(sorted(out.metrics)))
     return self._cache[sig]
+
+  def zero_accumulator(self, client_input, data, reducers) -> agg.Accumulator:
+    like, names = self(client_input, data)
+    return agg.zero_accumulator(like, reducers, names)
 
 
 def plan_chunks(
@@ -173,8 +179,8 @@ class ChunkedExecutor:
     plan = plan_chunks(store.bucket_of(client_ids), client_ids, self.chunk_size)
     if not plan:
       raise ValueError("empty cohort")
-    like = self._shapes(client_input, store.get(plan[0][1][:1]))  # a real client
-    acc = agg.zero_accumulator(like, self.reducers)
+    first = store.get(plan[0][1][:1])  # a real client
+    acc = self._shapes.zero_accumulator(client_input, first, self.reducers)
     if self.mesh is not None:
       client_input, acc, round_key = multihost.put_replicated(
         (client_input, acc, round_key), self.mesh
@@ -248,7 +254,7 @@ class SequentialExecutor:
     for cid in np.asarray(client_ids, np.int64):
       data = store.get(np.array([cid]))
       if acc is None:
-        acc = agg.zero_accumulator(self._shapes(client_input, data), self.reducers)
+        acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
       one = {k: v[0] for k, v in data.items()}
       acc = self._add(acc, self.update(client_input, one, jax.random.fold_in(round_key, cid)))
     if acc is None:
@@ -297,7 +303,7 @@ class DrjaxExecutor:
       ids = client_ids[bucket_of == b]
       data = store.get(ids)
       if acc is None:
-        acc = agg.zero_accumulator(self._shapes(client_input, data), self.reducers)
+        acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
       # DrJAX logs a warning per primitive when no 'clients' mesh is set
       verbosity = absl_logging.get_verbosity()
       absl_logging.set_verbosity(absl_logging.ERROR)

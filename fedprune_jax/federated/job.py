@@ -111,17 +111,9 @@ def sha256_of(tree: PyTree) -> str:
   return h.hexdigest()
 
 
-def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = False) -> dict:
-  """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
-  and dev/test at the end. ``fresh`` discards the workdir's checkpoints and log first."""
-  workdir = pathlib.Path(cfg.workdir)
-  if fresh:
-    for name in ("rounds", "metrics.jsonl", "results.json", "checkpoint"):
-      target = workdir / name
-      if target.is_dir():
-        shutil.rmtree(target)
-      elif target.exists():
-        target.unlink()
+def _setup(cfg: ml_collections.ConfigDict, progress: bool):
+  """What the federated job and its centralized baseline share: workdir, model, loss, the train
+  split, its server/client speaker split and the (cached) warm start."""
   workdir = task.prepare_workdir(cfg)
   model = task.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
@@ -133,6 +125,23 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   )
   params, warm_path = warm_start(
     cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
+  )
+  return workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path
+
+
+def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = False) -> dict:
+  """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
+  and dev/test at the end. ``fresh`` discards the workdir's checkpoints and log first."""
+  workdir = pathlib.Path(cfg.workdir)
+  if fresh:
+    for name in ("rounds", "metrics.jsonl", "results.json", "checkpoint"):
+      target = workdir / name
+      if target.is_dir():
+        shutil.rmtree(target)
+      elif target.exists():
+        target.unlink()
+  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
+    cfg, progress
   )
   store = make_store(cfg, train_fs, client_speakers)
   evals = task.EvalSplits(cfg)
@@ -200,6 +209,85 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   io_utils.write_json_atomic(workdir / "results.json", result)
   task.save_params(workdir / "checkpoint", algorithm_params)
   return result
+
+
+def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+  """The centralized pruning baseline of a federated pruning config (``fedprune baseline``).
+
+  Same warm start, same mask policy object (``build.policy_from_config(cfg.pruning)``), keyed by
+  steps: ``baseline.steps_per_round`` centralized steps per round (default: a round's client
+  steps, ``cohort_size * data.max_steps``), ``cfg.rounds`` rounds' worth of steps, on the
+  server-side speakers (``baseline.data='server'``) or on all clients' data pooled
+  (``'pooled'``, the non-private upper bound). Writes ``results.json`` like the federated job.
+  """
+  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
+    cfg, progress
+  )
+  which = cfg.baseline.data
+  if which not in ("server", "pooled"):
+    raise ValueError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
+  speakers = server_speakers if which == "server" else client_speakers
+  if not speakers:
+    raise ValueError("baseline.data='server' needs data.server_speakers > 0")
+  policy = build.policy_from_config(
+    build.resolve_pruning(cfg.pruning), model.config.d_model // model.config.conv_groups
+  )
+  per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
+  steps = cfg.rounds * per_round
+  client = rounds.resolve_config(cfg.to_dict())["client"]
+  params, mask, history = centralized_lib.train(
+    loss_fn,
+    params,
+    examples_of(train_fs, speakers),
+    steps=steps,
+    optimizer=rounds.make_client_optimizer(client),
+    batch_size=cfg.baseline.batch_size,
+    num_buckets=cfg.data.num_buckets,
+    seed=cfg.seed,
+    policy=policy,
+    steps_per_round=per_round,
+    progress=progress,
+    desc=f"centralized pruning ({which})",
+  )
+  model_params = pruning.apply_mask(params, mask)
+  final = task.EvalSplits(cfg).evaluate_all(model, model_params)
+  summary = {
+    "algorithm": f"centralized_{which}",
+    "steps": steps,
+    "steps_per_round": per_round,
+    "speakers": len(speakers),
+    "warm_start": warm_path,
+    "sparsity": float(pruning.sparsity(mask)),
+    "nonzero_params": int(pruning.param_count(params, mask)),
+    "num_params": conformer.count_params(params),
+    "preset": cfg.model.preset,
+    "params_sha256": sha256_of(params),
+    "mask_sha256": sha256_of(mask),
+  }
+  result = {"final": final, "train": summary, "history": history}
+  io_utils.write_json_atomic(workdir / "results.json", result)
+  task.save_params(workdir / "checkpoint", model_params)
+  return result
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+  """Markdown table of runs (e.g. {'dense': ..., 'pruned': ...}): WER, sparsity, client bytes."""
+  lines = [
+    "| run | dev WER | test WER | dev CER | sparsity | nonzero params | bytes down / client / round"
+    " | bytes up / client / round | rounds |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, r in results.items():
+    t, f = r["train"], r["final"]
+    dense_bytes = 4.0 * t["num_params"]
+    down = t.get("last_bytes_down_masked") or dense_bytes
+    up = t.get("last_bytes_up") or dense_bytes
+    lines.append(
+      f"| {name} | {f['dev']['wer']:.2%} | {f['test']['wer']:.2%} | {f['dev']['cer']:.2%} | "
+      f"{t.get('sparsity', 0.0):.1%} | {t['nonzero_params']:,} | {down / 1e6:.2f} MB | "
+      f"{up / 1e6:.2f} MB | {t.get('rounds', '')} |"
+    )
+  return "\n".join(lines)
 
 
 def _round_costs(cfg, model, loss_fn, params, store, policy, engine):

@@ -18,6 +18,8 @@ below)::
            num_epochs: 1, shuffle: True}
   server: {optimizer: 'fedavg', learning_rate: 1.0, b1: 0.9, b2: 0.99,
            eps: 1e-3, momentum: None}
+  faults: {dropout: 0, straggler: 0, corrupt: 0, corrupt_kind: 'nan',
+           max_update_norm: None, clip_norm: None}   # simulated faults, see faults.py
   engine: {executor: 'chunked', chunk_size: 16, num_devices: 1,
            weighting: 'num_examples', vmap_size: None, device_loop: False}
            # num_devices: int or 'all'; executor: chunked|sequential|drjax;
@@ -71,6 +73,14 @@ DEFAULTS = {
     "b2": 0.99,
     "eps": 1e-3,
     "momentum": None,
+  },
+  "faults": {
+    "dropout": 0.0,
+    "straggler": 0.0,
+    "corrupt": 0.0,
+    "corrupt_kind": "nan",
+    "max_update_norm": None,
+    "clip_norm": None,
   },
   "engine": {
     "executor": "chunked",
