@@ -294,3 +294,27 @@ def test_policy_rejects_a_schedule_that_ends_after_the_pruning_phase():
     _policy("step", pruning_rounds=3, step_delta=0.1, update_every=2)
   with pytest.raises(ValueError, match="pruning.score"):
     mask_policy.MaskPolicy(pruning.Constant(0.5), 1, score="sparkle")
+
+
+def test_units_pattern_prunes_whole_conformer_units_consistently():
+  from conftest import MICRO_MODEL  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.models import asr  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.pruning import units  # pylint: disable=g-import-not-at-top
+
+  model = asr.make_asr_model("tiny", **dict(MICRO_MODEL, ffn_mult=4))
+  params = model.init(jax.random.key(0))
+  cpg = model.config.d_model // model.config.conv_groups
+  policy = mask_policy.MaskPolicy(
+    pruning.Constant(0.5), 1, pattern="units", allocation="uniform", channels_per_group=cpg
+  )
+  mask = policy.next_mask(policy.init_mask(params), pruning.magnitude(params), 0, params)
+  expected = units.expand_unit_mask(
+    params, cpg, units.unit_mask(params, cpg, 0.5, allocation="uniform")
+  )
+  for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ffn = mask["encoder"]["block_0"]["ffn1"]
+  cols = np.asarray(ffn["dense_in"]["kernel"]).all(axis=0)
+  rows = np.asarray(ffn["dense_out"]["kernel"]).all(axis=1)
+  np.testing.assert_array_equal(cols, rows)  # a hidden unit goes with its in-column and out-row
+  assert cols.sum() == len(cols) // 2
