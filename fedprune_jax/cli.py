@@ -34,14 +34,18 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> No
   parser.add_argument("--data", default=None, help="corpus root directory (overrides data.root)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, writes_workdir: bool = True):
+  """The validated config of a command; its workdir is created and proven writable up front."""
   from fedprune_jax import config as config_lib
+  from fedprune_jax import io_utils
 
   cfg = config_lib.load_config(args.config, args.overrides)
   if getattr(args, "data", None):
     cfg.data.root = args.data
   if getattr(args, "workdir", None):
     cfg.workdir = args.workdir
+  if writes_workdir:
+    io_utils.ensure_writable_dir(cfg.workdir, "workdir")
   return cfg
 
 
@@ -70,7 +74,12 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
 
+  from fedprune_jax.data.records import CorpusError
+
   root = pathlib.Path(args.dir)
+  if not root.is_dir():
+    what = "does not exist" if not root.exists() else "is not a directory"
+    raise CorpusError(f"corpus directory {str(root)!r} {what}")
   is_split = next(root.glob("*/*/*.trans.txt"), None) is not None
   # A corpus root holds split directories, plus hidden ones such as the feature cache.
   split_dirs = (
@@ -101,7 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
   from fedprune_jax.train import centralized
 
-  cfg = _load(args)
+  from fedprune_jax.errors import InputError
+
+  checkpoint = pathlib.Path(args.checkpoint)
+  if not checkpoint.is_dir():
+    what = "does not exist" if not checkpoint.exists() else "is not a directory"
+    raise InputError(f"--checkpoint {str(checkpoint)!r} {what} (pass WORKDIR/checkpoint of train)")
+  cfg = _load(args, writes_workdir=False)
   metrics = centralized.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
   print(json.dumps(metrics, indent=2, sort_keys=True))
   return 0
@@ -129,7 +144,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
   from fedprune_jax.data import synth
   from fedprune_jax.train import centralized
 
+  from fedprune_jax import io_utils
+
   cfg = config_lib.load_config("demo", args.overrides)
+  io_utils.ensure_writable_dir(args.workdir, "--workdir")
   corpus = synth.synthesize_corpus(
     pathlib.Path(args.data) / "synth",
     speakers=cfg.data.synth_speakers,
@@ -244,6 +262,25 @@ def enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
+def error_line(exc: BaseException) -> str | None:
+  """The one line a bad-input exception is reported as, or None for a bug (keeps its traceback).
+
+  Bad input is one of our error types (config, corpus, arguments and outputs), a missing file,
+  or an operating-system error behind any exception (disk full, read-only or odd path), which
+  libraries such as orbax wrap in their own exceptions.
+  """
+  from fedprune_jax import config as config_lib
+  from fedprune_jax import errors
+  from fedprune_jax.data.records import CorpusError
+
+  if isinstance(exc, (config_lib.ConfigError, CorpusError, errors.InputError)):
+    return str(exc).replace("\n", " ")
+  os_error = errors.environment_error(exc)
+  if os_error is not None:
+    return errors.describe_os_error(os_error)
+  return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -255,15 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input (config, corpus, flags): one clear line, no traceback.
-    from fedprune_jax import config as config_lib
-    from fedprune_jax.data.records import CorpusError
-
-    if isinstance(e, (config_lib.ConfigError, CorpusError, FileNotFoundError)):
-      print(f"fedprune: error: {e}", file=sys.stderr)
-      return 2
-    raise
+  except Exception as e:  # pylint: disable=broad-except
+    line = error_line(e)
+    if line is None:
+      raise
+    print(f"fedprune: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

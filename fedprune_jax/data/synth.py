@@ -32,7 +32,10 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -109,16 +112,16 @@ class UtterancePlan:
 def _split_counts(num_speakers: int,
                   fractions: Sequence[float]) -> tuple[int, int, int]:
   if len(fractions) != 3 or any(f < 0 for f in fractions):
-    raise ValueError(
+    raise CorpusError(
         f"split_fractions={tuple(fractions)} must be 3 non-negative numbers "
         "(train, dev, test)")
   if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-    raise ValueError(f"split_fractions={tuple(fractions)} must sum to 1")
+    raise CorpusError(f"split_fractions={tuple(fractions)} must sum to 1")
   dev, test = (max(1, round(f * num_speakers)) if f > 0 else 0
                for f in fractions[1:])
   train = num_speakers - dev - test
   if fractions[0] > 0 and train < 1:
-    raise ValueError(
+    raise CorpusError(
         f"{num_speakers} speakers are too few for split_fractions="
         f"{tuple(fractions)} (every non-empty split needs a speaker)")
   return train, dev, test
@@ -139,7 +142,7 @@ def plan_speakers(*, speakers: int, seed: int,
                   ) -> list[SpeakerPlan]:
   """Voices, channels and split of ``speakers`` synthetic speakers."""
   if speakers < 1:
-    raise ValueError(f"speakers={speakers} must be >= 1")
+    raise CorpusError(f"speakers={speakers} must be >= 1")
   counts = _split_counts(speakers, split_fractions)
   order = np.random.default_rng([seed, _VOICE_STREAM]).permutation(speakers)
   split_of = np.empty((speakers,), object)
@@ -312,6 +315,63 @@ def _pool_context():
   return multiprocessing.get_context("spawn")
 
 
+def _process_alive(pid: int, started: float | None = None) -> bool:
+  """Whether ``pid`` runs (not a zombie) and, given ``started``, is the same process."""
+  import psutil  # pylint: disable=import-outside-toplevel
+  try:
+    proc = psutil.Process(pid)
+    if proc.status() == psutil.STATUS_ZOMBIE:
+      return False
+    return started is None or proc.create_time() == started
+  except psutil.Error:
+    return False
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+  """Worker initializer: exit as soon as the main process is gone.
+
+  A ``kill -9`` of ``corpus synth`` runs no cleanup, and a pool worker
+  (whose parent is the forkserver, not the main process) would otherwise
+  render its queue to the end, or block forever, as an orphan.
+  """
+  import psutil  # pylint: disable=import-outside-toplevel
+  try:
+    started = psutil.Process(parent_pid).create_time()
+  except psutil.Error:
+    os._exit(1)  # pylint: disable=protected-access
+
+  def watch():
+    while _process_alive(parent_pid, started):
+      time.sleep(poll_s)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _owner_tag(pid: int) -> str:
+  """``HOST_PID`` of a temporary directory's writer (hosts may share a file system)."""
+  host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+  return f"{host}_{pid}"
+
+
+def remove_stale_tmp_dirs(out_dir: Path) -> list[Path]:
+  """Deletes temporary build directories of ``out_dir`` left by killed writers on this host.
+
+  A directory whose writer still runs (a concurrent build) is kept.
+  """
+  host_prefix = _owner_tag(0).rsplit("_", 1)[0] + "_"
+  removed = []
+  for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+    owner = tmp.name[len(f".{out_dir.name}.tmp-"):].rsplit("-", 1)[0]
+    if not owner.startswith(host_prefix):
+      continue
+    pid = owner[len(host_prefix):]
+    if pid.isdigit() and not _process_alive(int(pid)):
+      shutil.rmtree(tmp, ignore_errors=True)
+      removed.append(tmp)
+  return removed
+
+
 def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
                 workers: int, progress_desc: str | None
                 ) -> list[tuple[str, int]]:
@@ -330,7 +390,8 @@ def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
           bar.update(len(task))
       return results
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=_pool_context())
+        workers, mp_context=_pool_context(), initializer=_exit_with_parent,
+        initargs=(os.getpid(),))
     try:
       futures = [pool.submit(_render_task, str(root), seed, t) for t in tasks]
       for fut in concurrent.futures.as_completed(futures):
@@ -391,13 +452,20 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   """
   out_dir = Path(out_dir)
   if utterances < 1:
-    raise ValueError(f"utterances={utterances} must be >= 1")
+    raise CorpusError(f"utterances={utterances} must be >= 1")
+  if workers is not None and workers < 1:
+    raise CorpusError(f"workers={workers} must be >= 1")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise CorpusError(f"corpus output {str(out_dir)!r} exists and is not a directory")
   params = _params(speakers, utterances, seed, split_fractions, vocab_size)
   if _check_existing(out_dir, params):
     return out_dir
   speaker_plans = plan_speakers(speakers=speakers, seed=seed,
                                 split_fractions=split_fractions)
-  vocab = text_lib.build_vocabulary(vocab_size)
+  try:
+    vocab = text_lib.build_vocabulary(vocab_size)
+  except ValueError as e:
+    raise CorpusError(f"vocab_size={vocab_size}: {e}") from e
   utts = [u for s in speaker_plans
           for u in plan_utterances(s, utterances=utterances, seed=seed,
                                    vocab=vocab)]
@@ -407,7 +475,9 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   workers = max(1, min(workers, len(tasks)))
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+  remove_stale_tmp_dirs(out_dir)
+  tmp = out_dir.parent / (f".{out_dir.name}.tmp-{_owner_tag(os.getpid())}-"
+                          f"{uuid.uuid4().hex[:12]}")
   tmp.mkdir()
   try:
     results = _render_all(tmp, seed, tasks, workers,

@@ -1,0 +1,305 @@
+"""Config validation at load time: one table of field rules plus a list of cross-field rules.
+
+``validate(config)`` runs once, after a config file is loaded and its overrides are applied
+(``config.load_config``), so a bad value fails in milliseconds with the field's dotted name and
+its allowed range or values, instead of a traceback from inside a jitted round (or, worse, a
+silent run: a NaN learning rate drops every client, negative steps train nothing).
+
+Rules only apply to fields the config has: a centralized config has no ``rounds``, a section
+may be ``None`` (``specaug=None`` turns SpecAugment off), and free-form maps such as
+``model.overrides`` are never inspected.  To add rules (e.g. for a new ``pruning`` section)
+add rows to ``FIELD_RULES`` and functions to ``CROSS_RULES``; the helpers below cover ranges,
+choices, order between two fields and divisibility.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Collection, Iterable
+
+from fedprune_jax.config import ConfigError
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """What one config field may hold.
+
+  Attributes:
+    kind: "int", "float" (ints accepted; NaN and infinities never), "bool" or "str".
+    lo, hi: inclusive bounds for numbers (None = unbounded).
+    lo_open: the lower bound itself is excluded (``> lo``).
+    hi_open: the upper bound itself is excluded (``< hi``).
+    choices: allowed values (compared case-insensitively for strings), or a zero-argument
+      callable returning them, so that choices defined next to their implementation
+      (Conformer presets, ASR heads) are imported only when the field is checked.
+    check: extra test ``value -> error text or None`` (e.g. a pattern grammar).
+    optional: ``None`` is allowed.
+    also: other allowed literal values besides ``kind`` (e.g. ``num_devices='all'``).
+  """
+
+  kind: str
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: Collection[Any] | Callable[[], Collection[Any]] | None = None
+  check: Callable[[Any], str | None] | None = None
+  optional: bool = False
+  also: tuple[Any, ...] = ()
+
+  def describe(self) -> str:
+    """The allowed values in words, e.g. "an integer >= 1" or "one of 'sgd', 'adam'"."""
+    if self.choices is not None:
+      text = "one of " + ", ".join(repr(c) for c in sorted(_choices(self), key=str))
+    else:
+      noun = {"int": "an integer", "float": "a finite number", "bool": "True or False"}
+      text = noun.get(self.kind, "a string")
+      if self.lo is not None and self.hi is not None:
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        text += f" in {left}{self.lo}, {self.hi}{right}"
+      elif self.lo is not None:
+        text += f" {'>' if self.lo_open else '>='} {self.lo}"
+      elif self.hi is not None:
+        text += f" {'<' if self.hi_open else '<='} {self.hi}"
+    extras = [repr(a) for a in self.also] + (["None"] if self.optional else [])
+    return text + "".join(f" or {e}" for e in extras)
+
+  def error(self, value: Any) -> str | None:
+    """Why ``value`` is not allowed, or None if it is."""
+    if value is None and self.optional:
+      return None
+    if value in self.also and not isinstance(value, bool):
+      return None
+    if not _has_kind(value, self.kind):
+      return f"must be {self.describe()}"
+    if self.choices is not None:
+      allowed = {_fold(c) for c in _choices(self)}
+      if _fold(value) not in allowed:
+        return f"must be {self.describe()}"
+    if self.kind in ("int", "float"):
+      too_low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+      too_high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+      if too_low or too_high:
+        return f"must be {self.describe()}"
+    if self.check is not None:
+      return self.check(value)
+    return None
+
+
+def _choices(rule: Field) -> Collection[Any]:
+  return rule.choices() if callable(rule.choices) else rule.choices
+
+
+def _fold(value: Any) -> Any:
+  return value.lower() if isinstance(value, str) else value
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+  if kind == "bool":
+    return isinstance(value, bool)
+  if kind == "str":
+    return isinstance(value, str)
+  if isinstance(value, bool):
+    return False
+  if kind == "int":
+    return isinstance(value, int)
+  if kind == "float":
+    return isinstance(value, (int, float)) and math.isfinite(value)
+  raise ValueError(f"unknown field kind {kind!r}")
+
+
+# --- shorthands for the table -------------------------------------------------------------------
+
+
+def count(lo: int = 0, **kw) -> Field:
+  """An integer >= ``lo``."""
+  return Field("int", lo=lo, **kw)
+
+
+def positive(**kw) -> Field:
+  """A finite number > 0."""
+  return Field("float", lo=0, lo_open=True, **kw)
+
+
+def fraction(**kw) -> Field:
+  """A finite number in [0, 1] (narrow with ``hi_open``/``lo_open``)."""
+  return Field("float", lo=0, hi=1, **kw)
+
+
+def one_of(*choices: Any, **kw) -> Field:
+  return Field("str", choices=choices, **kw)
+
+
+def _conformer_presets() -> Collection[str]:
+  from fedprune_jax.models import conformer  # pylint: disable=g-import-not-at-top
+
+  return conformer.PRESETS
+
+
+def _asr_heads() -> Collection[str]:
+  from fedprune_jax.models import asr  # pylint: disable=g-import-not-at-top
+
+  return asr.HEADS
+
+
+def _pattern_error(value: str) -> str | None:
+  from fedprune_jax.pruning import patterns  # pylint: disable=g-import-not-at-top
+
+  try:
+    patterns.parse_pattern(value)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+STRING = Field("str")
+BOOL = Field("bool")
+
+# Dotted field path -> rule.  Sections of the centralized, federated and demo configs.
+FIELD_RULES: dict[str, Field] = {
+  "seed": count(0),
+  "workdir": Field("str", check=lambda v: None if v.strip() else "must not be empty"),
+  # data
+  "data.root": STRING,
+  "data.source": one_of("librispeech_dir", "tfds"),
+  "data.train_split": STRING,
+  "data.dev_split": STRING,
+  "data.test_split": STRING,
+  "data.cache_dir": STRING,
+  "data.batch_size": count(1),
+  "data.num_buckets": count(1),
+  "data.eval_batch_size": count(1),
+  "data.max_steps": count(1, optional=True),
+  "data.max_frames": count(1, optional=True),
+  "data.synth_speakers": count(1),
+  "data.synth_utterances": count(1),
+  "data.synth_seed": count(0),
+  # model (model.overrides is free-form: ConformerConfig fields)
+  "model.preset": Field("str", choices=_conformer_presets),
+  "model.head": Field("str", choices=_asr_heads),
+  # centralized optimizer and loop
+  "optim.peak_lr": positive(),
+  "optim.warmup_steps": count(0),
+  "optim.end_lr_fraction": fraction(),
+  "optim.b1": fraction(hi_open=True),
+  "optim.b2": fraction(hi_open=True),
+  "optim.weight_decay": Field("float", lo=0),
+  "optim.clip_norm": positive(),
+  "train.steps": count(1),
+  "train.max_minutes": positive(),
+  "train.eval_every": count(0),
+  "train.log_every": count(1),
+  "train.spec_augment": BOOL,
+  "train.checkpoint": BOOL,
+  "specaug.num_freq_masks": count(0),
+  "specaug.max_freq_width": count(0),
+  "specaug.num_time_masks": count(0),
+  "specaug.max_time_width": fraction(),
+  # federated rounds (fedprune_jax/federated/rounds.py)
+  "rounds": count(0),
+  "cohort_size": count(1),
+  "sampling": one_of("uniform", "weighted"),
+  "eval_every": count(0),
+  "client.optimizer": one_of("sgd", "adam"),
+  "client.learning_rate": positive(),
+  "client.momentum": fraction(hi_open=True, optional=True),
+  "client.num_epochs": count(1),
+  "client.shuffle": BOOL,
+  "server.optimizer": one_of("fedavg", "sgd", "fedadam", "adam", "fedyogi", "yogi"),
+  "server.learning_rate": positive(),
+  "server.b1": fraction(hi_open=True),
+  "server.b2": fraction(hi_open=True),
+  "server.eps": positive(),
+  "server.momentum": fraction(hi_open=True, optional=True),
+  "engine.executor": one_of("chunked", "sequential", "drjax"),
+  "engine.chunk_size": count(1),
+  "engine.num_devices": count(1, also=("all",)),
+  "engine.weighting": one_of("num_examples", "uniform"),
+  "engine.vmap_size": count(1, optional=True),
+  "engine.device_loop": BOOL,
+  # federated pruning (checked as soon as the section exists)
+  "pruning.target_sparsity": fraction(hi_open=True),
+  "pruning.pattern": Field("str", check=_pattern_error),
+  "pruning.schedule": one_of("constant", "step", "polynomial"),
+}
+
+
+def get_path(config: Any, path: str) -> Any:
+  """``config[a][b][c]`` for ``"a.b.c"``; ``_MISSING`` if a part is absent or a section None."""
+  node = config
+  for part in path.split("."):
+    if node is None or not hasattr(node, "keys") or part not in node.keys():
+      return _MISSING
+    node = node[part]
+  return node
+
+
+# --- cross-field rules: config -> error text (naming both fields) or None ------------------------
+
+CrossRule = Callable[[Any], str | None]
+
+
+def ordered(low: str, high: str) -> CrossRule:
+  """``low <= high`` when both fields are set (e.g. a schedule's begin and end)."""
+
+  def rule(config: Any) -> str | None:
+    a, b = get_path(config, low), get_path(config, high)
+    if _is_number(a) and _is_number(b) and a > b:
+      return f"{low}={a} must be <= {high}={b}"
+    return None
+
+  return rule
+
+
+def multiple_of(field: str, divisor: str) -> CrossRule:
+  """``field`` is a multiple of ``divisor`` when both are integers."""
+
+  def rule(config: Any) -> str | None:
+    a, b = get_path(config, field), get_path(config, divisor)
+    if _is_number(a) and _is_number(b) and b > 0 and a % b:
+      return f"{field}={a} must be a multiple of {divisor}={b}"
+    return None
+
+  return rule
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+CROSS_RULES: list[CrossRule] = [
+  ordered("engine.vmap_size", "engine.chunk_size"),
+  # The chunked executor shards a chunk's clients over the devices.
+  multiple_of("engine.chunk_size", "engine.num_devices"),
+  ordered("pruning.begin_round", "pruning.end_round"),
+  ordered("pruning.end_round", "rounds"),
+]
+
+
+def problems(config: Any) -> list[str]:
+  """Every rule violation of ``config`` as ``"field=value: must be ..."`` texts."""
+  out = []
+  for path, rule in FIELD_RULES.items():
+    value = get_path(config, path)
+    if value is _MISSING:
+      continue
+    why = rule.error(value)
+    if why is not None:
+      out.append(f"{path}={value!r} {why}")
+  if not out:  # cross rules assume each field is well-formed
+    out += [why for rule in CROSS_RULES if (why := rule(config)) is not None]
+  return out
+
+
+def validate(config: Any, source: str = "config") -> None:
+  """Raises ConfigError naming ``source`` and every bad field (one line), if any."""
+  found = problems(config)
+  if found:
+    raise ConfigError(f"{source}: {'; '.join(found)}")
+
+
+def field_paths() -> Iterable[str]:
+  return FIELD_RULES.keys()
