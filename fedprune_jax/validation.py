@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection
 
 from fedprune_jax.config import ConfigError
 
@@ -145,9 +145,15 @@ def _asr_heads() -> Collection[str]:
   return asr.HEADS
 
 
+def _allocations() -> Collection[str]:
+  return ("uniform", "global", "adaptive", "erk")  # fedprune_jax.pruning.parse_allocation
+
+
 def _pattern_error(value: str) -> str | None:
   from fedprune_jax.pruning import patterns  # pylint: disable=g-import-not-at-top
 
+  if value.strip().lower() == "units":  # unit-structured masks (heads, FFN units, conv groups)
+    return None
   try:
     patterns.parse_pattern(value)
   except ValueError as e:
@@ -220,10 +226,31 @@ FIELD_RULES: dict[str, Field] = {
   "engine.weighting": one_of("num_examples", "uniform"),
   "engine.vmap_size": count(1, optional=True),
   "engine.device_loop": BOOL,
-  # federated pruning (checked as soon as the section exists)
+  "checkpoint_every": count(0),
+  "keep_checkpoints": count(1),
+  "data.server_speakers": count(0),
+  "warm_start.steps": count(0),
+  "warm_start.batch_size": count(1),
+  "baseline.data": one_of("server", "pooled"),
+  "baseline.steps_per_round": count(0),
+  "baseline.batch_size": count(1),
+  # federated pruning (checked as soon as the section exists; names as in the lead's draft
+  # fedprune_jax/algorithms/build.py PRUNING_DEFAULTS)
   "pruning.target_sparsity": fraction(hi_open=True),
+  "pruning.initial_sparsity": fraction(hi_open=True),
   "pruning.pattern": Field("str", check=_pattern_error),
-  "pruning.schedule": one_of("constant", "step", "polynomial"),
+  "pruning.score": one_of("magnitude", "random", "saliency", "update"),
+  "pruning.allocation": Field("str", choices=_allocations),
+  "pruning.schedule": one_of("polynomial", "constant", "step"),
+  "pruning.begin_round": count(0),
+  "pruning.update_every": count(1),
+  "pruning.step_delta": fraction(lo_open=True),
+  "pruning.pruning_rounds": count(1),
+  "pruning.refining_rounds": count(0),
+  "pruning.refine_every": count(1),
+  "pruning.refinement": one_of("server", "client", "none"),
+  "pruning.client_aggregation": one_of("mean", "trimmed_mean", "vote"),
+  "pruning.trim_fraction": Field("float", lo=0, hi=0.5, hi_open=True),
 }
 
 
@@ -266,6 +293,19 @@ def multiple_of(field: str, divisor: str) -> CrossRule:
   return rule
 
 
+def sum_at_most(parts: tuple[str, ...], total: str) -> CrossRule:
+  """``sum(parts) <= total`` when all are set (e.g. phase lengths within the rounds)."""
+
+  def rule(config: Any) -> str | None:
+    values = [get_path(config, p) for p in (*parts, total)]
+    if all(_is_number(v) for v in values) and sum(values[:-1]) > values[-1]:
+      lhs = " + ".join(f"{p}={v}" for p, v in zip(parts, values))
+      return f"{lhs} must be <= {total}={values[-1]}"
+    return None
+
+  return rule
+
+
 def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -274,8 +314,11 @@ CROSS_RULES: list[CrossRule] = [
   ordered("engine.vmap_size", "engine.chunk_size"),
   # The chunked executor shards a chunk's clients over the devices.
   multiple_of("engine.chunk_size", "engine.num_devices"),
-  ordered("pruning.begin_round", "pruning.end_round"),
-  ordered("pruning.end_round", "rounds"),
+  ordered("pruning.initial_sparsity", "pruning.target_sparsity"),
+  # The pruning and refining phases happen within the run.
+  sum_at_most(
+    ("pruning.begin_round", "pruning.pruning_rounds", "pruning.refining_rounds"), "rounds"
+  ),
 ]
 
 
@@ -299,7 +342,3 @@ def validate(config: Any, source: str = "config") -> None:
   found = problems(config)
   if found:
     raise ConfigError(f"{source}: {'; '.join(found)}")
-
-
-def field_paths() -> Iterable[str]:
-  return FIELD_RULES.keys()

@@ -75,18 +75,34 @@ def test_cross_rules_helpers():
 
 def test_pruning_rules_apply_once_the_section_exists():
   cfg = config_lib.load_config("tiny_federated", validate=False)
+  cfg.rounds = 40
   cfg.pruning = ml_collections.ConfigDict(
-    dict(target_sparsity=0.5, pattern="block:4x4", schedule="polynomial", begin_round=0)
+    dict(
+      target_sparsity=0.5,
+      initial_sparsity=0.0,
+      pattern="block:4x4",
+      schedule="polynomial",
+      allocation="global",
+      begin_round=0,
+      pruning_rounds=20,
+      refining_rounds=10,
+      trim_fraction=0.1,
+    )
   )
-  cfg.pruning.end_round = 30
   assert V.problems(cfg) == []
   cfg.pruning.pattern = "diagonal"
   cfg.pruning.target_sparsity = 1.0
+  cfg.pruning.trim_fraction = 0.5
   found = " ".join(V.problems(cfg))
   assert "pruning.target_sparsity=1.0" in found and "unknown pruning pattern 'diagonal'" in found
-  cfg.pruning.pattern, cfg.pruning.target_sparsity = "row", 0.9
-  cfg.pruning.end_round = cfg.rounds + 1
-  assert V.problems(cfg) == [f"pruning.end_round={cfg.rounds + 1} must be <= rounds={cfg.rounds}"]
+  assert "pruning.trim_fraction=0.5 must be a finite number in [0, 0.5)" in found
+  cfg.pruning.update(pattern="units", target_sparsity=0.9, trim_fraction=0.0, refining_rounds=21)
+  assert V.problems(cfg) == [
+    "pruning.begin_round=0 + pruning.pruning_rounds=20 + pruning.refining_rounds=21 "
+    "must be <= rounds=40"
+  ]
+  cfg.pruning.update(refining_rounds=0, initial_sparsity=0.95)
+  assert V.problems(cfg) == ["pruning.initial_sparsity=0.95 must be <= pruning.target_sparsity=0.9"]
 
 
 def test_load_config_validates_after_overrides_and_names_the_file(tmp_path):
