@@ -73,7 +73,6 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
-
   from fedprune_jax.data.records import CorpusError
 
   root = pathlib.Path(args.dir)
@@ -108,9 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  from fedprune_jax.train import centralized
-
   from fedprune_jax.errors import InputError
+  from fedprune_jax.train import centralized
 
   checkpoint = pathlib.Path(args.checkpoint)
   if not checkpoint.is_dir():
@@ -141,10 +139,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
   """Synthesizes the embedded corpus, trains the tiny preset, prints the WER table."""
   from fedprune_jax import config as config_lib
+  from fedprune_jax import io_utils
   from fedprune_jax.data import synth
   from fedprune_jax.train import centralized
-
-  from fedprune_jax import io_utils
 
   cfg = config_lib.load_config("demo", args.overrides)
   io_utils.ensure_writable_dir(args.workdir, "--workdir")
