@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 from typing import Callable, Sequence
@@ -272,18 +273,26 @@ def error_line(exc: BaseException) -> str | None:
 
   if isinstance(exc, (config_lib.ConfigError, CorpusError, errors.InputError)):
     return str(exc).replace("\n", " ")
-  os_error = errors.environment_error(exc)
-  if os_error is not None:
-    return errors.describe_os_error(os_error)
-  return None
+  return errors.environment_failure(exc)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.command not in ("corpus",):
-    enable_compilation_cache()
-  func: Callable[[argparse.Namespace], int] = args.func
+class _ReportedByMain(logging.Filter):
+  """Drops a library's log record of an exception that ``main`` reports as one line anyway.
+
+  orbax logs a failed background write (disk full) with its traceback before re-raising it.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or error_line(exc) is None
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+  """Runs a command; bad input becomes one ``fedprune: error:`` line and exit code 2."""
+  log_filter = _ReportedByMain()
+  loggers = [logging.getLogger(), logging.getLogger("absl")]
+  for logger in loggers:
+    logger.addFilter(log_filter)
   try:
     return func(args)
   except KeyboardInterrupt:
@@ -295,6 +304,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"fedprune: error: {line}", file=sys.stderr)
     return 2
+  finally:
+    for logger in loggers:
+      logger.removeFilter(log_filter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command not in ("corpus",):
+    enable_compilation_cache()
+  return run_command(args.func, args)
 
 
 if __name__ == "__main__":

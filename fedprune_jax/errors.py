@@ -2,13 +2,15 @@
 
 ``config.ConfigError`` (config files, overrides, field values) and ``data.records.CorpusError``
 (corpus files) predate this module; ``InputError`` covers the rest: command-line arguments and
-output locations.  ``environment_error`` finds the operating-system error (disk full, read-only
-or missing path) behind a library's exception, so that it too becomes one line.
+output locations.  ``environment_failure`` finds the operating-system error (disk full,
+read-only or missing path) behind a library's exception, so that it too becomes one line.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 # Failures of the machine or of a path the user named, not of the program.
 ENVIRONMENT_ERRNOS = frozenset(
@@ -44,15 +46,26 @@ class InputError(ValueError):
   """A command-line argument or an output location is unusable; the message names it."""
 
 
-def environment_error(exc: BaseException) -> OSError | None:
-  """The first OSError with an environmental errno in ``exc``'s cause/context chain, or None."""
+# TensorStore (orbax's storage layer) raises ValueError("... [os_error_code='28']").
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)'?")
+
+
+def environment_failure(exc: BaseException) -> str | None:
+  """One line for the operating-system error behind ``exc`` (its cause/context chain), or None.
+
+  Recognises OSError (with an environmental errno, or a path error raised with a message only)
+  and TensorStore's errors, which carry the errno in their message only.
+  """
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     if isinstance(exc, OSError) and (
       exc.errno in ENVIRONMENT_ERRNOS or isinstance(exc, _PATH_ERRORS)
     ):
-      return exc
+      return describe_os_error(exc)
+    code = _OS_ERROR_CODE.search(str(exc))
+    if code and int(code.group(1)) in ENVIRONMENT_ERRNOS:
+      return f"{os.strerror(int(code.group(1)))}: {' '.join(str(exc).split())}"
     exc = exc.__cause__ or exc.__context__
   return None
 

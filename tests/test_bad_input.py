@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_naming_it(argv_of, expected, tmp_path, capsys, mo
 
 
 def test_disk_full_inside_a_library_is_one_line(tmp_path, capsys, monkeypatch):
-  """orbax (or any library) wraps ENOSPC in its own exception: the OS error is still found."""
+  """A library wraps ENOSPC in its own exception: the OS error in the chain is still found."""
   from fedprune_jax.train import centralized  # pylint: disable=g-import-not-at-top
 
   checkpoint = tmp_path / "w" / "checkpoint"
@@ -225,3 +225,32 @@ def test_bad_input_subprocess_exit_path(argv, field, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fedprune: error: ")
   assert field in proc.stderr and "Traceback" not in proc.stderr
+
+
+_SAVE_UNDER_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from fedprune_jax import cli
+from fedprune_jax.train import centralized
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+params = {"w": np.random.default_rng(0).standard_normal(300_000).astype(np.float32)}
+sys.exit(cli.run_command(lambda args: centralized.save_params(sys.argv[1], params), None))
+"""
+
+
+def test_orbax_checkpoint_on_a_full_disk_is_one_line(tmp_path):
+  """A real orbax save that runs out of space (a file-size limit stands in for a full disk)."""
+  proc = subprocess.run(
+    [sys.executable, "-c", _SAVE_UNDER_FILE_SIZE_LIMIT, str(tmp_path / "checkpoint")],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    check=False,
+  )
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr  # orbax's logged traceback is dropped too
+  assert lines[0].startswith("fedprune: error: File too large: ")
+  assert "checkpoint" in lines[0]
