@@ -37,7 +37,7 @@ class Field:
       (Conformer presets, ASR heads) are imported only when the field is checked.
     check: extra test ``value -> error text or None`` (e.g. a pattern grammar).
     optional: ``None`` is allowed.
-    also: other allowed literal values besides ``kind`` (e.g. ``num_devices='all'``).
+    also: other allowed strings besides ``kind`` (e.g. ``num_devices='all'``).
   """
 
   kind: str
@@ -48,7 +48,7 @@ class Field:
   choices: Collection[Any] | Callable[[], Collection[Any]] | None = None
   check: Callable[[Any], str | None] | None = None
   optional: bool = False
-  also: tuple[Any, ...] = ()
+  also: tuple[str, ...] = ()
 
   def describe(self) -> str:
     """The allowed values in words, e.g. "an integer >= 1" or "one of 'sgd', 'adam'"."""
@@ -71,7 +71,7 @@ class Field:
     """Why ``value`` is not allowed, or None if it is."""
     if value is None and self.optional:
       return None
-    if value in self.also and not isinstance(value, bool):
+    if isinstance(value, str) and value in self.also:
       return None
     if not _has_kind(value, self.kind):
       return f"must be {self.describe()}"

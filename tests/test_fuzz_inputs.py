@@ -71,6 +71,7 @@ VALUES = st.one_of(
   st.text(max_size=10),
   st.lists(st.integers(), max_size=3),
   st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+  st.lists(st.floats(), max_size=3).map(np.array),
 )
 
 
