@@ -12,6 +12,7 @@ import pytest
 from fedprune_jax.data import librispeech
 from fedprune_jax.data import synth
 from fedprune_jax.data import text as text_lib
+from fedprune_jax.data import workers
 from fedprune_jax.data.records import ALPHABET, SAMPLE_RATE, CorpusError
 
 SPEAKERS, UTTERANCES, SEED = 4, 3, 0
@@ -286,8 +287,8 @@ def test_stale_tmp_dirs_of_dead_writers_are_removed(tmp_path):
   )
   dead_pid = int(dead.stdout)
   out = tmp_path / "c"
-  stale = tmp_path / f".c.tmp-{synth._owner_tag(dead_pid)}-0123456789ab"
-  live = tmp_path / f".c.tmp-{synth._owner_tag(os.getpid())}-0123456789ab"
+  stale = tmp_path / f".c.tmp-{workers.owner_tag(dead_pid)}-0123456789ab"
+  live = tmp_path / f".c.tmp-{workers.owner_tag(os.getpid())}-0123456789ab"
   other_host = tmp_path / f".c.tmp-otherhost_{dead_pid}-0123456789ab"
   for d in (stale, live, other_host):
     (d / "train").mkdir(parents=True)

@@ -32,10 +32,7 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +42,7 @@ from scipy import signal
 
 from fedprune_jax.data import espeak
 from fedprune_jax.data import text as text_lib
+from fedprune_jax.data import workers as workers_lib
 from fedprune_jax.data.records import SAMPLE_RATE, CorpusError
 
 FORMAT_VERSION = 1
@@ -315,63 +313,6 @@ def _pool_context():
   return multiprocessing.get_context("spawn")
 
 
-def _process_alive(pid: int, started: float | None = None) -> bool:
-  """Whether ``pid`` runs (not a zombie) and, given ``started``, is the same process."""
-  import psutil  # pylint: disable=import-outside-toplevel
-  try:
-    proc = psutil.Process(pid)
-    if proc.status() == psutil.STATUS_ZOMBIE:
-      return False
-    return started is None or proc.create_time() == started
-  except psutil.Error:
-    return False
-
-
-def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
-  """Worker initializer: exit as soon as the main process is gone.
-
-  A ``kill -9`` of ``corpus synth`` runs no cleanup, and a pool worker
-  (whose parent is the forkserver, not the main process) would otherwise
-  render its queue to the end, or block forever, as an orphan.
-  """
-  import psutil  # pylint: disable=import-outside-toplevel
-  try:
-    started = psutil.Process(parent_pid).create_time()
-  except psutil.Error:
-    os._exit(1)  # pylint: disable=protected-access
-
-  def watch():
-    while _process_alive(parent_pid, started):
-      time.sleep(poll_s)
-    os._exit(1)  # pylint: disable=protected-access
-
-  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _owner_tag(pid: int) -> str:
-  """``HOST_PID`` of a temporary directory's writer (hosts may share a file system)."""
-  host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
-  return f"{host}_{pid}"
-
-
-def remove_stale_tmp_dirs(out_dir: Path) -> list[Path]:
-  """Deletes temporary build directories of ``out_dir`` left by killed writers on this host.
-
-  A directory whose writer still runs (a concurrent build) is kept.
-  """
-  host_prefix = _owner_tag(0).rsplit("_", 1)[0] + "_"
-  removed = []
-  for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-    owner = tmp.name[len(f".{out_dir.name}.tmp-"):].rsplit("-", 1)[0]
-    if not owner.startswith(host_prefix):
-      continue
-    pid = owner[len(host_prefix):]
-    if pid.isdigit() and not _process_alive(int(pid)):
-      shutil.rmtree(tmp, ignore_errors=True)
-      removed.append(tmp)
-  return removed
-
-
 def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
                 workers: int, progress_desc: str | None
                 ) -> list[tuple[str, int]]:
@@ -390,8 +331,8 @@ def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
           bar.update(len(task))
       return results
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=_pool_context(), initializer=_exit_with_parent,
-        initargs=(os.getpid(),))
+        workers, mp_context=_pool_context(),
+        initializer=workers_lib.exit_with_parent, initargs=(os.getpid(),))
     try:
       futures = [pool.submit(_render_task, str(root), seed, t) for t in tasks]
       for fut in concurrent.futures.as_completed(futures):
@@ -475,8 +416,9 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   workers = max(1, min(workers, len(tasks)))
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  remove_stale_tmp_dirs(out_dir)
-  tmp = out_dir.parent / (f".{out_dir.name}.tmp-{_owner_tag(os.getpid())}-"
+  workers_lib.remove_stale_tmp_dirs(out_dir)
+  tmp = out_dir.parent / (f".{out_dir.name}.tmp-"
+                          f"{workers_lib.owner_tag(os.getpid())}-"
                           f"{uuid.uuid4().hex[:12]}")
   tmp.mkdir()
   try:
