@@ -323,7 +323,7 @@ CROSS_RULES: list[CrossRule] = [
 
 
 def problems(config: Any) -> list[str]:
-  """Every rule violation of ``config`` as ``"field=value: must be ..."`` texts."""
+  """Every rule violation of ``config`` as ``"field=value must be ..."`` texts."""
   out = []
   for path, rule in FIELD_RULES.items():
     value = get_path(config, path)
@@ -331,10 +331,15 @@ def problems(config: Any) -> list[str]:
       continue
     why = rule.error(value)
     if why is not None:
-      out.append(f"{path}={value!r} {why}")
+      out.append(f"{path}={_short_repr(value)} {why}")
   if not out:  # cross rules assume each field is well-formed
     out += [why for rule in CROSS_RULES if (why := rule(config)) is not None]
   return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate(config: Any, source: str = "config") -> None:
