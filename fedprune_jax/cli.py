@@ -14,12 +14,16 @@ import sys
 from typing import Callable, Sequence
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
   parser.add_argument(
     "--config",
     default=default_config,
     help="config file (Python, defines get_config()) or a name in experiments/configs/ "
-    f"(default: {default_config})",
+    + (
+      f"(default: {default_config})"
+      if default_config
+      else "(default: the run's saved config.json beside the checkpoint, else tiny_centralized)"
+    ),
   )
   parser.add_argument(
     "--set",
@@ -108,15 +112,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+  from fedprune_jax import config as config_lib
+  from fedprune_jax import task
+  from fedprune_jax import validation
   from fedprune_jax.errors import InputError
-  from fedprune_jax.train import centralized
 
   checkpoint = pathlib.Path(args.checkpoint)
   if not checkpoint.is_dir():
     what = "does not exist" if not checkpoint.exists() else "is not a directory"
-    raise InputError(f"--checkpoint {str(checkpoint)!r} {what} (pass WORKDIR/checkpoint of train)")
-  cfg = _load(args, writes_workdir=False)
-  metrics = centralized.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
+    raise InputError(f"--checkpoint {str(checkpoint)!r} {what} (pass a checkpoint directory)")
+  # The run's own config (model preset and overrides) when the checkpoint sits in a workdir.
+  workdir = pathlib.Path(args.workdir or checkpoint.absolute().parent)
+  try:
+    saved = task.load_run_config(workdir)
+  except ValueError as e:  # a truncated or hand-edited config.json
+    raise config_lib.ConfigError(f"{workdir / 'config.json'}: unreadable run config: {e}") from e
+  if saved is not None and args.config is None:
+    cfg = saved
+    source = str(workdir / "config.json")
+    config_lib.apply_overrides(cfg, args.overrides, source=source)
+    validation.validate(cfg, source=source)
+    if args.data:
+      cfg.data.root = args.data
+  else:
+    args.config = args.config or "tiny_centralized"
+    cfg = _load(args, writes_workdir=False)
+  metrics = task.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
   print(json.dumps(metrics, indent=2, sort_keys=True))
   return 0
 
@@ -125,8 +146,16 @@ def cmd_federated(args: argparse.Namespace) -> int:
   from fedprune_jax.federated import job
 
   cfg = _load(args)
-  result = job.run(cfg)
+  result = job.run(cfg, fresh=args.fresh)
   print(json.dumps(result.get("final", {}), indent=2, sort_keys=True))
+  return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+  from fedprune_jax.federated import job
+
+  result = job.run_baseline(_load(args))
+  print(json.dumps(result["final"], indent=2, sort_keys=True))
   return 0
 
 
@@ -138,26 +167,37 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-  """Synthesizes the embedded corpus, trains the tiny preset, prints the WER table."""
+  """Synthesizes the embedded corpus, runs dense federated training and federated pruning from
+  one warm start, prints the comparison table."""
   from fedprune_jax import config as config_lib
   from fedprune_jax import io_utils
   from fedprune_jax.data import synth
-  from fedprune_jax.train import centralized
+  from fedprune_jax.federated import job
 
   cfg = config_lib.load_config("demo", args.overrides)
   io_utils.ensure_writable_dir(args.workdir, "--workdir")
+  d = cfg.data
   corpus = synth.synthesize_corpus(
-    pathlib.Path(args.data) / "synth",
-    speakers=cfg.data.synth_speakers,
-    utterances=cfg.data.synth_utterances,
-    seed=cfg.data.synth_seed,
+    pathlib.Path(args.data) / f"synth_v{d.synth_vocab_size}",
+    speakers=d.synth_speakers,
+    utterances=d.synth_utterances,
+    vocab_size=d.synth_vocab_size,
+    seed=d.synth_seed,
     progress=True,
   )
   cfg.data.root = str(corpus)
-  cfg.workdir = args.workdir
-  result = centralized.train_and_evaluate(cfg)
+  workdir = pathlib.Path(args.workdir)
+  cfg.warm_start.path = str(workdir / "warm_start")
+  results = {}
+  for name in ("dense", "pruned"):
+    run_cfg = cfg.copy_and_resolve_references()
+    run_cfg.workdir = str(workdir / name)
+    if name == "dense":
+      run_cfg.pruning = None
+    print(f"\n== {name}: {run_cfg.rounds} federated rounds ==", file=sys.stderr)
+    results[name] = job.run(run_cfg)
   print()
-  print(centralized.format_results_table(result))
+  print(job.format_comparison(results))
   return 0
 
 
@@ -212,14 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
   train_p.set_defaults(func=cmd_train)
 
   eval_p = sub.add_parser("eval", help="evaluate a checkpoint (WER/CER)")
-  _add_config_args(eval_p, "tiny_centralized")
+  _add_config_args(eval_p, None)
   eval_p.add_argument("--checkpoint", required=True, help="checkpoint directory written by train")
   eval_p.add_argument("--splits", nargs="+", default=["dev", "test"])
   eval_p.set_defaults(func=cmd_eval)
 
   fed_p = sub.add_parser("federated", help="federated training rounds (vmap executor)")
   _add_config_args(fed_p, "tiny_federated")
+  fed_p.add_argument(
+    "--fresh",
+    action="store_true",
+    help="start over: discard the workdir's round checkpoints and log (default: resume)",
+  )
   fed_p.set_defaults(func=cmd_federated)
+
+  base_p = sub.add_parser(
+    "baseline", help="centralized pruning with a federated pruning config's policy (by steps)"
+  )
+  _add_config_args(base_p, "fedprune_tiny")
+  base_p.set_defaults(func=cmd_baseline)
 
   presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")
   presets_p.set_defaults(func=cmd_presets)
@@ -233,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
   bench_p.add_argument(
     "which",
-    choices=["step", "prune", "engine", "synth"],
+    choices=["step", "prune", "engine", "synth", "fedprune"],
     help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
-    "engine: federated executors side by side; synth: corpus synthesis speed",
+    "engine: federated executors side by side; synth: corpus synthesis speed; "
+    "fedprune: federated pruning round and mask update vs dense FedAvg",
   )
   bench_p.add_argument(
     "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)"

@@ -49,3 +49,20 @@ MINI_MODEL = dict(
   subsample_channels=16,
   dropout_rate=0.0,
 )
+
+
+def toy_store(num_clients: int, seed: int = 0, min_examples: int = 2, **kw):
+  """Synthetic clients for the toy model: 3 examples a step, 5 frames x 4 features, 3 classes."""
+  from fedprune_jax.federated import client_data  # pylint: disable=g-import-not-at-top
+
+  args = dict(
+    batch_size=3,
+    min_examples=min_examples,
+    max_examples=7,
+    num_frames=5,
+    feature_dim=4,
+    label_len=2,
+    num_classes=3,
+    seed=seed,
+  )
+  return client_data.SyntheticClientStore(num_clients, **{**args, **kw})

@@ -231,12 +231,12 @@ _SAVE_UNDER_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 import numpy as np
 from fedprune_jax import cli
-from fedprune_jax.train import centralized
+from fedprune_jax import task
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 params = {"w": np.random.default_rng(0).standard_normal(300_000).astype(np.float32)}
-sys.exit(cli.run_command(lambda args: centralized.save_params(sys.argv[1], params), None))
+sys.exit(cli.run_command(lambda args: task.save_params(sys.argv[1], params), None))
 """
 
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from fedprune_jax.algorithms import build
 from fedprune_jax.federated import client_data, rounds, sampling, toy
 
 
@@ -173,27 +174,20 @@ def _run(tmp_path, rounds_, state=None, log="log.jsonl", on_round=None):
     return {"loss": float(loss(p, full, None)[0]), "round": r}
 
   if on_round is None:
-    return rounds.run_federated(
+    return build.run_federated(
       cfg, loss, params, store, eval_fn=eval_fn, state=state, progress=False
     )
   # the same as run_federated, with a per-round callback
   c = rounds.resolve_config(cfg)
-  cu = rounds.make_client_update(
-    loss,
-    rounds.make_client_optimizer(c["client"]),
-    num_epochs=c["client"]["num_epochs"],
-    shuffle=c["client"]["shuffle"],
-  )
-  opt = rounds.make_server_optimizer("fedadam", 0.05)
-  sampler = rounds.CohortSampler(24, 8, seed=1, weights=store.num_examples())
+  algorithm = build.build_algorithm(c, loss)
+  sampler = build.make_sampler(c, store)
   return rounds.run_rounds(
-    rounds.server_init(params, opt),
+    algorithm,
+    algorithm.init(params, 1),
     store,
-    rounds.make_executor(c["engine"], cu),
-    opt,
+    rounds.make_executor(c["engine"], algorithm.client_update),
     sampler,
     rounds_,
-    1,
     progress=False,
     on_round=on_round,
   )

@@ -1,5 +1,5 @@
 """One round on 4 forced host devices and on 2 processes (gloo) equals the
-single-device sequential reference."""
+single-device sequential reference (FedAvg, and federated pruning's trimmed-mean client scores)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,15 @@ WORKER = textwrap.dedent("""
     for chunk in ((8,) if mode == 'devices' else (4,)):
       ex = executor.ChunkedExecutor(cu, chunk, mesh=mesh)
       delta, m = ex(params, store, ids, key)
-      state = case.server_round(params, delta, opt)
+      state = case.server_round(params, delta.update['delta'], opt)
       results[f'c{chunk}'] = np.concatenate(
           [np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
       results[f'n{chunk}'] = np.array([m['num_clients'], m['num_examples']])
+      alg, msg = case.build_fedprune()
+      ex = executor.ChunkedExecutor(alg.client_update, chunk, mesh=mesh, reducers=alg.reducers)
+      agg, _ = ex(msg, store, ids, key)
+      results[f's{chunk}'] = np.concatenate(
+          [np.ravel(x) for x in jax.tree_util.tree_leaves(agg.update)])
     results['devices'] = np.array([jax.device_count(), jax.process_count()])
     if jax.process_index() == 0:
       np.savez(out, **results)
@@ -60,6 +65,16 @@ CASE = textwrap.dedent("""
 
     def server_round(params, delta, opt):
       return server.server_update(server.server_init(params, opt), delta, opt)
+
+    def build_fedprune():
+      # client-data scores with a trimmed mean: a reducer whose state is not a plain sum
+      from fedprune_jax.algorithms import build as build_lib
+      cfg = build_lib.rounds.resolve_config({'cohort_size': 9, 'client': {'learning_rate': 0.3}})
+      pcfg = build_lib.resolve_pruning({'score': 'saliency', 'client_aggregation': 'trimmed_mean',
+                                        'trim_fraction': 0.2, 'pruning_rounds': 4})
+      alg = build_lib.build_algorithm(cfg, toy.make_loss_fn(), build_lib.policy_from_config(pcfg))
+      state = alg.init(toy.init_params(jax.random.key(0), 4, 3, hidden=5), 0)
+      return alg, jax.jit(alg.broadcast)(state)
 """)
 
 
@@ -80,13 +95,18 @@ def reference(workdir):
     sys.path.pop(0)
   store, cu, params, ids, key, opt = case.build()
   delta, m = executor.SequentialExecutor(cu)(params, store, ids, key)
-  state = case.server_round(params, delta, opt)
+  state = case.server_round(params, delta.update["delta"], opt)
   flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
   moved = np.abs(
     flat - np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)])
   ).max()
   assert moved > 1e-3
-  return flat, np.array([m["num_clients"], m["num_examples"]])
+  alg, msg = case.build_fedprune()
+  agg, _ = executor.SequentialExecutor(alg.client_update, reducers=alg.reducers)(
+    msg, store, ids, key
+  )
+  scores = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(agg.update)])
+  return flat, np.array([m["num_clients"], m["num_examples"]]), scores
 
 
 def _env(devices):
@@ -102,11 +122,12 @@ def _env(devices):
 
 def _check(out_file, reference, devices, processes, chunks):
   res = np.load(out_file)
-  ref, counts = reference
+  ref, counts, scores = reference
   assert res["devices"].tolist() == [devices, processes]
   for chunk in chunks:
     np.testing.assert_allclose(res[f"c{chunk}"], ref, atol=2e-6, rtol=1e-5)
     np.testing.assert_array_equal(res[f"n{chunk}"], counts)
+    np.testing.assert_allclose(res[f"s{chunk}"], scores, atol=2e-6, rtol=1e-5)
 
 
 def test_four_devices(workdir, reference):

@@ -83,9 +83,9 @@ def test_server_params_match_after_one_round(setup):
   store, cu, ids, key, (ref_delta, _), _ = setup
   opt = server.make_server_optimizer("fedyogi", 0.1)
   s0 = server.server_init(_params(), opt)
-  ref = server.server_update(s0, ref_delta, opt)
+  ref = server.server_update(s0, ref_delta.update["delta"], opt)
   delta, _ = _chunked(cu, 7)(_params(), store, ids, key)
-  got = server.server_update(s0, delta, opt)
+  got = server.server_update(s0, delta.update["delta"], opt)
   _leaves_close(got.params, ref.params)
   assert int(got.round) == 1
 
@@ -106,14 +106,14 @@ def test_mean_delta_is_weighted_mean_of_client_deltas(setup):
   for cid in ids:
     data = {k: v[0] for k, v in store.get(np.array([cid])).items()}
     out = upd(_params(), data, jax.random.fold_in(key, cid))
-    deltas.append(out.delta)
+    deltas.append(out.update["delta"])
     ws.append(float(out.num_examples))
   ws = np.array(ws)
   np.testing.assert_array_equal(ws, store.num_examples()[ids])
   brute = jax.tree_util.tree_map(lambda *d: sum(w * x for w, x in zip(ws, d)) / ws.sum(), *deltas)
-  _leaves_close(brute, ref_delta)
+  _leaves_close(brute, ref_delta.update["delta"])
   uni, m = _chunked(cu, 9, weighting="uniform")(_params(), store, ids, key)
-  _leaves_close(uni, jax.tree_util.tree_map(lambda *d: sum(d) / len(d), *deltas))
+  _leaves_close(uni.update["delta"], jax.tree_util.tree_map(lambda *d: sum(d) / len(d), *deltas))
   assert m["weight_sum"] == len(ids)
 
 
@@ -153,14 +153,14 @@ def test_client_update_matches_brute_force_and_padding_steps_are_noops():
   params = _params(1)
   cu = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3), num_epochs=2))
   out = cu(params, d_small, jax.random.key(0))
-  _leaves_close(out.delta, _sgd_brute_force(params, d_small, 0.3, 2), 1e-5)
+  _leaves_close(out.update["delta"], _sgd_brute_force(params, d_small, 0.3, 2), 1e-5)
   assert float(out.metrics["num_steps"]) == 2 * 3
   # Adam state would move on a non-no-op padding step: extra padded steps,
   # frames and label positions must give the same result.
   cu_adam = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.adam(0.1), num_epochs=3))
   a = cu_adam(params, d_small, jax.random.key(0))
   b = cu_adam(params, d_big, jax.random.key(0))
-  _leaves_close(a.delta, b.delta, 1e-6)
+  _leaves_close(a.update["delta"], b.update["delta"], 1e-6)
   assert float(a.num_examples) == float(b.num_examples) == len(exs)
   np.testing.assert_allclose(a.metrics["loss"], b.metrics["loss"], rtol=1e-6)
 
@@ -176,17 +176,19 @@ def test_mask_keeps_pruned_weights_at_zero():
   )
   out = cu(params, data, jax.random.key(0), mask)
   start = np.where(kmask, params["hidden"]["kernel"], 0.0)
-  end = start - np.asarray(out.delta["hidden"]["kernel"])
+  end = start - np.asarray(out.update["delta"]["hidden"]["kernel"])
   assert np.all(end[~kmask] == 0.0)
-  assert np.all(np.asarray(out.delta["hidden"]["kernel"])[~kmask] == 0.0)
+  assert np.all(np.asarray(out.update["delta"]["hidden"]["kernel"])[~kmask] == 0.0)
   assert np.abs(end[kmask] - start[kmask]).max() > 1e-4
-  assert np.abs(np.asarray(out.delta["out"]["kernel"])).max() > 1e-4
+  assert np.abs(np.asarray(out.update["delta"]["out"]["kernel"])).max() > 1e-4
   # the mask travels through the executors unchanged (broadcast to clients)
   ids = np.arange(7)
-  ref, _ = executor.SequentialExecutor(cu)(params, store, ids, jax.random.key(1), mask)
-  got, _ = executor.ChunkedExecutor(cu, 3)(params, store, ids, jax.random.key(1), mask)
+  masked = lambda msg, d, k: cu(msg["params"], d, k, msg["mask"])  # noqa: E731
+  msg = {"params": params, "mask": mask}
+  ref, _ = executor.SequentialExecutor(masked)(msg, store, ids, jax.random.key(1))
+  got, _ = executor.ChunkedExecutor(masked, 3)(msg, store, ids, jax.random.key(1))
   _leaves_close(got, ref)
-  assert np.all(np.asarray(got["hidden"]["kernel"])[~kmask] == 0.0)
+  assert np.all(np.asarray(got.update["delta"]["hidden"]["kernel"])[~kmask] == 0.0)
 
 
 def test_client_rng_depends_on_id_not_position():

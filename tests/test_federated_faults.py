@@ -8,7 +8,18 @@ import numpy as np
 import optax
 import pytest
 
-from fedprune_jax.federated import client, client_data, executor, rounds, sampling, server, toy
+from conftest import toy_store
+from fedprune_jax.algorithms import fedavg
+from fedprune_jax.federated import (
+  client,
+  client_data,
+  executor,
+  faults,
+  rounds,
+  sampling,
+  server,
+  toy,
+)
 
 F, K = 4, 3
 
@@ -41,17 +52,7 @@ class PoisonedStore(client_data.ClientStore):
 
 @pytest.fixture(scope="module")
 def setup():
-  inner = client_data.SyntheticClientStore(
-    12,
-    batch_size=3,
-    min_examples=2,
-    max_examples=7,
-    num_frames=5,
-    feature_dim=F,
-    label_len=2,
-    num_classes=K,
-    seed=1,
-  )
+  inner = toy_store(12, seed=1)
   cu = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05), num_epochs=2, shuffle=True)
   params = toy.init_params(jax.random.key(0), F, K, hidden=5)
   return inner, cu, params
@@ -91,8 +92,9 @@ def test_a_round_where_every_client_fails_leaves_the_server_unchanged(setup):
   opt = server.make_server_optimizer("fedadam", 0.1)
   state = server.server_init(params, opt)
   sampler = sampling.CohortSampler(12, 4, seed=0)
+  algorithm = fedavg.fedavg(cu, opt)
   final, history = rounds.run_rounds(
-    state, store, executor.ChunkedExecutor(cu, 4), opt, sampler, 2, seed=0, progress=False
+    algorithm, state, store, executor.ChunkedExecutor(cu, 4), sampler, 2, progress=False
   )
   assert int(final.round) == 2
   _close(final.params, params)
@@ -106,20 +108,19 @@ def test_a_failed_client_leaves_the_round_of_the_others(setup):
   opt = server.make_server_optimizer("fedavg", 1.0)
   sampler = sampling.CohortSampler(12, 12, seed=0)  # everyone, every round
   final, history = rounds.run_rounds(
+    fedavg.fedavg(cu, opt),
     server.server_init(params, opt),
     PoisonedStore(inner, [3]),
     executor.ChunkedExecutor(cu, 5),
-    opt,
     sampler,
     1,
-    seed=0,
     progress=False,
   )
   good = np.array([c for c in range(12) if c != 3])
   ref, _ = executor.SequentialExecutor(cu)(
     params, inner, good, jax.random.fold_in(jax.random.key(0), 0)
   )
-  expected = server.server_update(server.server_init(params, opt), ref, opt)
+  expected = server.server_update(server.server_init(params, opt), ref.update["delta"], opt)
   _close(final.params, expected.params)
   assert history[0]["num_failed_clients"] == 1
   assert history[0]["num_clients"] == 11
@@ -135,3 +136,78 @@ def test_client_finite_flags_nan_inf_and_overflowing_params():
     assert not bool(client.client_finite(jnp.float32(1.0), broken)), bad
   huge = {"a": jnp.full((3, 2), 3e38, jnp.float32), "b": params["b"]}
   assert not bool(client.client_finite(jnp.float32(1.0), huge))  # diverged
+
+
+def _faults_setup(n=14):
+  store = toy_store(n, seed=2)
+  params = toy.init_params(jax.random.key(1), F, K, hidden=5)
+  local = client.make_client_update(toy.make_loss_fn(), optax.adam(0.05), num_epochs=1)
+  return store, params, local, np.arange(n), jax.random.key(3)
+
+
+@pytest.mark.parametrize("kind", ["nan", "scale"])
+def test_dropouts_and_corrupt_updates_equal_the_round_of_the_survivors(kind):
+  store, params, local, ids, key = _faults_setup()
+  cfg = faults.FaultConfig(dropout=0.3, corrupt=0.3, corrupt_kind=kind, max_update_norm=1e3)
+  draws = [faults.draw_faults(jax.random.fold_in(key, c), cfg) for c in ids]
+  dropped = np.array([bool(d["dropped"]) for d in draws])
+  corrupt = np.array([bool(d["corrupt"]) for d in draws]) & ~dropped
+  assert dropped.any() and corrupt.any() and (~dropped & ~corrupt).any()
+  survivors = ids[~dropped & ~corrupt]
+  ref, ref_m = executor.SequentialExecutor(local)(params, store, survivors, key)
+  got, m = executor.ChunkedExecutor(faults.with_faults(local, cfg), 4)(params, store, ids, key)
+  _close(got.update, ref.update)
+  assert m["num_clients"] == len(survivors)
+  assert m["sum_dropped"] == dropped.sum() and m["num_failed_clients"] == corrupt.sum()
+  np.testing.assert_allclose(m["train_loss"], ref_m["train_loss"], rtol=1e-5)
+
+
+def test_stragglers_train_only_their_first_steps():
+  store, params, local, ids, key = _faults_setup(8)
+  cfg = faults.FaultConfig(straggler=1.0)
+  got, m = executor.ChunkedExecutor(faults.with_faults(local, cfg), 3)(params, store, ids, key)
+  deltas, weights = [], []
+  for c in ids:
+    data = {k: v[0] for k, v in store.get(np.array([c])).items()}
+    frac = faults.draw_faults(jax.random.fold_in(key, c), cfg)["fraction"]
+    done = int(np.ceil(float(frac) * data["weights"].shape[0]))
+    data["weights"] = data["weights"] * (np.arange(data["weights"].shape[0]) < done)[:, None]
+    out = local(params, data, jax.random.fold_in(key, c))
+    deltas.append(out.update["delta"])
+    weights.append(float(data["weights"].sum()))
+  w = np.array(weights)
+  expected = jax.tree_util.tree_map(
+    lambda *d: sum(wi * x for wi, x in zip(w, d)) / w.sum(), *deltas
+  )
+  _close(got.update["delta"], expected)
+  assert m["sum_straggler"] == len(ids) and m["num_examples"] == w.sum()
+  assert m["num_examples"] < store.num_examples()[ids].sum()
+
+
+def test_update_norm_clipping():
+  store, params, local, ids, key = _faults_setup(6)
+  clip = 1e-3
+  got, m = executor.ChunkedExecutor(
+    faults.with_faults(local, faults.FaultConfig(clip_norm=clip)), 3
+  )(params, store, ids, key)
+  deltas, w = [], store.num_examples()[ids]
+  for c in ids:
+    d = local(
+      params, {k: v[0] for k, v in store.get(np.array([c])).items()}, jax.random.fold_in(key, c)
+    )
+    d = d.update["delta"]
+    norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree_util.tree_leaves(d)))
+    assert norm > clip
+    deltas.append(jax.tree_util.tree_map(lambda x: x * clip / norm, d))
+  expected = jax.tree_util.tree_map(
+    lambda *d: sum(wi * x for wi, x in zip(w, d)) / w.sum(), *deltas
+  )
+  _close(got.update["delta"], expected)
+  assert m["sum_clipped"] == len(ids)
+
+
+def test_fault_config_is_validated():
+  with pytest.raises(ValueError, match="faults.dropout"):
+    faults.FaultConfig(dropout=1.5)
+  with pytest.raises(ValueError, match="faults.corrupt_kind"):
+    faults.FaultConfig(corrupt_kind="zeros")

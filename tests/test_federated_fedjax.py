@@ -60,7 +60,7 @@ def _ours(fd, params, client_lr, server_opt, num_epochs, chunk, rounds=1):
   state = server.server_init(params, server_opt)
   for r in range(rounds):
     delta, _ = ex(state.params, store, np.arange(store.num_clients), jax.random.key(r))
-    state = server.server_update(state, delta, server_opt)
+    state = server.server_update(state, delta.update["delta"], server_opt)
   return state.params
 
 

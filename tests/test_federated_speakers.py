@@ -9,7 +9,8 @@ import pytest
 
 from conftest import MICRO_MODEL
 from fedprune_jax.data import batching
-from fedprune_jax.federated import rounds, speakers
+from fedprune_jax.algorithms import build
+from fedprune_jax.federated import speakers
 
 
 def _feature_set(seed=0, num_speakers=6):
@@ -86,7 +87,7 @@ def test_federated_micro_conformer_lowers_loss():
     "server": {"optimizer": "fedavg"},
     "engine": {"chunk_size": 2, "vmap_size": 1},
   }
-  state, hist = rounds.run_federated(cfg, loss, params, store, progress=False)
+  state, hist = build.run_federated(cfg, loss, params, store, progress=False)
   # every round trains all 4 speakers, so the mean local training loss of
   # round r measures the server model of round r on the same data
   assert int(state.round) == 4

@@ -11,6 +11,7 @@ from conftest import MICRO_MODEL
 from fedprune_jax import cli
 from fedprune_jax import config as config_lib
 from fedprune_jax.io_utils import read_jsonl
+from fedprune_jax import task
 from fedprune_jax.pruning.masks import apply_mask
 from fedprune_jax.train import centralized
 
@@ -55,7 +56,7 @@ def test_train_cli_lowers_loss_and_writes_results_and_checkpoint(tiny_corpus, tm
 
   # The checkpoint restores to exactly the params that produced the final numbers.
   cfg = config_lib.load_config("tiny_centralized", _overrides(tiny_corpus, workdir))
-  metrics = centralized.evaluate_checkpoint(cfg, str(workdir / "checkpoint"))
+  metrics = task.evaluate_checkpoint(cfg, str(workdir / "checkpoint"))
   for split in ("dev", "test"):
     np.testing.assert_allclose(metrics[split]["loss"], result["final"][split]["loss"], rtol=1e-5)
     assert metrics[split]["wer"] == result["final"][split]["wer"]
@@ -63,15 +64,15 @@ def test_train_cli_lowers_loss_and_writes_results_and_checkpoint(tiny_corpus, tm
 
 def test_masked_train_step_keeps_pruned_weights_zero(tiny_corpus):
   cfg = config_lib.load_config("tiny_centralized", _overrides(tiny_corpus, "/tmp/unused"))
-  model = centralized.make_model(cfg)
+  model = task.make_model(cfg)
   params = model.init(jax.random.key(0))
   kernel = params["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
   keep = (np.arange(kernel.size).reshape(kernel.shape) % 2).astype(np.float32)
   mask = jax.tree_util.tree_map(lambda _: None, params)
   mask["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"] = keep
-  optimizer = centralized.make_optimizer(cfg.optim, 10)
+  optimizer = task.make_optimizer(cfg.optim, 10)
   step = centralized.make_train_step(model, optimizer, specaug=dict(cfg.specaug))
-  fs = centralized.load_split(cfg, "train")
+  fs = task.load_split(cfg, "train")
   from fedprune_jax.train import evaluate  # pylint: disable=g-import-not-at-top
 
   ((_, batch),) = evaluate.eval_batches(fs, batch_size=16, num_buckets=1)[:1]

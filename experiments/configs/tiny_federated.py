@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.cohort_size = 16
   c.sampling = "uniform"
   c.eval_every = 10
+  c.checkpoint_every = 10  # orbax round checkpoints in WORKDIR/rounds; a re-run resumes
+  c.keep_checkpoints = 2
 
   # Clients: a fresh Adam per round (CTC losses are large and badly scaled for plain SGD);
   # server: FedAvg (set server.optimizer='fedadam' / 'fedyogi' and a learning rate to switch).

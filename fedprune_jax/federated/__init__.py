@@ -1,10 +1,13 @@
 """fedprune_jax.federated: the federated engine.
 
 Sampling (``sampling``), client data packing and stores (``client_data``,
-``speakers``), the pure client update (``client``), cohort executors
-(``executor``), server optimizers (``server``), device meshes and multi-host
-feeding (``multihost``), the round driver (``rounds``), and fedjax interop
-(``fedjax_interop``; the only importer of fedjax is ``fedjax_compat``).
+``speakers``), the pure local training update (``client``), the algorithm seam
+(``algorithm``), the generic aggregation (``aggregation``), cohort executors
+(``executor``), server state and optimizers (``server``), device meshes and
+multi-host feeding (``multihost``), the round driver (``rounds``), round
+checkpoints (``checkpoints``), and fedjax interop (``fedjax_interop``; the only
+importer of fedjax is ``fedjax_compat``). Algorithms live in
+``fedprune_jax.algorithms``.
 """
 
 from fedprune_jax.federated.client import ClientOutput, apply_mask, client_rng, make_client_update
@@ -23,7 +26,8 @@ from fedprune_jax.federated.executor import (
   SequentialExecutor,
   plan_chunks,
 )
-from fedprune_jax.federated.rounds import run_federated, run_rounds
+from fedprune_jax.federated.algorithm import FederatedAlgorithm
+from fedprune_jax.federated.rounds import run_rounds
 from fedprune_jax.federated.sampling import CohortSampler, sample_cohort
 from fedprune_jax.federated.server import (
   ServerState,

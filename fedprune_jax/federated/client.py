@@ -5,6 +5,11 @@ pseudo-gradient; the server optimizer applies the weighted mean delta as a
 gradient, so FedAvg is ``optax.sgd(1.0)``. ``params_start`` is the model the
 client actually received, i.e. the *masked* server params when a mask is
 given; pruned coordinates therefore always have delta 0.
+
+With ``grad_stats=True`` the client also returns ``grad_abs``: the mean over its live local
+steps of ``|g|`` (the gradient of the loss at the client's current reduced model, *before*
+masking, so pruned coordinates get a value too). The server turns it into importance scores
+computed on the clients' data (federated pruning's client-data scores).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedprune_jax.federated.server import tree_select
 from fedprune_jax.pruning.masks import apply_mask
 
 PyTree = Any
@@ -26,7 +32,8 @@ class ClientOutput(NamedTuple):
   """What one client sends back (a pytree; vmapped outputs gain a [C] axis).
 
   Attributes:
-    delta: params pytree, ``params_start - params_end``.
+    update: what the executors aggregate, a dict of pytrees: ``delta`` (params pytree,
+      ``params_start - params_end``) and, with ``grad_stats``, ``grad_abs``.
     num_examples: float32 scalar, sum of example weights of one epoch.
     metrics: dict of float32 scalars: ``loss`` (example-weighted mean training
       loss over all live steps), ``num_steps`` (live steps taken) and
@@ -35,13 +42,9 @@ class ClientOutput(NamedTuple):
       it weight 0, so one bad client cannot poison the aggregate).
   """
 
-  delta: PyTree
+  update: dict
   num_examples: jax.Array
   metrics: dict[str, jax.Array]
-
-
-def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def _shuffle_real_examples(data: Batch, key: jax.Array) -> Batch:
@@ -66,6 +69,7 @@ def make_client_update(
   optimizer: optax.GradientTransformation,
   num_epochs: int = 1,
   shuffle: bool = False,
+  grad_stats: bool = False,
 ) -> Callable[..., ClientOutput]:
   """Builds ``client_update(params, data, rng, mask=None) -> ClientOutput``.
 
@@ -78,6 +82,7 @@ def make_client_update(
       over epochs of a ``lax.scan`` over steps).
     shuffle: re-order the client's real examples every epoch (from the client
       rng); padding examples stay at the tail.
+    grad_stats: also return ``update['grad_abs']``, the mean ``|g|`` over live local steps.
 
   The returned function is pure and vmap/jit-able. Its arguments: ``params``
   (server params pytree), ``data`` (one client, dict of ``[S, B, ...]``),
@@ -99,18 +104,20 @@ def make_client_update(
     num_steps = data["weights"].shape[0]
 
     def step(carry, xs):
-      p, opt_state, loss_sum, n_sum, steps = carry
+      p, opt_state, loss_sum, n_sum, steps, gabs = carry
       batch, key = xs
       n = jnp.sum(batch["weights"])
-      (loss, _), grads = grad_fn(p, batch, key)
-      grads = apply_mask(grads, mask)
+      (loss, _), raw_grads = grad_fn(p, batch, key)
+      grads = apply_mask(raw_grads, mask)
       updates, new_opt_state = optimizer.update(grads, opt_state, p)
       new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)), mask)
       live = n > 0
-      p = _tree_select(live, new_p, p)
-      opt_state = _tree_select(live, new_opt_state, opt_state)
+      p = tree_select(live, new_p, p)
+      opt_state = tree_select(live, new_opt_state, opt_state)
       loss_sum = loss_sum + jnp.where(live, loss * n, 0.0)
-      return (p, opt_state, loss_sum, n_sum + n, steps + live.astype(jnp.float32)), None
+      if grad_stats:
+        gabs = jax.tree.map(lambda a, g: a + jnp.where(live, jnp.abs(g), 0.0), gabs, raw_grads)
+      return (p, opt_state, loss_sum, n_sum + n, steps + live.astype(jnp.float32), gabs), None
 
     def epoch(carry, e):
       ekey = jax.random.fold_in(rng, e)
@@ -122,16 +129,22 @@ def make_client_update(
       return carry, None
 
     zero = jnp.zeros((), jnp.float32)
-    init = (params_start, optimizer.init(params_start), zero, zero, zero)
-    (p_end, _, loss_sum, n_sum, steps), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
+    gabs0 = jax.tree.map(jnp.zeros_like, params_start) if grad_stats else ()
+    init = (params_start, optimizer.init(params_start), zero, zero, zero, gabs0)
+    (p_end, _, loss_sum, n_sum, steps, gabs), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
     loss = loss_sum / jnp.maximum(n_sum, 1e-12)
-    ok = client_finite(loss, p_end)
+    ok = client_finite(loss, (p_end, gabs))
     # where() fuses with the subtraction: no extra params-sized buffer
-    delta = jax.tree_util.tree_map(
-      lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start, p_end
-    )
+    update = {
+      "delta": jax.tree.map(
+        lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start, p_end
+      )
+    }
+    if grad_stats:
+      per_step = jnp.maximum(steps, 1.0)
+      update["grad_abs"] = jax.tree.map(lambda a: jnp.where(ok, a / per_step, 0.0), gabs)
     return ClientOutput(
-      delta=delta,
+      update=update,
       num_examples=jnp.sum(data["weights"]).astype(jnp.float32),
       metrics={
         "loss": jnp.where(ok, loss, 0.0),

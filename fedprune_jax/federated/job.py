@@ -1,80 +1,307 @@
-"""`fedprune federated`: a federated training job on a corpus's speakers (one client each).
+"""`fedprune federated`: federated training or pruning on a corpus's speakers (one client each).
 
-Glue between the config file, the data (feature cache -> ``SpeakerClientStore``), the model
-(``AsrModel.loss`` is the engine's ``loss_fn``), the round driver and WER evaluation.
+Glue between the config, the task (``fedprune_jax.task``: data, model, loss, evaluation), the
+algorithm (``algorithms.build``) and the run's workdir::
+
+  workdir/config.json        the resolved config (``fedprune eval`` reads it)
+  workdir/metrics.jsonl      one line per round (+ eval metrics on eval rounds)
+  workdir/rounds/            orbax round checkpoints (whole server state + metrics); a re-run of
+                             the same command resumes from the latest one
+  workdir/results.json       final dev/test WER, sparsity, costs, params/mask sha256
+  workdir/checkpoint/        the final model (masked params), for ``fedprune eval``
+  workdir/mask.npz           the final mask (pruning runs)
+
+Speakers of the train split are split once (seeded) into ``data.server_speakers`` server-side
+speakers (the optional centralized warm start and the centralized baseline train on them) and
+the clients (the rest).
 """
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
+import shutil
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from fedprune_jax import io_utils
+from fedprune_jax import pruning
+from fedprune_jax import task
+from fedprune_jax.algorithms import build
+from fedprune_jax.algorithms import centralized as centralized_lib
+from fedprune_jax.algorithms import costs as costs_lib
+from fedprune_jax.bench import flops as flops_lib
+from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
-from fedprune_jax.train import centralized
+
+PyTree = Any
 
 
-def make_store(cfg: ml_collections.ConfigDict) -> SpeakerClientStore:
-  """One client per training speaker, packed to fixed [S, B, T, F] shape buckets."""
-  train_fs = centralized.load_split(cfg, cfg.data.train_split)
+def split_speakers(train_fs: batching.FeatureSet, num_server: int, seed: int):
+  """(server-side speakers, client speakers): a seeded split of the train split's speakers."""
+  names = sorted(train_fs.speaker_indices())
+  if not 0 <= num_server < len(names):
+    raise ValueError(
+      f"config field data.server_speakers={num_server} must be in [0, {len(names) - 1}] "
+      f"(the train split has {len(names)} speakers)"
+    )
+  order = np.random.default_rng([seed, 7]).permutation(len(names))
+  server = sorted(names[i] for i in order[:num_server])
+  return server, [n for n in names if n not in set(server)]
+
+
+def examples_of(fs: batching.FeatureSet, speakers: list[str]) -> list[batching.Example]:
+  index = fs.speaker_indices()
+  return [fs.example(int(i)) for s in speakers for i in index[s]]
+
+
+def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerClientStore:
+  """One client per speaker, packed to fixed [S, B, T, F] shape buckets."""
   return SpeakerClientStore(
     train_fs,
     batch_size=cfg.data.batch_size,
     num_buckets=cfg.data.num_buckets,
     max_steps=cfg.data.get("max_steps"),
     max_frames=cfg.data.get("max_frames"),
+    speakers=speakers,
   )
 
 
-def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str, Any]:
-  """Runs ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds, dev/test at the end.
+def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress):
+  """Params after ``warm_start.steps`` centralized steps on the server-side speakers.
 
-  Writes ``workdir/metrics.jsonl`` (a line per round, eval metrics on eval rounds),
-  ``workdir/results.json`` and an orbax checkpoint of the final server params.
+  Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
+  start (dense reference and pruned runs) train it once.
   """
-  workdir = centralized.prepare_workdir(cfg)
-  model = centralized.make_model(cfg)
-  params = model.init(jax.random.key(cfg.seed))
-  store = make_store(cfg)
-  evals = centralized.EvalSplits(cfg)
+  ws = cfg.get("warm_start")
+  if not ws or not ws.steps:
+    return params, None
+  if not server_speakers:
+    raise ValueError("warm_start.steps > 0 needs data.server_speakers > 0")
+  path = pathlib.Path(ws.get("path") or workdir / "warm_start").absolute()
+  if path.exists():
+    return task.restore_params(path, params), str(path)
+  optimizer = task.make_optimizer(ws.optim, ws.steps)
+  params, _, _ = centralized_lib.train(
+    loss_fn,
+    params,
+    examples_of(train_fs, server_speakers),
+    steps=ws.steps,
+    optimizer=optimizer,
+    batch_size=ws.batch_size,
+    num_buckets=cfg.data.num_buckets,
+    seed=cfg.seed,
+    progress=progress,
+    desc="warm start",
+  )
+  task.save_params(path, params)
+  return params, str(path)
 
-  def eval_fn(server_params, round_index):
+
+def sha256_of(tree: PyTree) -> str:
+  """sha256 of the tree's arrays (flatten order, raw bytes); None leaves are skipped."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()
+
+
+def _setup(cfg: ml_collections.ConfigDict, progress: bool):
+  """What the federated job and its centralized baseline share: workdir, model, loss, the train
+  split, its server/client speaker split and the (cached) warm start."""
+  workdir = task.prepare_workdir(cfg)
+  model = task.make_model(cfg)
+  params = model.init(jax.random.key(cfg.seed))
+  specaug = cfg.get("specaug")
+  loss_fn = task.make_training_loss(model, dict(specaug) if specaug else None)
+  train_fs = task.load_split(cfg, cfg.data.train_split)
+  server_speakers, client_speakers = split_speakers(
+    train_fs, cfg.data.get("server_speakers", 0), cfg.seed
+  )
+  params, warm_path = warm_start(
+    cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
+  )
+  return workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path
+
+
+def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = False) -> dict:
+  """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
+  and dev/test at the end. ``fresh`` discards the workdir's checkpoints and log first."""
+  workdir = pathlib.Path(cfg.workdir)
+  if fresh:
+    for name in ("rounds", "metrics.jsonl", "results.json", "checkpoint"):
+      target = workdir / name
+      if target.is_dir():
+        shutil.rmtree(target)
+      elif target.exists():
+        target.unlink()
+  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
+    cfg, progress
+  )
+  store = make_store(cfg, train_fs, client_speakers)
+  evals = task.EvalSplits(cfg)
+
+  def eval_fn(model_params, round_index):
     del round_index
-    dev = evals.evaluate(model, server_params, "dev")
+    dev = evals.evaluate(model, model_params, "dev")
     return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
 
-  specaug = cfg.get("specaug")
-  loss_fn = centralized.make_training_loss(model, dict(specaug) if specaug else None)
-  run_cfg = cfg.to_dict()
-  run_cfg["log_path"] = str(workdir / "metrics.jsonl")
-  if cfg.eval_every:  # the starting point, so the log shows what the rounds changed
-    with io_utils.JsonlLogger(run_cfg["log_path"]) as log:
-      log.log(rounds_completed=0, **{f"eval_{k}": v for k, v in eval_fn(params, 0).items()})
-  state, history = rounds.run_federated(
-    run_cfg, loss_fn, params, store, eval_fn=eval_fn, progress=progress
+  raw = cfg.to_dict()
+  engine = rounds.resolve_config(raw)
+  engine.update(
+    log_path=str(workdir / "metrics.jsonl"),
+    checkpoint_dir=str(workdir / "rounds"),
   )
-  final = evals.evaluate_all(model, state.params)
+  pcfg = build.resolve_pruning(raw.get("pruning"))
+  policy, round_costs = None, None
+  if pcfg is not None:
+    policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
+    round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
+  log = workdir / "metrics.jsonl"
+  if cfg.eval_every and not (workdir / "rounds").exists():
+    # the starting point, so the log shows what the rounds changed
+    with io_utils.JsonlLogger(log) as logger:
+      start = eval_fn(params, 0)
+      logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
+  state, history = build.run_federated(
+    {**engine, "pruning": pcfg},
+    loss_fn,
+    params,
+    store,
+    eval_fn=eval_fn,
+    progress=progress,
+    policy=policy,
+    round_costs=round_costs,
+  )
+  algorithm_params = (
+    pruning.apply_mask(state.params, state.mask) if state.mask is not None else state.params
+  )
+  final = evals.evaluate_all(model, algorithm_params)
   summary = {
     "rounds": int(state.round),
+    "algorithm": "fedprune" if policy is not None else "fedavg",
     "num_clients": store.num_clients,
+    "server_speakers": len(server_speakers),
+    "warm_start": warm_path,
     "padding_fraction": store.padding_fraction(),
     "num_params": conformer.count_params(state.params),
+    "nonzero_params": int(pruning.param_count(state.params, state.mask)),
     "preset": cfg.model.preset,
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
+    "params_sha256": sha256_of(state.params),
   }
+  if state.mask is not None:
+    summary.update(
+      sparsity=float(pruning.sparsity(state.mask)),
+      mask_sha256=sha256_of(state.mask),
+      **costs_lib.totals(history),
+    )
+    for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
+      summary[f"last_{key}"] = history[-1].get(key) if history else None
+    pruning.save_mask(workdir / "mask.npz", state.mask)
   result = {"final": final, "train": summary, "history": history}
   io_utils.write_json_atomic(workdir / "results.json", result)
-  centralized.save_params(workdir / "checkpoint", state.params)
+  task.save_params(workdir / "checkpoint", algorithm_params)
   return result
 
 
+def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+  """The centralized pruning baseline of a federated pruning config (``fedprune baseline``).
+
+  Same warm start, same mask policy object (``build.policy_from_config(cfg.pruning)``), keyed by
+  steps: ``baseline.steps_per_round`` centralized steps per round (default: a round's client
+  steps, ``cohort_size * data.max_steps``), ``cfg.rounds`` rounds' worth of steps, on the
+  server-side speakers (``baseline.data='server'``) or on all clients' data pooled
+  (``'pooled'``, the non-private upper bound). Writes ``results.json`` like the federated job.
+  """
+  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
+    cfg, progress
+  )
+  which = cfg.baseline.data
+  if which not in ("server", "pooled"):
+    raise ValueError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
+  speakers = server_speakers if which == "server" else client_speakers
+  if not speakers:
+    raise ValueError("baseline.data='server' needs data.server_speakers > 0")
+  policy = build.policy_from_config(
+    build.resolve_pruning(cfg.pruning), model.config.d_model // model.config.conv_groups
+  )
+  per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
+  steps = cfg.rounds * per_round
+  client = rounds.resolve_config(cfg.to_dict())["client"]
+  params, mask, history = centralized_lib.train(
+    loss_fn,
+    params,
+    examples_of(train_fs, speakers),
+    steps=steps,
+    optimizer=rounds.make_client_optimizer(client),
+    batch_size=cfg.baseline.batch_size,
+    num_buckets=cfg.data.num_buckets,
+    seed=cfg.seed,
+    policy=policy,
+    steps_per_round=per_round,
+    progress=progress,
+    desc=f"centralized pruning ({which})",
+  )
+  model_params = pruning.apply_mask(params, mask)
+  final = task.EvalSplits(cfg).evaluate_all(model, model_params)
+  summary = {
+    "algorithm": f"centralized_{which}",
+    "steps": steps,
+    "steps_per_round": per_round,
+    "speakers": len(speakers),
+    "warm_start": warm_path,
+    "sparsity": float(pruning.sparsity(mask)),
+    "nonzero_params": int(pruning.param_count(params, mask)),
+    "num_params": conformer.count_params(params),
+    "preset": cfg.model.preset,
+    "params_sha256": sha256_of(params),
+    "mask_sha256": sha256_of(mask),
+  }
+  result = {"final": final, "train": summary, "history": history}
+  io_utils.write_json_atomic(workdir / "results.json", result)
+  task.save_params(workdir / "checkpoint", model_params)
+  return result
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+  """Markdown table of runs (e.g. {'dense': ..., 'pruned': ...}): WER, sparsity, client bytes."""
+  lines = [
+    "| run | dev WER | test WER | dev CER | sparsity | nonzero params | bytes down / client / round"
+    " | bytes up / client / round | rounds |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, r in results.items():
+    t, f = r["train"], r["final"]
+    dense_bytes = 4.0 * t["num_params"]
+    down = t.get("last_bytes_down_masked") or dense_bytes
+    up = t.get("last_bytes_up") or dense_bytes
+    lines.append(
+      f"| {name} | {f['dev']['wer']:.2%} | {f['test']['wer']:.2%} | {f['dev']['cer']:.2%} | "
+      f"{t.get('sparsity', 0.0):.1%} | {t['nonzero_params']:,} | {down / 1e6:.2f} MB | "
+      f"{up / 1e6:.2f} MB | {t.get('rounds', '')} |"
+    )
+  return "\n".join(lines)
+
+
+def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
+  """Cost accounting on the largest client batch [B, T] of the store."""
+  biggest = max(store.buckets, key=lambda b: b.shapes["features"][0])
+  frames = biggest.shapes["features"][0]
+  batch = {k: v[0, 0] for k, v in biggest.zeros(1).items()}  # one local step [B, ...]
+  activations = costs_lib.activation_bytes(loss_fn, params, batch)
+  dense = flops_lib.conformer_flops(model.config, biggest.batch_size, frames)
+  client = engine["client"]
+  slots = {"adam": 2, "sgd": 1 if client.get("momentum") else 0}[client["optimizer"].lower()]
+  return costs_lib.make_round_costs(policy, dense, slots, activations)
+
+
 def _mean(history: list[dict], key: str) -> float:
-  values = [h[key] for h in history[1:]] or [
-    h[key] for h in history
-  ]  # round 0 includes compilation
+  values = [h[key] for h in history[1:]] or [h[key] for h in history]  # round 0 compiles
   return float(sum(values) / max(len(values), 1))

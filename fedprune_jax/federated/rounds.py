@@ -1,8 +1,9 @@
-"""The round driver: sample a cohort, run it, update the server, log.
+"""The round driver: sample a cohort, run the algorithm's round, log, checkpoint.
 
-``run_federated(config, loss_fn, params, store)`` is what the CLI calls;
-``run_rounds`` is the loop underneath it. Config layout (a dict or an
-ml_collections ConfigDict; every key optional, defaults below)::
+``run_rounds`` is algorithm-agnostic (see ``algorithm.py`` for one round top to bottom);
+``algorithms.build.run_federated(config, ...)`` builds an algorithm from a config and calls it.
+Engine config layout (a dict or an ml_collections ConfigDict; every key optional, defaults
+below)::
 
   seed: 0
   rounds: 10
@@ -10,10 +11,15 @@ ml_collections ConfigDict; every key optional, defaults below)::
   sampling: 'uniform'        # or 'weighted' (by #examples)
   eval_every: 0              # 0 = no periodic eval
   log_path: None             # JSONL, one line per round (+ eval lines)
+  checkpoint_dir: None       # orbax round checkpoints (None = none)
+  checkpoint_every: 10       # rounds between checkpoints (and one at the end)
+  keep_checkpoints: 2        # the last n are kept
   client: {optimizer: 'sgd', learning_rate: 0.1, momentum: None,
            num_epochs: 1, shuffle: True}
   server: {optimizer: 'fedavg', learning_rate: 1.0, b1: 0.9, b2: 0.99,
            eps: 1e-3, momentum: None}
+  faults: {dropout: 0, straggler: 0, corrupt: 0, corrupt_kind: 'nan',
+           max_update_norm: None, clip_norm: None}   # simulated faults, see faults.py
   engine: {executor: 'chunked', chunk_size: 16, num_devices: 1,
            weighting: 'num_examples', vmap_size: None, device_loop: False}
            # num_devices: int or 'all'; executor: chunked|sequential|drjax;
@@ -33,16 +39,12 @@ import jax
 import optax
 
 from fedprune_jax.federated import multihost
-from fedprune_jax.federated.client import LossFn, make_client_update
+from fedprune_jax.federated.algorithm import FederatedAlgorithm
+from fedprune_jax.federated.checkpoints import RoundCheckpointer
 from fedprune_jax.federated.client_data import ClientStore
 from fedprune_jax.federated.executor import ChunkedExecutor, DrjaxExecutor, SequentialExecutor
 from fedprune_jax.federated.sampling import CohortSampler
-from fedprune_jax.federated.server import (
-  ServerState,
-  make_server_optimizer,
-  server_init,
-  server_update,
-)
+from fedprune_jax.federated.server import ServerState
 
 PyTree = Any
 EvalFn = Callable[[PyTree, int], Mapping[str, float]]
@@ -54,6 +56,9 @@ DEFAULTS = {
   "sampling": "uniform",
   "eval_every": 0,
   "log_path": None,
+  "checkpoint_dir": None,
+  "checkpoint_every": 10,
+  "keep_checkpoints": 2,
   "client": {
     "optimizer": "sgd",
     "learning_rate": 0.1,
@@ -68,6 +73,14 @@ DEFAULTS = {
     "b2": 0.99,
     "eps": 1e-3,
     "momentum": None,
+  },
+  "faults": {
+    "dropout": 0.0,
+    "straggler": 0.0,
+    "corrupt": 0.0,
+    "corrupt_kind": "nan",
+    "max_update_norm": None,
+    "clip_norm": None,
   },
   "engine": {
     "executor": "chunked",
@@ -110,18 +123,26 @@ def make_client_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformatio
   raise ValueError(f"unknown config field client.optimizer={name!r}; expected 'sgd' or 'adam'")
 
 
-def make_executor(cfg: Mapping[str, Any], client_update):
+def make_executor(cfg: Mapping[str, Any], client_update, reducers=None):
   """Executor from the ``engine`` config section."""
   kind = cfg["executor"]
+  weighting = cfg["weighting"]
   if kind == "sequential":
-    return SequentialExecutor(client_update, cfg["weighting"])
+    return SequentialExecutor(client_update, weighting, reducers=reducers)
   if kind == "drjax":
-    return DrjaxExecutor(client_update, cfg["weighting"])
+    return DrjaxExecutor(client_update, weighting, reducers=reducers)
   if kind != "chunked":
-    raise ValueError(f"unknown config field engine.executor={kind!r}")
+    raise ValueError(
+      f"unknown config field engine.executor={kind!r}; expected 'chunked', 'sequential' or 'drjax'"
+    )
   n = cfg["num_devices"]
   mesh = None
   if n == "all" or (isinstance(n, int) and n > 1):
+    if n != "all" and n > jax.device_count():
+      raise ValueError(
+        f"config field engine.num_devices={n} but this process sees {jax.device_count()} "
+        "device(s); use 'all' or a smaller number"
+      )
     devs = jax.devices() if n == "all" else jax.devices()[:n]
     mesh = multihost.client_mesh(devs)
   chunk = cfg["chunk_size"]
@@ -134,46 +155,53 @@ def make_executor(cfg: Mapping[str, Any], client_update):
     client_update,
     chunk,
     mesh,
-    cfg["weighting"],
+    weighting,
     device_loop=cfg["device_loop"],
     vmap_size=vmap_size,
+    reducers=reducers,
   )
 
 
+def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
 def run_rounds(
+  algorithm: FederatedAlgorithm,
   state: ServerState,
   store: ClientStore,
   executor,
-  server_optimizer: optax.GradientTransformation,
   sampler: CohortSampler,
   num_rounds: int,
-  seed: int,
-  mask: PyTree | None = None,
   eval_fn: EvalFn | None = None,
   eval_every: int = 0,
   log_path: str | None = None,
   progress: bool = True,
   on_round: Callable[[ServerState, dict], None] | None = None,
+  checkpointer: RoundCheckpointer | None = None,
+  history: list[dict] | None = None,
 ) -> tuple[ServerState, list[dict]]:
-  """Runs ``num_rounds`` rounds starting at ``state.round``.
+  """Runs ``num_rounds`` rounds of ``algorithm`` starting at ``state.round``.
 
-  Round ``r`` uses cohort ``sampler.sample(r)`` and round key
-  ``fold_in(key(seed), r)``, so a run resumed from a saved ``state`` repeats
-  the uninterrupted run exactly.
+  One round: ``client_input = broadcast(state)``; the executor runs ``client_update`` on cohort
+  ``sampler.sample(r)`` with round key ``fold_in(key(state.seed), r)`` and reduces the outputs;
+  ``server_update`` returns the next state. A run resumed from a saved state therefore repeats
+  the uninterrupted run exactly. Clients that failed are dropped by the executor and counted in
+  ``num_failed_clients``.
 
-  A client whose loss or delta is not finite is dropped from its round's
-  aggregate and counted in ``num_failed_clients``; a round in which no client
-  succeeded leaves params and server optimizer state unchanged.
+  Args:
+    history: metrics of the rounds before ``state.round`` (resume); they are kept in the returned
+      history and in checkpoints.
+    checkpointer: saves ``(state, history)`` every k rounds.
 
   Returns:
-    (final state, history) with one metrics dict per round: round,
-    train_loss, num_clients, num_failed_clients, num_examples, seconds,
-    clients_per_s, examples_per_s (+ eval metrics prefixed ``eval_`` on eval
-    rounds).
+    (final state, history) with one metrics dict per round: round, train_loss, num_clients,
+    num_failed_clients, num_examples, the algorithm's server metrics and per-client costs,
+    seconds, clients_per_s, examples_per_s (+ ``eval_*`` on eval rounds).
   """
-  seed_key = jax.random.key(seed)
-  update = jax.jit(server_update, static_argnums=2)
-  history = []
+  broadcast = jax.jit(algorithm.broadcast)
+  server_update = jax.jit(algorithm.server_update)
+  history = list(history or [])
   log = None
   is_main = jax.process_index() == 0
   if log_path and is_main:
@@ -183,22 +211,17 @@ def run_rounds(
   if progress and is_main:
     import tqdm  # pylint: disable=g-import-not-at-top
 
-    bar = tqdm.tqdm(total=num_rounds, desc="rounds", unit="round")
+    bar = tqdm.tqdm(total=num_rounds, desc=f"{algorithm.name} rounds", unit="round")
   try:
     for _ in range(num_rounds):
       r = int(state.round)
       t0 = time.perf_counter()
+      costs = algorithm.round_costs(state) if algorithm.round_costs else {}
       cohort = sampler.sample(r)
-      mean_delta, metrics = executor(
-        state.params, store, cohort, jax.random.fold_in(seed_key, r), mask
-      )
-      if metrics["weight_sum"] > 0:
-        state = update(state, mean_delta, server_optimizer)
-      else:
-        # Every client failed (or had no data): an optimizer step on a zero
-        # pseudo-gradient would still move FedAdam params, so skip it.
-        state = state.replace(round=state.round + 1)
-      jax.block_until_ready(state.params)
+      round_key = jax.random.fold_in(jax.random.key(int(state.seed)), r)
+      aggregate, metrics = executor(broadcast(state), store, cohort, round_key)
+      state, server_metrics = server_update(state, aggregate)
+      jax.block_until_ready(state)
       if metrics["num_failed_clients"]:
         absl_logging.warning(
           "round %d: dropped %d of %d clients with a non-finite loss or delta",
@@ -210,16 +233,21 @@ def run_rounds(
       metrics = dict(
         round=r,
         **metrics,
+        **_host(server_metrics),
+        **costs,
         seconds=dt,
         clients_per_s=metrics["num_clients"] / dt,
         examples_per_s=metrics["num_examples"] / dt,
       )
       if eval_fn is not None and eval_every and (r + 1) % eval_every == 0:
-        metrics.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params, r + 1).items()})
+        evaluated = eval_fn(algorithm.model_params(state), r + 1)
+        metrics.update({f"eval_{k}": float(v) for k, v in evaluated.items()})
       history.append(metrics)
       if log is not None:
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+      if checkpointer is not None:
+        checkpointer.save(state, history)
       if bar is not None:
         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", cps=f"{metrics['clients_per_s']:.1f}")
         bar.update(1)
@@ -231,66 +259,3 @@ def run_rounds(
     if log is not None:
       log.close()
   return state, history
-
-
-def run_federated(
-  config: Mapping[str, Any] | Any,
-  loss_fn: LossFn,
-  params: PyTree,
-  store: ClientStore,
-  eval_fn: EvalFn | None = None,
-  mask: PyTree | None = None,
-  state: ServerState | None = None,
-  progress: bool = True,
-) -> tuple[ServerState, list[dict]]:
-  """Federated training from a config (see the module docstring).
-
-  Args:
-    config: dict / ConfigDict; unknown top-level sections are ignored.
-    loss_fn: ``loss_fn(params, batch, rng) -> (scalar, aux)``.
-    params: initial server params.
-    store: the clients.
-    eval_fn: ``eval_fn(params, round) -> {name: value}`` run every
-      ``eval_every`` rounds.
-    mask: optional pruning mask applied in every client update.
-    state: resume from this server state instead of ``params``.
-  """
-  cfg = resolve_config(config)
-  client_update = make_client_update(
-    loss_fn,
-    make_client_optimizer(cfg["client"]),
-    num_epochs=cfg["client"]["num_epochs"],
-    shuffle=cfg["client"]["shuffle"],
-  )
-  s = cfg["server"]
-  server_opt = make_server_optimizer(
-    s["optimizer"], s["learning_rate"], b1=s["b1"], b2=s["b2"], eps=s["eps"], momentum=s["momentum"]
-  )
-  if cfg["sampling"] not in ("uniform", "weighted"):
-    raise ValueError(
-      f"config field sampling must be 'uniform' or 'weighted', got {cfg['sampling']!r}"
-    )
-  sampler = CohortSampler(
-    store.num_clients,
-    min(cfg["cohort_size"], store.num_clients),
-    seed=cfg["seed"],
-    weights=store.num_examples() if cfg["sampling"] == "weighted" else None,
-  )
-  if state is None:
-    state = server_init(params, server_opt)
-  executor = make_executor(cfg["engine"], client_update)
-  remaining = max(0, cfg["rounds"] - int(state.round))
-  return run_rounds(
-    state,
-    store,
-    executor,
-    server_opt,
-    sampler,
-    remaining,
-    cfg["seed"],
-    mask=mask,
-    eval_fn=eval_fn,
-    eval_every=cfg["eval_every"],
-    log_path=cfg["log_path"],
-    progress=progress,
-  )

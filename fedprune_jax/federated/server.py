@@ -1,8 +1,8 @@
-"""Server state and update: an optax optimizer fed the mean client delta.
+"""Server state and the optax server step fed the mean client delta.
 
-The mean delta (``params_start - params_end``, see client.py) is a
-pseudo-gradient: FedAvg = ``optax.sgd(1.0)`` (params <- mean client params),
-FedAdam = ``optax.adam``, FedYogi = ``optax.yogi`` (Reddi et al., 2021).
+The mean delta (``params_start - params_end``, see client.py) is a pseudo-gradient: FedAvg =
+``optax.sgd(1.0)`` (params <- mean client params), FedAdam = ``optax.adam``, FedYogi =
+``optax.yogi`` (Reddi et al., 2021).
 """
 
 from __future__ import annotations
@@ -19,17 +19,27 @@ PyTree = Any
 
 @flax.struct.dataclass
 class ServerState:
-  """Everything the server carries between rounds (an orbax-saveable pytree).
+  """Everything a round depends on (one orbax-saveable pytree).
 
   Attributes:
-    params: model params pytree.
+    params: model params pytree (dense; under pruning, values at pruned coordinates are kept so
+      server re-scoring can revive them: the model is ``apply_mask(params, mask)``).
     opt_state: server optimizer state.
-    round: int32 scalar, number of completed rounds.
+    round: int32 scalar, completed rounds.
+    seed: int32 scalar; round keys are ``fold_in(key(seed), round)`` and cohorts are drawn from
+      (seed, round), so a restored state repeats the uninterrupted run exactly.
+    mask: pruning mask (bool leaves for prunable params, None elsewhere), or None (dense).
+    sparsity: float32 scalar, target sparsity of ``mask``.
+    phase: int32 scalar, pruning phase of the next round (0 pruning, 1 refining, 2 fine-tuning).
   """
 
   params: PyTree
   opt_state: PyTree
   round: jax.Array
+  seed: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  mask: PyTree = None
+  sparsity: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  phase: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def make_server_optimizer(
@@ -43,9 +53,9 @@ def make_server_optimizer(
   """Server optimizers by name.
 
   Args:
-    name: ``fedavg`` (SGD, lr default 1, optional momentum = FedAvgM),
-      ``fedadam`` or ``fedyogi``. The ``eps=1e-3`` default (the adaptivity
-      parameter tau) follows Reddi et al.; pass ``eps`` explicitly otherwise.
+    name: ``fedavg`` (SGD, lr default 1, optional momentum = FedAvgM), ``fedadam`` or
+      ``fedyogi``. The ``eps=1e-3`` default (the adaptivity parameter tau) follows Reddi et al.;
+      pass ``eps`` explicitly otherwise.
     learning_rate: server learning rate.
   """
   name = name.lower()
@@ -55,26 +65,41 @@ def make_server_optimizer(
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   if name in ("fedyogi", "yogi"):
     return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
-  raise ValueError(f"unknown server optimizer {name!r}; expected 'fedavg', 'fedadam' or 'fedyogi'")
+  raise ValueError(
+    f"unknown config field server.optimizer={name!r}; expected 'fedavg', 'fedadam' or 'fedyogi'"
+  )
 
 
-def server_init(params: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
+def server_init(
+  params: PyTree, optimizer: optax.GradientTransformation, seed: int = 0
+) -> ServerState:
   return ServerState(
-    params=params, opt_state=optimizer.init(params), round=jnp.zeros((), jnp.int32)
+    params=params,
+    opt_state=optimizer.init(params),
+    round=jnp.zeros((), jnp.int32),
+    seed=jnp.asarray(seed, jnp.int32),
   )
 
 
 def server_update(
   state: ServerState, mean_delta: PyTree, optimizer: optax.GradientTransformation
 ) -> ServerState:
-  """One server step: ``params <- params + opt(mean_delta as gradient)``."""
+  """One server step: ``params <- params + opt(mean_delta as gradient)``; round + 1."""
   updates, opt_state = optimizer.update(mean_delta, state.opt_state, state.params)
-  return ServerState(
+  return state.replace(
     params=optax.apply_updates(state.params, updates), opt_state=opt_state, round=state.round + 1
   )
 
 
-def weighted_mean_delta(delta_sum: PyTree, weight_sum: jax.Array) -> PyTree:
-  """``delta_sum / weight_sum`` (zero when no client had any weight)."""
-  denom = jnp.maximum(weight_sum, 1e-12)
-  return jax.tree_util.tree_map(lambda d: d / denom.astype(d.dtype), delta_sum)
+def tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """``where(pred, a, b)`` leaf by leaf (pred: bool scalar)."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def keep_if_no_clients(weight_sum: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """``new``, or ``old`` when no client succeeded (``weight_sum == 0``).
+
+  An optimizer step on a zero pseudo-gradient would still move FedAdam params (momentum), so a
+  round in which every client failed must leave the server where it was.
+  """
+  return tree_select(weight_sum > 0, new, old)

@@ -6,7 +6,9 @@
   inner moments never accumulate for pruned weights;
 * the returned update of a pruned entry is ``-param``, so
   ``optax.apply_updates(params, updates)`` gives exactly 0.0 there (also on
-  the first step, when the params were not masked yet);
+  the first step, when the params were not masked yet); with
+  ``pruned="freeze"`` it is 0 instead: a pruned weight keeps its last value
+  (a server that re-scores its weights can then revive it with that value);
 * when the mask changes, every part of the inner state that has the params'
   structure (adam's ``mu``/``nu``, momentum traces, ...) is reset to zero
   for the entries that regrow (mask 0 -> 1), so a regrown weight starts with
@@ -71,8 +73,11 @@ def masked_optimizer(
   inner: optax.GradientTransformation,
   mask_fn: Callable[[PyTree], PyTree] | None = None,
   initial_mask: PyTree | None = None,
+  pruned: str = "zero",
 ) -> optax.GradientTransformationExtraArgs:
-  """Wraps ``inner`` so that masked params stay exactly zero (see module doc)."""
+  """Wraps ``inner`` so that masked params stay exactly zero, or frozen (see module doc)."""
+  if pruned not in ("zero", "freeze"):
+    raise ValueError(f"pruned must be 'zero' or 'freeze', got {pruned!r}")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -95,7 +100,10 @@ def masked_optimizer(
     grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros_like(g)), updates, m)
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
     new_updates = jax.tree.map(
-      lambda u, k, p: jnp.where(k, u, -p).astype(u.dtype), new_updates, m, params
+      lambda u, k, p: jnp.where(k, u, 0 if pruned == "freeze" else -p).astype(u.dtype),
+      new_updates,
+      m,
+      params,
     )
     return new_updates, MaskedState(inner_state, m)
 

@@ -1,13 +1,13 @@
 """Centralized training of a Conformer ASR model: optax Adam(W) + warmup/cosine, clipping,
 SpecAugment, length-bucketed batches, periodic dev evaluation, final dev/test WER.
 
-This is also the *centralized pruning baseline*'s trainer in later issues: the step takes an
-optional mask pytree so pruned weights stay exactly zero.
+The step takes an optional mask pytree so pruned weights stay exactly zero (the centralized
+pruning baseline, ``algorithms.centralized``, uses it). Data, model, loss and evaluation come from
+``fedprune_jax.task``.
 """
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import time
 from typing import Any, Callable
@@ -18,94 +18,13 @@ import numpy as np
 import optax
 
 from fedprune_jax import io_utils
+from fedprune_jax import task
 from fedprune_jax.data import batching
-from fedprune_jax.data import features as features_lib
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 from fedprune_jax.pruning.masks import apply_mask
-from fedprune_jax.train import evaluate as evaluate_lib
 
 Params = Any
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-
-def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSet:
-  """Features of one split of ``cfg.data.root`` (cached on disk after the first call)."""
-  if cfg.data.source == "tfds":
-    from fedprune_jax.data import tfds_librispeech  # pylint: disable=g-import-not-at-top
-
-    utterances = tfds_librispeech.read_tfds(split, data_dir=cfg.data.root or None)
-    examples, utt_ids, speakers = [], [], []
-    for u, example in zip_featurized(utterances):
-      examples.append(example)
-      utt_ids.append(u.utt_id)
-      speakers.append(u.speaker_id)
-    return batching.pack_examples(examples, utt_ids, speakers)
-  root = pathlib.Path(cfg.data.root)
-  split_dir = root / split
-  if not split_dir.is_dir():
-    raise FileNotFoundError(
-      f"data.root={str(root)!r} has no split directory {split!r} "
-      f"(run `fedprune corpus synth --out {root}` to make the embedded corpus)"
-    )
-  cache_dir = cfg.data.cache_dir or str(root / ".features")
-  return batching.cached_features(str(split_dir), cache_dir)
-
-
-def zip_featurized(utterances):
-  """Yields ``(utterance, Example)`` pairs, featurising one utterance at a time."""
-  for u in utterances:
-    (example,) = batching.featurize([u])
-    yield u, example
-
-
-def make_model(cfg: ml_collections.ConfigDict) -> asr.AsrModel:
-  """The config's model: a preset plus optional ConformerConfig field overrides."""
-  overrides = dict(cfg.model.get("overrides", {}) or {})
-  return asr.make_asr_model(cfg.model.preset, head=cfg.model.head, **overrides)
-
-
-# --- optimisation -------------------------------------------------------------------------------
-
-
-def make_optimizer(
-  optim: ml_collections.ConfigDict, total_steps: int
-) -> optax.GradientTransformation:
-  """Clip-by-global-norm, then AdamW on a linear-warmup + cosine-decay learning rate."""
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=optim.peak_lr,
-    warmup_steps=optim.warmup_steps,
-    decay_steps=max(total_steps, optim.warmup_steps + 1),
-    end_value=optim.peak_lr * optim.end_lr_fraction,
-  )
-  return optax.chain(
-    optax.clip_by_global_norm(optim.clip_norm),
-    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
-  )
-
-
-def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
-  """``loss_fn(params, batch, rng) -> (loss, aux)`` of one training step: SpecAugment, then dropout.
-
-  Shared by the centralized step and the federated client update, so both train the same objective.
-  ``specaug`` holds ``features.spec_augment`` keyword arguments, or None for no augmentation.
-  """
-
-  def loss_fn(params, batch, rng):
-    aug_rng, dropout_rng = jax.random.split(rng)
-    if specaug is not None:
-      batch = dict(
-        batch,
-        features=features_lib.spec_augment(
-          aug_rng, batch["features"], batch["feature_paddings"], **specaug
-        ),
-      )
-    return model.loss(params, batch, dropout_rng, True)
-
-  return loss_fn
 
 
 def make_train_step(
@@ -116,7 +35,7 @@ def make_train_step(
   ``mask`` (optional pytree of {0,1} arrays or None leaves, the params' structure) keeps pruned
   weights exactly zero: gradients and updates are masked.
   """
-  loss_fn = make_training_loss(model, specaug)
+  loss_fn = task.make_training_loss(model, specaug)
 
   def step(params, opt_state, batch, rng, mask=None):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
@@ -130,33 +49,6 @@ def make_train_step(
     )
 
   return jax.jit(step, donate_argnums=(0, 1))
-
-
-def prepare_workdir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-  """Creates ``cfg.workdir`` and records the resolved config in it (``config.json``)."""
-  workdir = pathlib.Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
-  return workdir
-
-
-class EvalSplits:
-  """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
-
-  def __init__(self, cfg: ml_collections.ConfigDict):
-    self.feature_sets = {
-      name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")
-    }
-    self.batches = {
-      name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
-      for name, fs in self.feature_sets.items()
-    }
-
-  def evaluate(self, model: asr.AsrModel, params: Params, name: str) -> dict[str, float]:
-    return evaluate_lib.evaluate(model, params, self.feature_sets[name], batches=self.batches[name])
-
-  def evaluate_all(self, model: asr.AsrModel, params: Params) -> dict[str, dict[str, float]]:
-    return {name: self.evaluate(model, params, name) for name in self.feature_sets}
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -173,16 +65,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  workdir = prepare_workdir(cfg)
+  workdir = task.prepare_workdir(cfg)
 
-  train_fs = load_split(cfg, cfg.data.train_split)
-  evals = EvalSplits(cfg)
+  train_fs = task.load_split(cfg, cfg.data.train_split)
+  evals = task.EvalSplits(cfg)
 
-  model = make_model(cfg)
+  model = task.make_model(cfg)
   rng = jax.random.key(cfg.seed)
   params = model.init(jax.random.fold_in(rng, 0))
   num_params = conformer.count_params(params)
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+  optimizer = task.make_optimizer(cfg.optim, cfg.train.steps)
   opt_state = optimizer.init(params)
   specaug = dict(cfg.specaug) if cfg.train.spec_augment else None
   train_step = make_train_step(model, optimizer, specaug)
@@ -281,44 +173,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   result = {"final": final, "train": train_info, "history": history}
   io_utils.write_json_atomic(workdir / "results.json", result)
   if cfg.train.checkpoint:
-    save_params(workdir / "checkpoint", params)
+    task.save_params(workdir / "checkpoint", params)
   return result
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def save_params(path: pathlib.Path, params: Params) -> None:
-  """Saves params with orbax (atomic: orbax writes a temporary directory, then renames)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  path = pathlib.Path(path).absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params, force=True)
-  checkpointer.wait_until_finished()
-
-
-def restore_params(path: pathlib.Path, like: Params) -> Params:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  path = pathlib.Path(path).absolute()
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-  return ocp.StandardCheckpointer().restore(path, abstract)
-
-
-def evaluate_checkpoint(
-  cfg: ml_collections.ConfigDict, checkpoint: str, splits=("dev", "test")
-) -> dict:
-  """WER/CER of a saved checkpoint on the named splits of ``cfg.data``."""
-  model = make_model(cfg)
-  params = restore_params(pathlib.Path(checkpoint), model.init(jax.random.key(0)))
-  out = {}
-  for split in splits:
-    fs = load_split(cfg, getattr(cfg.data, f"{split}_split", split))
-    out[split] = evaluate_lib.evaluate(model, params, fs, batch_size=cfg.data.eval_batch_size)
-  return out
 
 
 def format_results_table(result: dict) -> str:

@@ -1,0 +1,267 @@
+"""The mask policy: schedule + phases + score + pattern + allocation, keyed by an abstract step.
+
+One object serves federated pruning (step = round) and the centralized pruning baseline (step =
+round-equivalent of a training step), so both prune by the same rule.
+
+Phases (step ``t``; ``P = pruning_steps``, ``R = refining_steps``):
+
+* **pruning** ``t < P``: at the schedule's update steps the sparsity follows the schedule; masks
+  only shrink (a pruned weight stays pruned: its score is zeroed and the new mask is intersected
+  with the old one);
+* **refining** ``P <= t < P + R``: every ``refine_every`` steps the mask is recomputed at the
+  final sparsity from the refinement scores, without the monotone rule, so pruned weights can come
+  back (``refinement``: ``server`` = magnitude of the server's dense params, whose values at pruned
+  coordinates are kept; ``client`` = client-data scores; ``none`` = no change);
+* **fine-tuning** ``t >= P + R``: the mask is frozen.
+
+Scores (higher = keep): ``magnitude`` |w| and ``random`` are computed by the server;
+``saliency`` and ``update`` come from the clients' data (``CLIENT_SCORES``): ``saliency`` =
+``|w| * agg_c(mean_steps |g_c|)``, where the clients upload their mean absolute gradient at their
+reduced model and the server multiplies by its dense weights (so a pruned weight with a large
+gradient can be revived); ``update`` = ``agg_c |delta_c|`` (zero at pruned coordinates: it prunes
+but cannot revive). Client scores are aggregated by ``client_aggregation``: ``mean``
+(example-weighted), ``trimmed_mean`` (coordinate-wise, ``trim_fraction`` of the cohort dropped at
+each end) or ``vote`` (each client votes for the entries of its own top ``1 - sparsity`` per layer;
+the score is the example-weighted fraction of votes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedprune_jax import pruning
+from fedprune_jax.pruning import units as units_lib
+
+PyTree = Any
+Schedule = pruning.Constant | pruning.Step | pruning.Polynomial
+
+SERVER_SCORES = ("magnitude", "random")
+CLIENT_SCORES = ("saliency", "update")
+REFINEMENTS = ("none", "server", "client")
+AGGREGATIONS = ("mean", "trimmed_mean", "vote")
+PRUNING, REFINING, FINE_TUNING = 0, 1, 2
+PHASE_NAMES = ("pruning", "refining", "fine-tuning")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPolicy:
+  """When and how the mask changes (hashable: a static argument under jit).
+
+  Attributes:
+    schedule: ``pruning.Constant | Step | Polynomial``, sparsity by step in the pruning phase.
+    pruning_steps: length P of the pruning phase.
+    refining_steps: length R of the refining phase.
+    refine_every: steps between mask recomputations in the refining phase.
+    pattern: ``unstructured | row | half_row | column | half_column | block:HxW | N:M | units``.
+    allocation: ``uniform | global | adaptive | erk`` (``units``: uniform, global or adaptive).
+    score: pruning-phase score, ``SERVER_SCORES + CLIENT_SCORES``.
+    refinement: refining-phase scores, ``none | server | client``.
+    client_aggregation: ``mean | trimmed_mean | vote``.
+    trim_fraction: for ``trimmed_mean``.
+    channels_per_group: Conformer conv channels per group (``units`` pattern only).
+    include, exclude: path patterns of the prunable params.
+  """
+
+  schedule: Schedule
+  pruning_steps: int
+  refining_steps: int = 0
+  refine_every: int = 1
+  pattern: str = "unstructured"
+  allocation: str = "uniform"
+  score: str = "magnitude"
+  refinement: str = "server"
+  client_aggregation: str = "mean"
+  trim_fraction: float = 0.1
+  channels_per_group: int | None = None
+  include: tuple[str, ...] = pruning.DEFAULT_INCLUDE
+  exclude: tuple[str, ...] = pruning.DEFAULT_EXCLUDE
+
+  def __post_init__(self):
+    def check(field, value, choices):
+      if value not in choices:
+        raise ValueError(f"config field pruning.{field}={value!r}; expected one of {choices}")
+
+    check("score", self.score, SERVER_SCORES + CLIENT_SCORES)
+    check("refinement", self.refinement, REFINEMENTS)
+    check("client_aggregation", self.client_aggregation, AGGREGATIONS)
+    if self.pattern == "units":
+      if self.channels_per_group is None:
+        raise ValueError("pruning.pattern='units' needs the model's conv channels per group")
+    else:
+      pruning.parse_pattern(self.pattern)  # raises ValueError naming the pattern
+    pruning.parse_allocation(self.allocation)
+    if self.pruning_steps < 1 or self.refining_steps < 0 or self.refine_every < 1:
+      raise ValueError(
+        "pruning phase lengths need pruning_rounds >= 1, refining_rounds >= 0, refine_every >= 1;"
+        f" got {self.pruning_steps}, {self.refining_steps}, {self.refine_every}"
+      )
+    if self.schedule.end_step >= self.pruning_steps:
+      raise ValueError(
+        f"the sparsity schedule reaches its target at step {self.schedule.end_step}, after the "
+        f"pruning phase (pruning_rounds={self.pruning_steps}): lengthen pruning_rounds or update "
+        "more often"
+      )
+    if not 0.0 <= self.trim_fraction < 0.5:
+      raise ValueError(f"pruning.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+
+  # --- when -----------------------------------------------------------------------------------
+
+  @property
+  def final_sparsity(self) -> float:
+    sch = self.schedule
+    return float(sch.target if isinstance(sch, pruning.Constant) else sch.final)
+
+  def phase(self, step) -> jax.Array:
+    """int32: PRUNING, REFINING or FINE_TUNING at ``step``."""
+    step = jnp.asarray(step)
+    p, r = self.pruning_steps, self.pruning_steps + self.refining_steps
+    return jnp.where(step < p, PRUNING, jnp.where(step < r, REFINING, FINE_TUNING)).astype(
+      jnp.int32
+    )
+
+  def should_update(self, step) -> jax.Array:
+    """bool: the mask is recomputed for ``step``."""
+    step = jnp.asarray(step)
+    ph = self.phase(step)
+    in_pruning = (ph == PRUNING) & self.schedule.should_update(step)
+    refining = (
+      (ph == REFINING)
+      & (self.refinement != "none")
+      & ((step - self.pruning_steps) % self.refine_every == 0)
+    )
+    return in_pruning | refining
+
+  def target(self, step) -> jax.Array:
+    """float32 target sparsity at ``step``."""
+    ph = self.phase(step)
+    return jnp.where(ph == PRUNING, self.schedule(step), self.final_sparsity).astype(jnp.float32)
+
+  # --- what -----------------------------------------------------------------------------------
+
+  @property
+  def uses_client_scores(self) -> bool:
+    refines_with_clients = self.refinement == "client" and self.refining_steps > 0
+    return self.score in CLIENT_SCORES or refines_with_clients
+
+  @property
+  def client_score(self) -> str:
+    """What clients compute: the pruning score if it is a client score, else saliency."""
+    return self.score if self.score in CLIENT_SCORES else "saliency"
+
+  def scores_from_clients(self, step) -> jax.Array:
+    """bool: the mask update at ``step`` scores with client data."""
+    ph = self.phase(step)
+    pruning_client = (ph == PRUNING) & (self.score in CLIENT_SCORES)
+    refining_client = (ph == REFINING) & (self.refinement == "client")
+    return pruning_client | refining_client
+
+  def scores(self, step, params: PyTree, client_scores: PyTree | None, key: jax.Array) -> PyTree:
+    """Entry scores for the mask update at ``step`` (params' structure).
+
+    Args:
+      params: the server's dense params.
+      client_scores: the aggregated client scores (``update['scores']``) or None.
+      key: for ``random`` scores.
+    """
+    ph = self.phase(step)
+    server_kind = jnp.where(ph == PRUNING, self.score == "random", False)
+    server = jax.tree.map(jnp.abs, params)
+    if self.score == "random":
+      rnd = pruning.random_scores(params, key)
+      server = jax.tree.map(lambda m, r: jnp.where(server_kind, r, m), server, rnd)
+    if client_scores is None:
+      return server
+    if self.client_aggregation == "vote" or self.client_score == "update":
+      client = client_scores
+    else:  # saliency: the server's dense |w| times the clients' mean |g|
+      client = jax.tree.map(lambda w, g: jnp.abs(w) * g, params, client_scores)
+    use_client = self.scores_from_clients(step)
+    return jax.tree.map(lambda c, s: jnp.where(use_client, c, s), client, server)
+
+  def init_mask(self, params: PyTree) -> PyTree:
+    """All-kept mask with the structure every later mask has."""
+    return jax.tree.map(
+      lambda m: None if m is None else jnp.ones_like(m, bool),
+      self._prune(jax.tree.map(jnp.abs, params), params, 0.0),
+      is_leaf=lambda x: x is None,
+    )
+
+  def _prune(self, scores: PyTree, params: PyTree, sparsity) -> PyTree:
+    if self.pattern == "units":
+      umask = units_lib.unit_mask(
+        params, self.channels_per_group, sparsity, scores=scores, allocation=self.allocation
+      )
+      return units_lib.expand_unit_mask(params, self.channels_per_group, umask)
+    return pruning.prune_mask(
+      scores,
+      sparsity,
+      pattern=self.pattern,
+      allocation=self.allocation,
+      include=self.include,
+      exclude=self.exclude,
+    )
+
+  def next_mask(self, mask: PyTree, scores: PyTree, step, params: PyTree) -> PyTree:
+    """The mask for ``step`` from the current ``mask`` and entry ``scores``.
+
+    In the pruning phase pruned entries score 0 and the result is intersected with ``mask``
+    (monotone); in the refining phase the mask is recomputed freely at the final sparsity.
+    """
+    pruning_phase = self.phase(step) == PRUNING
+    scores = jax.tree.map(
+      lambda s, m: s if m is None else jnp.where(pruning_phase & ~m, 0.0, s),
+      scores,
+      mask,
+      is_leaf=lambda x: x is None,
+    )
+    new = self._prune(scores, params, self.target(step))
+    return jax.tree.map(
+      lambda n, m: None if m is None else jnp.where(pruning_phase, n & m, n),
+      new,
+      mask,
+      is_leaf=lambda x: x is None,
+    )
+
+  def local_vote(self, local_scores: PyTree, mask: PyTree, sparsity) -> PyTree:
+    """A client's vote: 1.0 for the entries of its top ``1 - sparsity`` per prunable leaf."""
+
+    def vote(s, m):
+      if m is None:
+        return jnp.zeros_like(s)
+      thr = jnp.quantile(s.reshape(-1), sparsity)
+      return (s > thr).astype(s.dtype)
+
+    return jax.tree.map(vote, local_scores, mask, is_leaf=lambda x: x is None)
+
+
+def make_schedule(
+  kind: str,
+  target: float,
+  pruning_steps: int,
+  *,
+  initial: float = 0.0,
+  begin: int = 0,
+  every: int = 1,
+  step_delta: float = 0.1,
+  power: float = 3.0,
+) -> Schedule:
+  """A schedule over the pruning phase ``[begin, pruning_steps)`` from config values.
+
+  ``constant``: the target at ``begin`` (one-shot); ``step``: + ``step_delta`` every ``every``
+  steps; ``polynomial``: TFMOT cubic from ``initial`` to ``target``, reaching it at the last
+  pruning step, updating every ``every`` steps.
+  """
+  end = max(pruning_steps - 1, begin)
+  if kind == "constant":
+    return pruning.Constant(target, begin_step=begin)
+  if kind == "step":
+    return pruning.Step(initial, target, step_delta, every=every, begin_step=begin)
+  if kind == "polynomial":
+    return pruning.Polynomial(initial, target, begin, end, frequency=every, power=power)
+  raise ValueError(
+    f"unknown config field pruning.schedule={kind!r}; expected 'constant', 'step' or 'polynomial'"
+  )

@@ -1,0 +1,167 @@
+"""The ASR task as both trainers see it: loading a split, the model, the training loss
+(SpecAugment, then dropout), evaluation splits, the run's workdir and params checkpoints.
+
+Shared by the centralized trainer (``train.centralized``), the federated job
+(``federated.job``) and the centralized pruning baseline, so all of them train and evaluate the
+same objective on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+from fedprune_jax import io_utils
+from fedprune_jax.data import batching
+from fedprune_jax.data import features as features_lib
+from fedprune_jax.models import asr
+from fedprune_jax.train import evaluate as evaluate_lib
+
+Params = Any
+
+
+def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSet:
+  """Features of one split of ``cfg.data.root`` (cached on disk after the first call)."""
+  if cfg.data.source == "tfds":
+    from fedprune_jax.data import tfds_librispeech  # pylint: disable=g-import-not-at-top
+
+    utterances = tfds_librispeech.read_tfds(split, data_dir=cfg.data.root or None)
+    examples, utt_ids, speakers = [], [], []
+    for u, example in zip_featurized(utterances):
+      examples.append(example)
+      utt_ids.append(u.utt_id)
+      speakers.append(u.speaker_id)
+    return batching.pack_examples(examples, utt_ids, speakers)
+  root = pathlib.Path(cfg.data.root)
+  split_dir = root / split
+  if not split_dir.is_dir():
+    raise FileNotFoundError(
+      f"data.root={str(root)!r} has no split directory {split!r} "
+      f"(run `fedprune corpus synth --out {root}` to make the embedded corpus)"
+    )
+  cache_dir = cfg.data.cache_dir or str(root / ".features")
+  return batching.cached_features(str(split_dir), cache_dir)
+
+
+def zip_featurized(utterances):
+  """Yields ``(utterance, Example)`` pairs, featurising one utterance at a time."""
+  for u in utterances:
+    (example,) = batching.featurize([u])
+    yield u, example
+
+
+def make_model(cfg: ml_collections.ConfigDict) -> asr.AsrModel:
+  """The config's model: a preset plus optional ConformerConfig field overrides."""
+  overrides = dict(cfg.model.get("overrides", {}) or {})
+  return asr.make_asr_model(cfg.model.preset, head=cfg.model.head, **overrides)
+
+
+def make_optimizer(
+  optim: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+  """Clip-by-global-norm, then AdamW on a linear-warmup + cosine-decay learning rate."""
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=optim.peak_lr,
+    warmup_steps=optim.warmup_steps,
+    decay_steps=max(total_steps, optim.warmup_steps + 1),
+    end_value=optim.peak_lr * optim.end_lr_fraction,
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(optim.clip_norm),
+    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+  )
+
+
+def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
+  """``loss_fn(params, batch, rng) -> (loss, aux)`` of one training step: SpecAugment, then dropout.
+
+  Shared by the centralized step and the federated client update, so both train the same objective.
+  ``specaug`` holds ``features.spec_augment`` keyword arguments, or None for no augmentation.
+  """
+
+  def loss_fn(params, batch, rng):
+    aug_rng, dropout_rng = jax.random.split(rng)
+    if specaug is not None:
+      batch = dict(
+        batch,
+        features=features_lib.spec_augment(
+          aug_rng, batch["features"], batch["feature_paddings"], **specaug
+        ),
+      )
+    return model.loss(params, batch, dropout_rng, True)
+
+  return loss_fn
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  """Creates ``cfg.workdir`` and records the resolved config in it (``config.json``)."""
+  workdir = pathlib.Path(cfg.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+  return workdir
+
+
+class EvalSplits:
+  """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.feature_sets = {
+      name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")
+    }
+    self.batches = {
+      name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
+      for name, fs in self.feature_sets.items()
+    }
+
+  def evaluate(self, model: asr.AsrModel, params: Params, name: str) -> dict[str, float]:
+    return evaluate_lib.evaluate(model, params, self.feature_sets[name], batches=self.batches[name])
+
+  def evaluate_all(self, model: asr.AsrModel, params: Params) -> dict[str, dict[str, float]]:
+    return {name: self.evaluate(model, params, name) for name in self.feature_sets}
+
+
+def save_params(path: pathlib.Path, params: Params) -> None:
+  """Saves params with orbax (atomic: orbax writes a temporary directory, then renames)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path).absolute()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, params, force=True)
+  checkpointer.wait_until_finished()
+
+
+def restore_params(path: pathlib.Path, like: Params) -> Params:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+  return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def evaluate_checkpoint(
+  cfg: ml_collections.ConfigDict, checkpoint: str, splits=("dev", "test")
+) -> dict:
+  """WER/CER of a saved checkpoint on the named splits of ``cfg.data``."""
+  model = make_model(cfg)
+  params = restore_params(pathlib.Path(checkpoint), model.init(jax.random.key(0)))
+  out = {}
+  for split in splits:
+    fs = load_split(cfg, getattr(cfg.data, f"{split}_split", split))
+    out[split] = evaluate_lib.evaluate(model, params, fs, batch_size=cfg.data.eval_batch_size)
+  return out
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
+  """The resolved config a run recorded in ``workdir/config.json`` (None if there is none)."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    return None
+  return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
