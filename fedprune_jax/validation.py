@@ -226,6 +226,12 @@ FIELD_RULES: dict[str, Field] = {
   "engine.weighting": one_of("num_examples", "uniform"),
   "engine.vmap_size": count(1, optional=True),
   "engine.device_loop": BOOL,
+  "faults.dropout": fraction(),
+  "faults.straggler": fraction(),
+  "faults.corrupt": fraction(),
+  "faults.corrupt_kind": one_of("nan", "scale"),
+  "faults.max_update_norm": positive(optional=True),
+  "faults.clip_norm": positive(optional=True),
   "checkpoint_every": count(0),
   "keep_checkpoints": count(1),
   "data.server_speakers": count(0),
@@ -234,7 +240,7 @@ FIELD_RULES: dict[str, Field] = {
   "baseline.data": one_of("server", "pooled"),
   "baseline.steps_per_round": count(0),
   "baseline.batch_size": count(1),
-  # federated pruning (checked as soon as the section exists; names as in the lead's draft
+  # federated pruning (checked as soon as the section exists; fields of
   # fedprune_jax/algorithms/build.py PRUNING_DEFAULTS)
   "pruning.target_sparsity": fraction(hi_open=True),
   "pruning.initial_sparsity": fraction(hi_open=True),
@@ -306,11 +312,50 @@ def sum_at_most(parts: tuple[str, ...], total: str) -> CrossRule:
   return rule
 
 
+def known_keys(section: str, keys: Callable[[], Collection[str]]) -> CrossRule:
+  """A closed section (its consumer rejects other keys) holds only ``keys()``.
+
+  ``keys`` is called only when the section exists, so the module defining them is imported
+  only then.
+  """
+
+  def rule(config: Any) -> str | None:
+    node = get_path(config, section)
+    if node is _MISSING or not hasattr(node, "keys"):
+      return None
+    unknown = sorted(set(node.keys()) - set(keys()))
+    if unknown:
+      return f"{section} has no field {unknown[0]!r} (fields: {', '.join(sorted(keys()))})"
+    return None
+
+  return rule
+
+
+def _round_section_keys(section: str) -> Callable[[], Collection[str]]:
+  def keys() -> Collection[str]:
+    from fedprune_jax.federated import rounds  # pylint: disable=g-import-not-at-top
+
+    return rounds.DEFAULTS[section].keys()
+
+  return keys
+
+
+def _pruning_keys() -> Collection[str]:
+  from fedprune_jax.algorithms import build  # pylint: disable=g-import-not-at-top
+
+  return build.PRUNING_DEFAULTS.keys()
+
+
 def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 CROSS_RULES: list[CrossRule] = [
+  *(
+    known_keys(section, _round_section_keys(section))
+    for section in ("client", "server", "faults", "engine")
+  ),
+  known_keys("pruning", _pruning_keys),
   ordered("engine.vmap_size", "engine.chunk_size"),
   # The chunked executor shards a chunk's clients over the devices.
   multiple_of("engine.chunk_size", "engine.num_devices"),

@@ -127,6 +127,16 @@ CASES = [
     lambda t: ["federated", "--set", "engine.num_devices=3"],
     ["engine.chunk_size=8 must be a multiple of engine.num_devices=3"],
   ),
+  (
+    "unknown-pruning-pattern-in-config",
+    lambda t: ["federated", "--config", "fedprune_tiny", "--set", "pruning.pattern='diagonal'"],
+    ["pruning.pattern='diagonal'", "unknown pruning pattern"],
+  ),
+  (
+    "pruning-phases-longer-than-rounds",
+    lambda t: ["federated", "--config", "fedprune_tiny", "--set", "pruning.refining_rounds=30"],
+    ["pruning.pruning_rounds=20 + pruning.refining_rounds=30 must be <= rounds=40"],
+  ),
   # Already one line before issue 15: kept so.
   ("unknown-field", lambda t: ["train", "--set", "train.stepz=1"], ["has no field 'train.stepz'"]),
   ("not-key-value", lambda t: ["train", "--set", "train.steps"], ["not of the form key=value"]),

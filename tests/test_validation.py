@@ -120,3 +120,21 @@ def test_load_config_validates_after_overrides_and_names_the_file(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"bad_steps\.py: train\.steps=0"):
     config_lib.load_config(str(path))
   assert config_lib.load_config(str(path), ["train.steps=5"]).train.steps == 5
+
+
+def test_closed_sections_name_an_unknown_field(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text(
+    "from fedprune_jax import config as c\n"
+    "def get_config():\n"
+    "  cfg = c.load_config('fedprune_tiny')\n"
+    "  cfg.pruning.target_sparsty = 0.7\n"
+    "  return cfg\n"
+  )
+  with pytest.raises(
+    config_lib.ConfigError, match=r"typo\.py: pruning has no field 'target_sparsty'"
+  ):
+    config_lib.load_config(str(path))
+  cfg = config_lib.load_config("tiny_federated", validate=False)
+  cfg.engine.chunksize = 4
+  assert V.problems(cfg)[0].startswith("engine has no field 'chunksize' (fields: chunk_size, ")
