@@ -9,7 +9,11 @@ setuptools.setup(
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
   python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["fedprune_jax", "fedprune_jax.*"]),
+  # The named configs stay in experiments/configs/ and ship inside the package as
+  # fedprune_jax.configs (found by fedprune_jax.config.config_dir in an installed copy).
+  packages=setuptools.find_packages(include=["fedprune_jax", "fedprune_jax.*"])
+  + ["fedprune_jax.configs"],
+  package_dir={"fedprune_jax.configs": "experiments/configs"},
   install_requires=[
     # jax 0.10.2 is the newest that supports Python 3.11 (see README).
     "jax>=0.10.2",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 from typing import Callable, Sequence
@@ -38,14 +39,18 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
   parser.add_argument("--data", default=None, help="corpus root directory (overrides data.root)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, writes_workdir: bool = True):
+  """The validated config of a command; its workdir is created and proven writable up front."""
   from fedprune_jax import config as config_lib
+  from fedprune_jax import io_utils
 
   cfg = config_lib.load_config(args.config, args.overrides)
   if getattr(args, "data", None):
     cfg.data.root = args.data
   if getattr(args, "workdir", None):
     cfg.workdir = args.workdir
+  if writes_workdir:
+    io_utils.ensure_writable_dir(cfg.workdir, "workdir")
   return cfg
 
 
@@ -73,8 +78,12 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
+  from fedprune_jax.data.records import CorpusError
 
   root = pathlib.Path(args.dir)
+  if not root.is_dir():
+    what = "does not exist" if not root.exists() else "is not a directory"
+    raise CorpusError(f"corpus directory {str(root)!r} {what}")
   is_split = next(root.glob("*/*/*.trans.txt"), None) is not None
   # A corpus root holds split directories, plus hidden ones such as the feature cache.
   split_dirs = (
@@ -105,18 +114,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
   from fedprune_jax import config as config_lib
   from fedprune_jax import task
+  from fedprune_jax import validation
+  from fedprune_jax.errors import InputError
 
+  checkpoint = pathlib.Path(args.checkpoint)
+  if not checkpoint.is_dir():
+    what = "does not exist" if not checkpoint.exists() else "is not a directory"
+    raise InputError(f"--checkpoint {str(checkpoint)!r} {what} (pass a checkpoint directory)")
   # The run's own config (model preset and overrides) when the checkpoint sits in a workdir.
-  workdir = pathlib.Path(args.workdir or pathlib.Path(args.checkpoint).absolute().parent)
-  saved = task.load_run_config(workdir)
+  workdir = pathlib.Path(args.workdir or checkpoint.absolute().parent)
+  try:
+    saved = task.load_run_config(workdir)
+  except ValueError as e:  # a truncated or hand-edited config.json
+    raise config_lib.ConfigError(f"{workdir / 'config.json'}: unreadable run config: {e}") from e
   if saved is not None and args.config is None:
     cfg = saved
-    config_lib.apply_overrides(cfg, args.overrides, source=str(workdir / "config.json"))
+    source = str(workdir / "config.json")
+    config_lib.apply_overrides(cfg, args.overrides, source=source)
+    validation.validate(cfg, source=source)
     if args.data:
       cfg.data.root = args.data
   else:
     args.config = args.config or "tiny_centralized"
-    cfg = _load(args)
+    cfg = _load(args, writes_workdir=False)
   metrics = task.evaluate_checkpoint(cfg, args.checkpoint, splits=args.splits)
   print(json.dumps(metrics, indent=2, sort_keys=True))
   return 0
@@ -150,10 +170,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
   """Synthesizes the embedded corpus, runs dense federated training and federated pruning from
   one warm start, prints the comparison table."""
   from fedprune_jax import config as config_lib
+  from fedprune_jax import io_utils
   from fedprune_jax.data import synth
   from fedprune_jax.federated import job
 
   cfg = config_lib.load_config("demo", args.overrides)
+  io_utils.ensure_writable_dir(args.workdir, "--workdir")
   d = cfg.data
   corpus = synth.synthesize_corpus(
     pathlib.Path(args.data) / f"synth_v{d.synth_vocab_size}",
@@ -290,26 +312,61 @@ def enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.command not in ("corpus",):
-    enable_compilation_cache()
-  func: Callable[[argparse.Namespace], int] = args.func
+def error_line(exc: BaseException) -> str | None:
+  """The one line a bad-input exception is reported as, or None for a bug (keeps its traceback).
+
+  Bad input is one of our error types (config, corpus, arguments and outputs), a missing file,
+  or an operating-system error behind any exception (disk full, read-only or odd path), which
+  libraries such as orbax wrap in their own exceptions.
+  """
+  from fedprune_jax import config as config_lib
+  from fedprune_jax import errors
+  from fedprune_jax.data.records import CorpusError
+
+  if isinstance(exc, (config_lib.ConfigError, CorpusError, errors.InputError)):
+    return str(exc).replace("\n", " ")
+  return errors.environment_failure(exc)
+
+
+class _ReportedByMain(logging.Filter):
+  """Drops a library's log record of an exception that ``main`` reports as one line anyway.
+
+  orbax logs a failed background write (disk full) with its traceback before re-raising it.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or error_line(exc) is None
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+  """Runs a command; bad input becomes one ``fedprune: error:`` line and exit code 2."""
+  log_filter = _ReportedByMain()
+  loggers = [logging.getLogger(), logging.getLogger("absl")]
+  for logger in loggers:
+    logger.addFilter(log_filter)
   try:
     return func(args)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input (config, corpus, flags): one clear line, no traceback.
-    from fedprune_jax import config as config_lib
-    from fedprune_jax.data.records import CorpusError
+  except Exception as e:  # pylint: disable=broad-except
+    line = error_line(e)
+    if line is None:
+      raise
+    print(f"fedprune: error: {line}", file=sys.stderr)
+    return 2
+  finally:
+    for logger in loggers:
+      logger.removeFilter(log_filter)
 
-    if isinstance(e, (config_lib.ConfigError, CorpusError, FileNotFoundError)):
-      print(f"fedprune: error: {e}", file=sys.stderr)
-      return 2
-    raise
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command not in ("corpus",):
+    enable_compilation_cache()
+  return run_command(args.func, args)
 
 
 if __name__ == "__main__":

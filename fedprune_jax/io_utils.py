@@ -12,12 +12,29 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from fedprune_jax.errors import InputError
+
+
+def _umask() -> int:
+  """The process umask, read without changing it where /proc allows (os.umask both sets and gets)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a temporary path in the target's directory; renames it onto ``path`` on success.
 
   A crash or exception leaves the previous file (if any) untouched and no partial file behind.
+  The file gets the usual mode of a new file (0666 less the umask), not mkstemp's 0600.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,10 +43,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   tmp_path = pathlib.Path(tmp)
   try:
     yield tmp_path
+    os.chmod(tmp_path, 0o666 & ~_umask())
     os.replace(tmp_path, path)
   finally:
     if tmp_path.exists():
       tmp_path.unlink()
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> pathlib.Path:
+  """Creates ``path`` if needed and proves it writable; raises InputError naming it otherwise.
+
+  Checked before any work starts, so a bad ``--workdir`` fails in milliseconds rather than after
+  training, at the first checkpoint.
+  """
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise InputError(f"{what} {str(path)!r} exists and is not a directory")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise InputError(f"{what} {str(path)!r} is not writable: {e.strerror or e}") from e
+  return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -272,6 +272,22 @@ def test_cached_features_round_trip_hit_and_invalidation(tmp_path):
   assert len(os.listdir(cache)) == 3  # no temp files left behind
 
 
+def test_cached_features_notice_a_same_size_rewritten_audio_file(tmp_path):
+  split, cache = str(tmp_path / "train"), str(tmp_path / "cache")
+  _write_split(split, {("5", "6"): [("OK", 1000, 0)]})
+  flac = os.path.join(split, "5", "6", "5-6-0000.flac")
+  batching.cached_features(split, cache, reader=_reader)
+  before = os.stat(flac)
+  with open(flac, "r+b") as f:  # corrupt the last bytes in place: same size, new content
+    f.seek(before.st_size - 8)
+    f.write(b"\xff" * 8)
+  # A filesystem with coarse timestamps may keep the old mtime within one tick: force a new one.
+  os.utime(flac, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+  assert os.path.getsize(flac) == before.st_size
+  with pytest.raises(AssertionError, match="cache miss"):
+    batching.cached_features(split, cache, reader=_fail_reader)  # not served from the stale cache
+
+
 def test_cached_features_rebuilds_corrupt_file_and_float16(tmp_path):
   split, cache = str(tmp_path / "dev"), str(tmp_path / "cache")
   _write_split(split, {("5", "6"): [("OK", 1000, 0)]})

@@ -118,3 +118,36 @@ def test_threads_and_spawned_process_match_serial():
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
     result = pool.submit(_worker, "one two three", voices[1]).result()
   assert result == serial[1]
+
+
+_HASH_EVERY_VARIANT = """
+import hashlib, sys
+from fedprune_jax.data import espeak
+voices = [espeak.VoiceSpec("en-us", v) for v in espeak.MALE_VARIANTS + espeak.FEMALE_VARIANTS]
+voices += [espeak.VoiceSpec(lang, "f5") for lang in espeak.ENGLISH_VOICES]
+for voice in voices:
+  pcm = espeak.synthesize_pcm("sea breeze", voice)
+  print(voice.name, hashlib.sha256(pcm.tobytes()).hexdigest())
+"""
+
+
+def test_every_variant_is_identical_across_processes_and_seconds():
+  # espeak-ng seeds its noise generator with time(NULL): two processes started in different
+  # seconds gave different breathy (f2, f3, f5) voices before the generator was seeded.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  def run() -> str:
+    proc = subprocess.run(
+      [sys.executable, "-c", _HASH_EVERY_VARIANT], capture_output=True, text=True, check=True
+    )
+    return proc.stdout
+
+  start = time.time()
+  first = run()
+  time.sleep(max(0.0, 1.1 - (time.time() - start)))
+  second = run()
+  names = [line.split()[0] for line in first.splitlines()]
+  assert set(names) >= {f"en-us+{v}" for v in espeak.FEMALE_VARIANTS + espeak.MALE_VARIANTS}
+  assert first == second

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -31,3 +33,12 @@ def test_jsonl_log_survives_truncated_last_line_and_writes_tensorboard(tmp_path)
   assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (2, 1.0)]
   pytest.importorskip("tensorboardX")
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+  old = os.umask(0o027)
+  try:
+    io_utils.write_json_atomic(tmp_path / "results.json", {"a": 1})
+  finally:
+    os.umask(old)
+  assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640  # 0666 & ~umask, not 0600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from fedprune_jax.data import librispeech
 from fedprune_jax.data import synth
 from fedprune_jax.data import text as text_lib
+from fedprune_jax.data import workers
 from fedprune_jax.data.records import ALPHABET, SAMPLE_RATE, CorpusError
 
 SPEAKERS, UTTERANCES, SEED = 4, 3, 0
@@ -274,3 +276,62 @@ def test_manifest_is_valid_json(corpus):
   data = json.loads((corpus / synth.MANIFEST).read_text())
   assert data["format"] == "fedprune_jax.synth"
   assert data["audio_seconds"] > 0
+
+
+def test_stale_tmp_dirs_of_dead_writers_are_removed(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  dead_pid = int(dead.stdout)
+  out = tmp_path / "c"
+  stale = tmp_path / f".c.tmp-{workers.owner_tag(dead_pid)}-0123456789ab"
+  live = tmp_path / f".c.tmp-{workers.owner_tag(os.getpid())}-0123456789ab"
+  other_host = tmp_path / f".c.tmp-otherhost_{dead_pid}-0123456789ab"
+  for d in (stale, live, other_host):
+    (d / "train").mkdir(parents=True)
+  synth.synthesize_corpus(
+    out, speakers=2, utterances=1, split_fractions=(1, 0, 0), workers=1, progress=False
+  )
+  assert not stale.exists()
+  assert live.exists() and other_host.exists()  # a running writer's, another host's: kept
+
+
+def test_kill_9_leaves_no_worker_processes_and_the_next_run_cleans_up(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  import psutil  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "c"
+  argv = ["corpus", "synth", "--out", str(out), "--speakers", "4", "--utterances", "24"]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "fedprune_jax.cli", *argv, "--workers", "2", "--quiet"],
+    stdout=subprocess.DEVNULL,  # orphans holding a pipe would block this test, not fail it
+    stderr=subprocess.DEVNULL,
+  )
+  descendants = []
+  try:
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".c.tmp-*/*/*/*/*.flac")):  # workers are rendering
+      assert time.time() < deadline and proc.poll() is None
+      time.sleep(0.05)
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    assert len(descendants) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert alive == []
+  finally:
+    for p in descendants:  # never leave processes behind, whatever failed above
+      try:
+        p.kill()
+      except psutil.Error:
+        pass
+  assert len(list(tmp_path.glob(".c.tmp-*"))) == 1
+  synth.synthesize_corpus(out, speakers=4, utterances=1, workers=1, progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

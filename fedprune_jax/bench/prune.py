@@ -223,6 +223,26 @@ def format_tables(rows: Sequence[dict]) -> str:
   return "\n".join(out)
 
 
+def check_args(a: argparse.Namespace) -> None:
+  """Rejects bad flags before anything is built or compiled (InputError names the flag)."""
+  from fedprune_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.models import conformer  # pylint: disable=g-import-not-at-top
+
+  if not 0.0 <= a.sparsity <= 1.0:  # also false for NaN
+    raise InputError(f"--sparsity {a.sparsity} must lie in [0, 1]")
+  if a.repeats < 1:
+    raise InputError(f"--repeats {a.repeats} must be >= 1")
+  for flag, preset in (("--preset", a.preset), ("--step-preset", a.step_preset)):
+    if preset is not None and preset not in conformer.PRESETS:
+      raise InputError(f"{flag} {preset!r} is not one of {sorted(conformer.PRESETS)}")
+  try:
+    pruning.parse_allocation(a.allocation)
+    for p in a.patterns.split(","):
+      pruning.parse_pattern(p)
+  except ValueError as e:
+    raise InputError(f"--patterns/--allocation: {e}") from e
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="fedprune bench prune", description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="l")
@@ -238,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     help="preset for the train-step / compaction parts (default: --preset)",
   )
   a = ap.parse_args(argv)
+  check_args(a)
   rows = run(
     a.preset,
     tuple(a.patterns.split(",")),

@@ -354,8 +354,12 @@ def load_feature_set(path: str) -> FeatureSet:
 def split_fingerprint(split_dir: str,
                       config: features_lib.FeatureConfig
                       = features_lib.DEFAULT_CONFIG, extra: str = "") -> str:
-  """Hex hash of a split's file list + sizes, transcripts and feature params.
+  """Hex hash of a split's file list, sizes and mtimes, transcripts and feature params.
 
+  Each file contributes its size and modification time (nanoseconds), so a
+  rewritten audio file of the same size (corrupted, re-rendered) is noticed
+  without reading the audio of the whole corpus on every run, as make and
+  rsync do; only a change that also restores the old mtime goes unseen.
   Transcript (``*.txt``) contents are hashed too (they are small and a
   regenerated corpus may keep their sizes).
   """
@@ -370,7 +374,8 @@ def split_fingerprint(split_dir: str,
         continue
       full = os.path.join(root, name)
       rel = os.path.relpath(full, split_dir).replace(os.sep, "/")
-      h.update(f"|{rel}:{os.path.getsize(full)}".encode())
+      st = os.stat(full)
+      h.update(f"|{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
       if name.endswith(".txt"):
         with open(full, "rb") as f:
           h.update(hashlib.sha256(f.read()).digest())
@@ -385,7 +390,7 @@ def cached_features(split_dir: str, cache_dir: str, *,
   """Featurised split, computed once and cached as one .npz per split.
 
   The cache file is ``cache_dir/<split>-<fingerprint[:16]>.npz``, so a
-  changed split (files, sizes, transcripts) or changed feature parameters
+  changed split (files, sizes, mtimes, transcripts) or changed feature parameters
   gives a new file; an unreadable cache file is rebuilt.
 
   Args:

@@ -12,8 +12,13 @@ different samples depending on what was spoken before. To make
 ``synthesize(text, voice)`` a pure function we load a *fresh* copy of the
 library for every call (``dlopen`` -> synthesize -> ``dlclose``; glibc unmaps
 the library when its reference count drops to zero, which re-initialises all
-statics) and seed libc's ``rand`` (used by breathy/Klatt voices). This costs a
-few milliseconds per call (measured ~4 ms), far less than the synthesis.
+statics). Two random sources are then seeded to a constant: libc's ``rand``
+(used by older Klatt code) and espeak-ng's own generator, which
+``espeak_ng_Initialize`` seeds with ``time(NULL)`` and which drives the breath
+noise of the variants with a ``breath`` line (f2, f3, f5): without
+``espeak_ng_SetRandSeed`` those voices changed from one second to the next
+(issue 15). Reloading costs a few milliseconds per call (measured ~4 ms), far
+less than the synthesis.
 
 Processes. The library is a per-process singleton; a module-level lock makes
 ``synthesize`` safe to call from several threads (calls are serialised), and
@@ -166,6 +171,9 @@ def _open_library():
       ctypes.c_void_p]
   lib.espeak_Synth.restype = ctypes.c_int
   lib.espeak_Terminate.restype = ctypes.c_int
+  if hasattr(lib, "espeak_ng_SetRandSeed"):  # espeak-ng >= 1.52; older ones use rand().
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    lib.espeak_ng_SetRandSeed.restype = ctypes.c_int
   sample_rate = lib.espeak_Initialize(
       AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
   if sample_rate != ESPEAK_SAMPLE_RATE:
@@ -227,6 +235,8 @@ def synthesize_pcm(text: str, voice: VoiceSpec) -> np.ndarray:
       _chunks.clear()
       _callback_errors.clear()
       _seed_libc_rand(1)
+      if hasattr(lib, "espeak_ng_SetRandSeed"):
+        lib.espeak_ng_SetRandSeed(1)
       if lib.espeak_SetVoiceByName(voice.name.encode()) != EE_OK:
         raise EspeakError(f"espeak-ng has no voice {voice.name!r}")
       for param, value in ((espeakRATE, voice.rate), (espeakPITCH, voice.pitch),

@@ -42,6 +42,7 @@ from scipy import signal
 
 from fedprune_jax.data import espeak
 from fedprune_jax.data import text as text_lib
+from fedprune_jax.data import workers as workers_lib
 from fedprune_jax.data.records import SAMPLE_RATE, CorpusError
 
 FORMAT_VERSION = 1
@@ -109,16 +110,16 @@ class UtterancePlan:
 def _split_counts(num_speakers: int,
                   fractions: Sequence[float]) -> tuple[int, int, int]:
   if len(fractions) != 3 or any(f < 0 for f in fractions):
-    raise ValueError(
+    raise CorpusError(
         f"split_fractions={tuple(fractions)} must be 3 non-negative numbers "
         "(train, dev, test)")
   if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-    raise ValueError(f"split_fractions={tuple(fractions)} must sum to 1")
+    raise CorpusError(f"split_fractions={tuple(fractions)} must sum to 1")
   dev, test = (max(1, round(f * num_speakers)) if f > 0 else 0
                for f in fractions[1:])
   train = num_speakers - dev - test
   if fractions[0] > 0 and train < 1:
-    raise ValueError(
+    raise CorpusError(
         f"{num_speakers} speakers are too few for split_fractions="
         f"{tuple(fractions)} (every non-empty split needs a speaker)")
   return train, dev, test
@@ -139,7 +140,7 @@ def plan_speakers(*, speakers: int, seed: int,
                   ) -> list[SpeakerPlan]:
   """Voices, channels and split of ``speakers`` synthetic speakers."""
   if speakers < 1:
-    raise ValueError(f"speakers={speakers} must be >= 1")
+    raise CorpusError(f"speakers={speakers} must be >= 1")
   counts = _split_counts(speakers, split_fractions)
   order = np.random.default_rng([seed, _VOICE_STREAM]).permutation(speakers)
   split_of = np.empty((speakers,), object)
@@ -330,7 +331,8 @@ def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
           bar.update(len(task))
       return results
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=_pool_context())
+        workers, mp_context=_pool_context(),
+        initializer=workers_lib.exit_with_parent, initargs=(os.getpid(),))
     try:
       futures = [pool.submit(_render_task, str(root), seed, t) for t in tasks]
       for fut in concurrent.futures.as_completed(futures):
@@ -391,13 +393,20 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   """
   out_dir = Path(out_dir)
   if utterances < 1:
-    raise ValueError(f"utterances={utterances} must be >= 1")
+    raise CorpusError(f"utterances={utterances} must be >= 1")
+  if workers is not None and workers < 1:
+    raise CorpusError(f"workers={workers} must be >= 1")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise CorpusError(f"corpus output {str(out_dir)!r} exists and is not a directory")
   params = _params(speakers, utterances, seed, split_fractions, vocab_size)
   if _check_existing(out_dir, params):
     return out_dir
   speaker_plans = plan_speakers(speakers=speakers, seed=seed,
                                 split_fractions=split_fractions)
-  vocab = text_lib.build_vocabulary(vocab_size)
+  try:
+    vocab = text_lib.build_vocabulary(vocab_size)
+  except ValueError as e:
+    raise CorpusError(f"vocab_size={vocab_size}: {e}") from e
   utts = [u for s in speaker_plans
           for u in plan_utterances(s, utterances=utterances, seed=seed,
                                    vocab=vocab)]
@@ -407,7 +416,10 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   workers = max(1, min(workers, len(tasks)))
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+  workers_lib.remove_stale_tmp_dirs(out_dir)
+  tmp = out_dir.parent / (f".{out_dir.name}.tmp-"
+                          f"{workers_lib.owner_tag(os.getpid())}-"
+                          f"{uuid.uuid4().hex[:12]}")
   tmp.mkdir()
   try:
     results = _render_all(tmp, seed, tasks, workers,

@@ -1,0 +1,1 @@
+"""Named experiment configs; installed as the package ``fedprune_jax.configs``."""
