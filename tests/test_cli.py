@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -119,24 +121,41 @@ def test_cli_does_not_import_tensorflow():
   )
 
 
-def test_demo_synthesizes_trains_and_prints_the_wer_table(tmp_path, capsys):
+def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys):
   from conftest import MICRO_MODEL  # pylint: disable=g-import-not-at-top
 
   argv = ["demo", "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
   sets = [
-    "data.synth_speakers=5",
+    "data.synth_speakers=6",
     "data.synth_utterances=2",
-    "train.steps=3",
-    "train.eval_every=100",
+    "data.synth_vocab_size=20",
+    "data.server_speakers=1",
     "data.batch_size=2",
     "data.num_buckets=1",
+    "data.max_steps=1",
+    "warm_start.steps=2",
+    "warm_start.batch_size=2",
+    "rounds=3",
+    "cohort_size=3",
+    "engine.chunk_size=3",
+    "pruning.pruning_rounds=2",
+    "pruning.refining_rounds=0",
+    "pruning.update_every=1",
   ]
   sets += [f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()]
   for s in sets:
     argv += ["--set", s]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
-  assert "| split | utterances | WER | CER | loss |" in out
-  assert "| dev | 2 |" in out and "| test | 2 |" in out
-  assert (tmp_path / "data" / "synth" / "SPEAKERS.TXT").exists()
-  assert (tmp_path / "run" / "results.json").exists()
+  assert "| run | dev WER | test WER |" in out
+  dense = next(line for line in out.splitlines() if line.startswith("| dense |"))
+  pruned = next(line for line in out.splitlines() if line.startswith("| pruned |"))
+  assert "| 0.0% |" in dense and "| 50.0% |" in pruned
+  assert (tmp_path / "data" / "synth_v20" / "SPEAKERS.TXT").exists()
+  results = {
+    n: json.loads((tmp_path / "run" / n / "results.json").read_text()) for n in ("dense", "pruned")
+  }
+  assert results["dense"]["train"]["algorithm"] == "fedavg"
+  assert results["pruned"]["train"]["algorithm"] == "fedprune"
+  # both runs start from the one warm start
+  assert results["dense"]["train"]["warm_start"] == results["pruned"]["train"]["warm_start"]

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fedprune_jax import pruning
+from fedprune_jax.config import ConfigError
 from fedprune_jax.pruning import units as units_lib
 
 PyTree = Any
@@ -83,30 +84,30 @@ class MaskPolicy:
   def __post_init__(self):
     def check(field, value, choices):
       if value not in choices:
-        raise ValueError(f"config field pruning.{field}={value!r}; expected one of {choices}")
+        raise ConfigError(f"config field pruning.{field}={value!r}; expected one of {choices}")
 
     check("score", self.score, SERVER_SCORES + CLIENT_SCORES)
     check("refinement", self.refinement, REFINEMENTS)
     check("client_aggregation", self.client_aggregation, AGGREGATIONS)
     if self.pattern == "units":
       if self.channels_per_group is None:
-        raise ValueError("pruning.pattern='units' needs the model's conv channels per group")
+        raise ConfigError("pruning.pattern='units' needs the model's conv channels per group")
     else:
       pruning.parse_pattern(self.pattern)  # raises ValueError naming the pattern
     pruning.parse_allocation(self.allocation)
     if self.pruning_steps < 1 or self.refining_steps < 0 or self.refine_every < 1:
-      raise ValueError(
+      raise ConfigError(
         "pruning phase lengths need pruning_rounds >= 1, refining_rounds >= 0, refine_every >= 1;"
         f" got {self.pruning_steps}, {self.refining_steps}, {self.refine_every}"
       )
     if self.schedule.end_step >= self.pruning_steps:
-      raise ValueError(
+      raise ConfigError(
         f"the sparsity schedule reaches its target at step {self.schedule.end_step}, after the "
         f"pruning phase (pruning_rounds={self.pruning_steps}): lengthen pruning_rounds or update "
         "more often"
       )
     if not 0.0 <= self.trim_fraction < 0.5:
-      raise ValueError(f"pruning.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+      raise ConfigError(f"pruning.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
   # --- when -----------------------------------------------------------------------------------
 
@@ -262,6 +263,6 @@ def make_schedule(
     return pruning.Step(initial, target, step_delta, every=every, begin_step=begin)
   if kind == "polynomial":
     return pruning.Polynomial(initial, target, begin, end, frequency=every, power=power)
-  raise ValueError(
+  raise ConfigError(
     f"unknown config field pruning.schedule={kind!r}; expected 'constant', 'step' or 'polynomial'"
   )

@@ -110,7 +110,8 @@ def make_client_update(
       (loss, _), raw_grads = grad_fn(p, batch, key)
       grads = apply_mask(raw_grads, mask)
       updates, new_opt_state = optimizer.update(grads, opt_state, p)
-      new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)), mask)
+      # p is zero at pruned coordinates and so are the masked updates: new_p stays zero there
+      new_p = optax.apply_updates(p, apply_mask(updates, mask))
       live = n > 0
       p = tree_select(live, new_p, p)
       opt_state = tree_select(live, new_opt_state, opt_state)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedprune_jax.config import ConfigError
 from fedprune_jax.federated.client import ClientOutput
 
 PyTree = Any
@@ -47,13 +48,13 @@ class FaultConfig:
     for name in ("dropout", "straggler", "corrupt"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
-        raise ValueError(f"config field faults.{name}={value} must be in [0, 1]")
+        raise ConfigError(f"config field faults.{name}={value} must be in [0, 1]")
     if self.corrupt_kind not in ("nan", "scale"):
-      raise ValueError(f"config field faults.corrupt_kind={self.corrupt_kind!r}; 'nan' or 'scale'")
+      raise ConfigError(f"config field faults.corrupt_kind={self.corrupt_kind!r}; 'nan' or 'scale'")
     for name in ("max_update_norm", "clip_norm"):
       value = getattr(self, name)
       if value is not None and not value > 0:
-        raise ValueError(f"config field faults.{name}={value} must be > 0 (or None)")
+        raise ConfigError(f"config field faults.{name}={value} must be > 0 (or None)")
 
   @property
   def active(self) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 from fedprune_jax import io_utils
 from fedprune_jax import pruning
 from fedprune_jax import task
+from fedprune_jax.config import ConfigError
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
@@ -46,7 +47,7 @@ def split_speakers(train_fs: batching.FeatureSet, num_server: int, seed: int):
   """(server-side speakers, client speakers): a seeded split of the train split's speakers."""
   names = sorted(train_fs.speaker_indices())
   if not 0 <= num_server < len(names):
-    raise ValueError(
+    raise ConfigError(
       f"config field data.server_speakers={num_server} must be in [0, {len(names) - 1}] "
       f"(the train split has {len(names)} speakers)"
     )
@@ -82,7 +83,7 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   if not ws or not ws.steps:
     return params, None
   if not server_speakers:
-    raise ValueError("warm_start.steps > 0 needs data.server_speakers > 0")
+    raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
   path = pathlib.Path(ws.get("path") or workdir / "warm_start").absolute()
   if path.exists():
     return task.restore_params(path, params), str(path)
@@ -225,10 +226,10 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   )
   which = cfg.baseline.data
   if which not in ("server", "pooled"):
-    raise ValueError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
+    raise ConfigError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
   speakers = server_speakers if which == "server" else client_speakers
   if not speakers:
-    raise ValueError("baseline.data='server' needs data.server_speakers > 0")
+    raise ConfigError("config field baseline.data='server' needs data.server_speakers > 0")
   policy = build.policy_from_config(
     build.resolve_pruning(cfg.pruning), model.config.d_model // model.config.conv_groups
   )

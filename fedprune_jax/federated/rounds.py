@@ -38,6 +38,7 @@ from absl import logging as absl_logging
 import jax
 import optax
 
+from fedprune_jax.config import ConfigError
 from fedprune_jax.federated import multihost
 from fedprune_jax.federated.algorithm import FederatedAlgorithm
 from fedprune_jax.federated.checkpoints import RoundCheckpointer
@@ -139,7 +140,7 @@ def make_executor(cfg: Mapping[str, Any], client_update, reducers=None):
   mesh = None
   if n == "all" or (isinstance(n, int) and n > 1):
     if n != "all" and n > jax.device_count():
-      raise ValueError(
+      raise ConfigError(
         f"config field engine.num_devices={n} but this process sees {jax.device_count()} "
         "device(s); use 'all' or a smaller number"
       )
