@@ -42,11 +42,19 @@ from fedprune_jax.train import centralized
 # the segment-aware client update (federated/segmented.py).
 SETTINGS: dict[str, dict[str, Any]] = {
   "old": dict(num_buckets=4, packing="cost"),  # fedprune federated before issue 14
-  "shape": dict(num_buckets=8, packing="shape"),
+  "shape": dict(num_buckets=4, packing="shape"),
   "seg2": dict(num_buckets=4, segments=2),
-  "seg3": dict(num_buckets=4, segments=3),
-  "seg4": dict(num_buckets=8, segments=4),
+  "seg3": dict(num_buckets=3, segments=3),
+  "seg4": dict(num_buckets=3, segments=4),
 }
+
+
+def parse_setting(spec: str, default_chunk: int) -> tuple[str, int]:
+  """``'seg3@1'`` -> ('seg3', 1): a packing setting and the executor's chunk size."""
+  name, _, chunk = spec.partition("@")
+  if name not in SETTINGS:
+    raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
+  return name, int(chunk) if chunk else default_chunk
 
 
 def useful_frames(batch: dict[str, np.ndarray]) -> float:
@@ -137,14 +145,17 @@ class Centralized:
 class Federated:
   """Rounds of ``ChunkedExecutor`` over one ``SpeakerClientStore`` packing setting."""
 
-  def __init__(self, model, fs, store_kwargs: dict, specaug: dict, a: argparse.Namespace):
+  def __init__(
+    self, model, fs, store_kwargs: dict, chunk: int, specaug: dict, a: argparse.Namespace
+  ):
     self.store = SpeakerClientStore(fs, **store_kwargs)
     loss_fn = centralized.make_training_loss(model, specaug)
     make = client.make_client_update
     if self.store.segments > 1:
       make = segmented.make_segmented_client_update
     update = make(loss_fn, optax.adam(a.client_lr), 1, shuffle=True)
-    self.executor = executor.ChunkedExecutor(update, a.chunk, vmap_size=a.vmap_size)
+    vmap_size = None if a.vmap_size is None else min(a.vmap_size, chunk)
+    self.executor = executor.ChunkedExecutor(update, chunk, vmap_size=vmap_size)
     self.params = model.init(jax.random.key(a.seed))
     self.cohort_size = min(a.cohort, self.store.num_clients)
     self.seed = a.seed
@@ -167,6 +178,9 @@ class Federated:
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
+  if a.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", a.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   fs, data = load_train_split(a.data, a.speakers, a.utterances)
   base = config_lib.load_config("tiny_centralized")
   model = centralized.make_model(
@@ -174,11 +188,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   )
   specaug = dict(base.specaug)
   cent = Centralized(model, fs, a.central_batch_size, a.num_buckets, specaug, a.seed)
-  names = [s for s in a.settings.split(",") if s]
   feds = {}
-  for name in names:
+  for spec in [s for s in a.settings.split(",") if s]:
+    name, chunk = parse_setting(spec, a.chunk)
     kwargs = dict(SETTINGS[name], batch_size=a.batch_size, max_steps=a.max_steps)
-    feds[name] = Federated(model, fs, kwargs, specaug, a)
+    feds[f"{name}@{chunk}"] = Federated(model, fs, kwargs, chunk, specaug, a)
   report: dict[str, Any] = {
     "data": data,
     "preset": a.preset,
@@ -188,15 +202,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   }
   for name, f in feds.items():
     report[name] = {
-      "store": {k: v for k, v in SETTINGS[name].items()},
+      "store": dict(SETTINGS[name.split("@")[0]]),
+      "chunk_size": f.executor.chunk_size,
       "num_buckets": len(f.store.buckets),
       "padding_fraction": f.store.padding_fraction(),
     }
-  t0 = time.perf_counter()
-  cent.warm_up()
-  for f in feds.values():
+  for name, f in [("centralized", cent), *feds.items()]:
+    t0 = time.perf_counter()
     f.warm_up()
-  report["warm_up_s"] = time.perf_counter() - t0
+    report.setdefault("warm_up_s", {})[name] = time.perf_counter() - t0
+    print(f"compiled {name} in {time.perf_counter() - t0:.0f} s", flush=True)
   sums = {k: [0.0, 0.0] for k in ["centralized", *feds]}
   for r in range(a.rounds):
     round_frames = []
@@ -214,17 +229,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   report["centralized"]["useful_frames_per_s"] = cent_rate
   report["load_avg_after"] = os.getloadavg()
   print(
-    f"\n== {a.preset}, {len(fs)} utterances, cohort {a.cohort}, chunk {a.chunk}, "
+    f"\n== {a.preset}, {len(fs)} utterances, cohort {a.cohort}, "
     f"vmap_size {a.vmap_size}, {a.rounds} interleaved rounds"
   )
-  print(f"{'side':<14}{'padding':>9}{'useful frames/s':>17}{'vs centralized':>16}")
-  print(f"{'centralized':<14}{cent.padding_fraction:>9.3f}{cent_rate:>17.0f}{1.0:>16.2f}")
+  print(f"{'side':<20}{'padding':>9}{'useful frames/s':>17}{'vs centralized':>16}")
+  print(f"{'centralized':<20}{cent.padding_fraction:>9.3f}{cent_rate:>17.0f}{1.0:>16.2f}")
   for name in feds:
     rate = sums[name][0] / sums[name][1]
     report[name]["useful_frames_per_s"] = rate
     report[name]["ratio_to_centralized"] = rate / cent_rate
     pad = report[name]["padding_fraction"]
-    print(f"{'federated ' + name:<14}{pad:>9.3f}{rate:>17.0f}{rate / cent_rate:>16.2f}")
+    print(f"{'federated ' + name:<20}{pad:>9.3f}{rate:>17.0f}{rate / cent_rate:>16.2f}")
   return report
 
 
@@ -234,18 +249,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--speakers", type=int, default=24, help="speakers of the synthesized corpus")
   p.add_argument("--utterances", type=int, default=20, help="utterances per synthesized speaker")
   p.add_argument("--preset", default="tiny")
-  p.add_argument("--settings", default="old,seg3", help=f"packing settings: {sorted(SETTINGS)}")
+  p.add_argument(
+    "--settings",
+    default="old@8,seg4@1",
+    help=f"comma list of SETTING[@CHUNK]; settings: {sorted(SETTINGS)}; CHUNK default --chunk",
+  )
   p.add_argument("--batch-size", type=int, default=8, help="client batch B (data.batch_size)")
   p.add_argument("--max-steps", type=int, default=8, help="local steps cap S (data.max_steps)")
   p.add_argument("--central-batch-size", type=int, default=32)
   p.add_argument("--num-buckets", type=int, default=4, help="centralized length buckets")
   p.add_argument("--cohort", type=int, default=16)
-  p.add_argument("--chunk", type=int, default=8)
+  p.add_argument("--chunk", type=int, default=8, help="engine.chunk_size (default of settings)")
   p.add_argument("--vmap-size", type=int, default=None)
   p.add_argument("--client-lr", type=float, default=1e-3)
   p.add_argument("--rounds", type=int, default=3, help="timed rounds per setting")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the report here")
+  p.add_argument(
+    "--compile-cache",
+    default=os.path.join(tempfile.gettempdir(), "fedprune_jax_compile_cache"),
+    help="persistent XLA compilation cache ('' = off): reruns skip most compilation",
+  )
   a = p.parse_args(argv)
   report = run(a)
   if a.json:
