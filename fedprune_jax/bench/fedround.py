@@ -136,7 +136,8 @@ class Centralized:
     while frames < min_frames:
       batches.append(self._next())
       frames += useful_frames(batches[-1])
-    # padding on the host is part of the trainer's step time too, as in the training loop
+    # batches are padded before the clock starts: the trainer pads the next batch on the host
+    # while the device runs the current step
     t0 = time.perf_counter()
     self.run_batches(batches)
     return frames, time.perf_counter() - t0

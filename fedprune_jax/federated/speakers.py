@@ -9,7 +9,7 @@ Where the padding comes from (issue 14; the 160 x 50 synthetic corpus, B = 8):
 a client's local steps run in one ``lax.scan``, so every step is padded to the
 longest utterance of the speaker (or of its bucket). Within-speaker length
 variance alone costs 38 % of the frame slots, the partial last step 11 %;
-bucketing speakers more finely can only approach that floor (0.45). Hence
+bucketing speakers more finely can only approach that floor (0.46). Hence
 ``segments``: the speaker's utterances are sorted by length and its steps cut
 into K scan segments of their own length T_k (short steps first), which a
 segment-aware client update (``federated/segmented.py``) runs one after the
