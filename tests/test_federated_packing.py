@@ -182,3 +182,18 @@ def test_segmented_update_matches_one_padded_scan():
   jax.tree_util.tree_map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), out.delta, ref_out.delta
   )
+
+
+def test_bench_fedround_counts_useful_frames_and_parses_settings():
+  from fedprune_jax.bench import fedround  # pylint: disable=g-import-not-at-top
+
+  fs = _feature_set(5)
+  batch = next(batching.bucketed_batches(fs.examples(), None, 512, [96], rng=None, max_labels=8))
+  assert fedround.useful_frames(batch) == np.diff(fs.frame_offsets).sum()
+  assert fedround.parse_setting("seg4@1", 8) == ("seg4", 1)
+  assert fedround.parse_setting("old", 8) == ("old", 8)
+  with pytest.raises(ValueError, match="unknown setting"):
+    fedround.parse_setting("nope", 8)
+  for kwargs in fedround.SETTINGS.values():
+    store = speakers.SpeakerClientStore(fs, batch_size=4, **kwargs)
+    assert store.useful_frames().sum() == np.diff(fs.frame_offsets).sum()
