@@ -20,13 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 8
   c.data.max_steps = 8  # local steps per round cap (S); a speaker has ~40 utterances
   c.data.max_frames = None
-  # Client packing (issue 14, numbers in the README): speakers grouped into shape buckets by (S, T)
-  # jointly; segments=K > 1 sorts a speaker's utterances by length and runs its steps as K scan
-  # segments, each padded to its own length (padding 0.50 -> 0.29 on the 160 x 50 corpus).
-  # The job passes these to SpeakerClientStore; segments > 1 needs the segment-aware client
-  # update (federated/segmented.py).
-  c.data.packing = "shape"
-  c.data.segments = 4
   c.model = base.model
   c.specaug = base.specaug  # on every client step, as in centralized training; None = off
 

@@ -25,7 +25,6 @@ from fedprune_jax.federated.client import (
   LossFn,
   PyTree,
   _shuffle_real_examples,
-  _tree_select,
   client_finite,
 )
 from fedprune_jax.pruning.masks import apply_mask
@@ -68,8 +67,9 @@ def make_segmented_client_update(
       updates, new_opt_state = optimizer.update(grads, opt_state, p)
       new_p = apply_mask(optax.apply_updates(p, apply_mask(updates, mask)), mask)
       live = n > 0
-      p = _tree_select(live, new_p, p)
-      opt_state = _tree_select(live, new_opt_state, opt_state)
+      p, opt_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(live, a, b), (new_p, new_opt_state), (p, opt_state)
+      )
       loss_sum = loss_sum + jnp.where(live, loss * n, 0.0)
       return (p, opt_state, loss_sum, n_sum + n, steps + live.astype(jnp.float32)), None
 
