@@ -284,10 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
   bench_p.add_argument(
     "which",
-    choices=["step", "prune", "engine", "synth", "fedprune"],
+    choices=["step", "prune", "engine", "synth", "fedprune", "fedround"],
     help="step: train-step FLOP/s vs matmul peak; prune: mask computation speed; "
     "engine: federated executors side by side; synth: corpus synthesis speed; "
-    "fedprune: federated pruning round and mask update vs dense FedAvg",
+    "fedprune: federated pruning round and mask update vs dense FedAvg; "
+    "fedround: useful frames/s of a federated round vs a centralized step",
   )
   bench_p.add_argument(
     "bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see --help)"
