@@ -58,7 +58,10 @@ def zip_featurized(utterances):
 def make_model(cfg: ml_collections.ConfigDict) -> asr.AsrModel:
   """The config's model: a preset plus optional ConformerConfig field overrides."""
   overrides = dict(cfg.model.get("overrides", {}) or {})
-  return asr.make_asr_model(cfg.model.preset, head=cfg.model.head, **overrides)
+  head_options = dict(cfg.model.get("head_options", {}) or {})
+  return asr.make_asr_model(
+    cfg.model.preset, head=cfg.model.head, head_options=head_options, **overrides
+  )
 
 
 def make_optimizer(

@@ -120,12 +120,12 @@ CASES = [
   (
     "vmap-size-above-chunk",
     lambda t: ["federated", "--set", "engine.vmap_size=16"],
-    ["engine.vmap_size=16 must be <= engine.chunk_size=8"],
+    ["engine.vmap_size=16 must be <= engine.chunk_size=1"],
   ),
   (
     "chunk-not-multiple-of-devices",
     lambda t: ["federated", "--set", "engine.num_devices=3"],
-    ["engine.chunk_size=8 must be a multiple of engine.num_devices=3"],
+    ["engine.chunk_size=1 must be a multiple of engine.num_devices=3"],
   ),
   (
     "unknown-pruning-pattern-in-config",

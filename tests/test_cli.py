@@ -138,6 +138,7 @@ def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys):
     "rounds=3",
     "cohort_size=3",
     "engine.chunk_size=3",
+    "data.segments=1",
     "pruning.pruning_rounds=2",
     "pruning.refining_rounds=0",
     "pruning.update_every=1",

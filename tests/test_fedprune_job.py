@@ -31,6 +31,7 @@ def _argv(command, corpus, workdir, rounds, extra=()):
     "warm_start.batch_size=4",
     "checkpoint_every=2",
     "engine.chunk_size=3",
+    "data.segments=2",
     "pruning.target_sparsity=0.5",
     "pruning.pruning_rounds=3",
     "pruning.update_every=1",

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"
   c.model.head = "ctc"
+  c.model.head_options = ml_collections.ConfigDict()  # RnntHead fields for head="rnnt"
   c.model.overrides = ml_collections.ConfigDict()  # ConformerConfig fields, e.g. dropout_rate
 
   c.optim = ml_collections.ConfigDict()

@@ -32,14 +32,15 @@ import optax
 
 from fedprune_jax import config as config_lib
 from fedprune_jax import io_utils
+from fedprune_jax import task
 from fedprune_jax.data import batching
-from fedprune_jax.federated import client, executor, sampling, segmented
+from fedprune_jax.federated import client, executor, sampling
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.train import centralized
 
 # SpeakerClientStore arguments of each packing setting; batch_size and max_steps come from the
 # command line, like the job's data.batch_size / data.max_steps. Settings with segments > 1 run
-# the segment-aware client update (federated/segmented.py).
+# the segment-aware client update (client.make_client_update with a tuple of segments).
 SETTINGS: dict[str, dict[str, Any]] = {
   "old": dict(num_buckets=4, packing="cost"),  # fedprune federated before issue 14
   "shape": dict(num_buckets=4, packing="shape"),
@@ -75,7 +76,7 @@ def load_train_split(data: str | None, speakers: int, utterances: int) -> tuple[
     synth.synthesize_corpus(data, speakers=speakers, utterances=utterances, progress=False)
   cfg = config_lib.load_config("tiny_federated")
   cfg.data.root = data
-  return centralized.load_split(cfg, cfg.data.train_split), data
+  return task.load_split(cfg, cfg.data.train_split), data
 
 
 class Centralized:
@@ -83,7 +84,7 @@ class Centralized:
 
   def __init__(self, model, fs, batch_size: int, num_buckets: int, specaug: dict, seed: int = 0):
     optim = config_lib.load_config("tiny_centralized").optim
-    self.optimizer = centralized.make_optimizer(optim, 10_000)
+    self.optimizer = task.make_optimizer(optim, 10_000)
     self.step = centralized.make_train_step(model, self.optimizer, specaug)
     self.params = model.init(jax.random.key(seed))
     self.opt_state = self.optimizer.init(self.params)
@@ -150,11 +151,8 @@ class Federated:
     self, model, fs, store_kwargs: dict, chunk: int, specaug: dict, a: argparse.Namespace
   ):
     self.store = SpeakerClientStore(fs, **store_kwargs)
-    loss_fn = centralized.make_training_loss(model, specaug)
-    make = client.make_client_update
-    if self.store.segments > 1:
-      make = segmented.make_segmented_client_update
-    update = make(loss_fn, optax.adam(a.client_lr), 1, shuffle=True)
+    loss_fn = task.make_training_loss(model, specaug)
+    update = client.make_client_update(loss_fn, optax.adam(a.client_lr), 1, shuffle=True)
     vmap_size = None if a.vmap_size is None else min(a.vmap_size, chunk)
     self.executor = executor.ChunkedExecutor(update, chunk, vmap_size=vmap_size)
     self.params = model.init(jax.random.key(a.seed))
@@ -184,7 +182,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   fs, data = load_train_split(a.data, a.speakers, a.utterances)
   base = config_lib.load_config("tiny_centralized")
-  model = centralized.make_model(
+  model = task.make_model(
     ml_collections.ConfigDict(dict(model=dict(preset=a.preset, head="ctc", overrides={})))
   )
   specaug = dict(base.specaug)

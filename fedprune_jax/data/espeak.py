@@ -53,15 +53,21 @@ RATE_MIN, RATE_MAX = 80, 450  # words per minute (espeakRATE_MINIMUM/MAXIMUM)
 # English voices ("language" entries under espeak-ng-data/lang/gmw) and the
 # voice variants (espeak-ng-data/voices/!v) that give natural-sounding speech.
 ENGLISH_VOICES = (
-    "en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd", "en-us-nyc",
+  "en-us",
+  "en",
+  "en-gb-scotland",
+  "en-gb-x-rp",
+  "en-029",
+  "en-gb-x-gbclan",
+  "en-gb-x-gbcwmd",
+  "en-us-nyc",
 )
 MALE_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8")
 FEMALE_VARIANTS = ("f1", "f2", "f3", "f4", "f5")
 
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-    ctypes.c_void_p)
+  ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 class EspeakError(RuntimeError):
@@ -90,8 +96,7 @@ class VoiceSpec:
 
   def __post_init__(self):
     if not RATE_MIN <= self.rate <= RATE_MAX:
-      raise ValueError(
-          f"VoiceSpec.rate={self.rate} outside [{RATE_MIN}, {RATE_MAX}]")
+      raise ValueError(f"VoiceSpec.rate={self.rate} outside [{RATE_MIN}, {RATE_MAX}]")
     for field, hi in (("pitch", 100), ("pitch_range", 100), ("volume", 200)):
       value = getattr(self, field)
       if not 0 <= value <= hi:
@@ -145,8 +150,7 @@ def library_paths() -> tuple[str, str]:
   try:
     import espeakng_loader  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise EspeakError(
-        "espeak-ng is unavailable: pip install espeakng-loader") from e
+    raise EspeakError("espeak-ng is unavailable: pip install espeakng-loader") from e
   return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
 
 
@@ -156,8 +160,7 @@ def _open_library():
     lib = ctypes.CDLL(lib_path, mode=os.RTLD_LOCAL)
   except OSError as e:
     raise EspeakError(f"cannot load libespeak-ng from {lib_path}: {e}") from e
-  lib.espeak_Initialize.argtypes = [
-      ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+  lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
   lib.espeak_Initialize.restype = ctypes.c_int
   lib.espeak_SetSynthCallback.argtypes = [_CALLBACK_TYPE]
   lib.espeak_SetSynthCallback.restype = None
@@ -166,27 +169,34 @@ def _open_library():
   lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
   lib.espeak_SetParameter.restype = ctypes.c_int
   lib.espeak_Synth.argtypes = [
-      ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-      ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),
-      ctypes.c_void_p]
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_uint,
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint,
+    ctypes.POINTER(ctypes.c_uint),
+    ctypes.c_void_p,
+  ]
   lib.espeak_Synth.restype = ctypes.c_int
   lib.espeak_Terminate.restype = ctypes.c_int
   if hasattr(lib, "espeak_ng_SetRandSeed"):  # espeak-ng >= 1.52; older ones use rand().
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_ng_SetRandSeed.restype = ctypes.c_int
-  sample_rate = lib.espeak_Initialize(
-      AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+  sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
   if sample_rate != ESPEAK_SAMPLE_RATE:
     _close_library(lib)
     raise EspeakError(
-        f"espeak_Initialize(data={data_path}) returned {sample_rate}, "
-        f"expected sample rate {ESPEAK_SAMPLE_RATE}")
+      f"espeak_Initialize(data={data_path}) returned {sample_rate}, "
+      f"expected sample rate {ESPEAK_SAMPLE_RATE}"
+    )
   lib.espeak_SetSynthCallback(_CALLBACK)
   return lib
 
 
 def _close_library(lib) -> None:
   import _ctypes  # pylint: disable=import-outside-toplevel
+
   lib.espeak_Terminate()
   _ctypes.dlclose(lib._handle)  # pylint: disable=protected-access
 
@@ -212,8 +222,7 @@ def variant_names() -> frozenset[str]:
   try:
     return frozenset(os.listdir(variants_dir))
   except OSError as e:
-    raise EspeakError(
-        f"cannot list espeak-ng variants in {variants_dir}") from e
+    raise EspeakError(f"cannot list espeak-ng variants in {variants_dir}") from e
 
 
 def synthesize_pcm(text: str, voice: VoiceSpec) -> np.ndarray:
@@ -226,8 +235,7 @@ def synthesize_pcm(text: str, voice: VoiceSpec) -> np.ndarray:
     raise TypeError(f"voice must be a VoiceSpec, got {type(voice).__name__}")
   if voice.variant and voice.variant not in variant_names():
     # espeak-ng silently ignores unknown variants; refuse them instead.
-    raise EspeakError(f"espeak-ng has no voice variant {voice.variant!r} "
-                      f"(voice {voice.name!r})")
+    raise EspeakError(f"espeak-ng has no voice variant {voice.variant!r} (voice {voice.name!r})")
   data = text.encode("utf-8") + b"\0"
   with _LOCK:
     lib = _open_library()
@@ -239,19 +247,20 @@ def synthesize_pcm(text: str, voice: VoiceSpec) -> np.ndarray:
         lib.espeak_ng_SetRandSeed(1)
       if lib.espeak_SetVoiceByName(voice.name.encode()) != EE_OK:
         raise EspeakError(f"espeak-ng has no voice {voice.name!r}")
-      for param, value in ((espeakRATE, voice.rate), (espeakPITCH, voice.pitch),
-                           (espeakRANGE, voice.pitch_range),
-                           (espeakVOLUME, voice.volume)):
+      for param, value in (
+        (espeakRATE, voice.rate),
+        (espeakPITCH, voice.pitch),
+        (espeakRANGE, voice.pitch_range),
+        (espeakVOLUME, voice.volume),
+      ):
         if lib.espeak_SetParameter(param, value, 0) != EE_OK:
           raise EspeakError(f"espeak_SetParameter({param}, {value}) failed")
-      status = lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0,
-                                espeakCHARS_AUTO, None, None)
+      status = lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, espeakCHARS_AUTO, None, None)
       if status != EE_OK or _callback_errors:
         raise EspeakError(
-            f"espeak_Synth failed (status {status}, callback errors "
-            f"{_callback_errors}) on {text!r}")
-      pcm = (np.concatenate(_chunks) if _chunks
-             else np.zeros((0,), np.int16))
+          f"espeak_Synth failed (status {status}, callback errors {_callback_errors}) on {text!r}"
+        )
+      pcm = np.concatenate(_chunks) if _chunks else np.zeros((0,), np.int16)
       _chunks.clear()
     finally:
       _close_library(lib)

@@ -47,12 +47,13 @@ class FeatureConfig:
 
   def __post_init__(self):
     if not 0 < self.frame_step <= self.frame_length <= self.fft_length:
-      raise ValueError(f"FeatureConfig: need 0 < frame_step <= frame_length "
-                       f"<= fft_length, got {self}")
-    if not (0 <= self.lower_edge_hertz < self.upper_edge_hertz
-            <= self.sample_rate / 2):
-      raise ValueError(f"FeatureConfig: need 0 <= lower_edge_hertz < "
-                       f"upper_edge_hertz <= sample_rate/2, got {self}")
+      raise ValueError(
+        f"FeatureConfig: need 0 < frame_step <= frame_length <= fft_length, got {self}"
+      )
+    if not (0 <= self.lower_edge_hertz < self.upper_edge_hertz <= self.sample_rate / 2):
+      raise ValueError(
+        f"FeatureConfig: need 0 <= lower_edge_hertz < upper_edge_hertz <= sample_rate/2, got {self}"
+      )
 
 
 DEFAULT_CONFIG = FeatureConfig()
@@ -80,9 +81,11 @@ def mel_matrix(config: FeatureConfig = DEFAULT_CONFIG) -> np.ndarray:
   """
   num_bins = config.fft_length // 2 + 1
   bin_mel = _hz_to_mel(np.linspace(0.0, config.sample_rate / 2, num_bins))
-  edges = np.linspace(_hz_to_mel(np.float64(config.lower_edge_hertz)),
-                      _hz_to_mel(np.float64(config.upper_edge_hertz)),
-                      config.num_mel_bins + 2)
+  edges = np.linspace(
+    _hz_to_mel(np.float64(config.lower_edge_hertz)),
+    _hz_to_mel(np.float64(config.upper_edge_hertz)),
+    config.num_mel_bins + 2,
+  )
   left, center, right = edges[:-2], edges[1:-1], edges[2:]
   rising = (bin_mel[:, None] - left) / (center - left)
   falling = (right - bin_mel[:, None]) / (right - center)
@@ -97,8 +100,9 @@ def _hann(frame_length: int) -> np.ndarray:
   return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / frame_length)
 
 
-def log_mel_np(audio: np.ndarray, sample_rate: int = 16_000,
-               config: FeatureConfig = DEFAULT_CONFIG) -> np.ndarray:
+def log_mel_np(
+  audio: np.ndarray, sample_rate: int = 16_000, config: FeatureConfig = DEFAULT_CONFIG
+) -> np.ndarray:
   """Host-side log-mel of one utterance.
 
   Args:
@@ -110,20 +114,22 @@ def log_mel_np(audio: np.ndarray, sample_rate: int = 16_000,
     float32 [T, num_mel_bins], T = ``num_frames(N)``.
   """
   if sample_rate != config.sample_rate:
-    raise ValueError(f"log_mel_np: sample_rate {sample_rate} != feature "
-                     f"sample_rate {config.sample_rate}; resample first")
+    raise ValueError(
+      f"log_mel_np: sample_rate {sample_rate} != feature "
+      f"sample_rate {config.sample_rate}; resample first"
+    )
   audio = np.asarray(audio, dtype=np.float64)
   if audio.ndim != 1:
     raise ValueError(f"log_mel_np: audio must be 1-D, got {audio.shape}")
   t = int(num_frames(audio.shape[0], config))
   if t == 0:
     return np.zeros((0, config.num_mel_bins), np.float32)
-  frames = np.lib.stride_tricks.sliding_window_view(
-      audio, config.frame_length)[::config.frame_step][:t]
+  frames = np.lib.stride_tricks.sliding_window_view(audio, config.frame_length)[
+    :: config.frame_step
+  ][:t]
   spec = np.fft.rfft(frames * _hann(config.frame_length), n=config.fft_length)
   power = spec.real**2 + spec.imag**2
-  return np.log(power @ mel_matrix(config) + config.log_floor).astype(
-      np.float32)
+  return np.log(power @ mel_matrix(config) + config.log_floor).astype(np.float32)
 
 
 def _frame(waveforms: Array, t: int, config: FeatureConfig) -> Array:
@@ -139,13 +145,14 @@ def _frame(waveforms: Array, t: int, config: FeatureConfig) -> Array:
   if total > n:
     waveforms = jnp.pad(waveforms, ((0, 0), (0, total - n)))
   chunks = waveforms[:, :total].reshape(b, t + k - 1, step)
-  frames = jnp.concatenate([chunks[:, i:i + t] for i in range(k)], axis=-1)
+  frames = jnp.concatenate([chunks[:, i : i + t] for i in range(k)], axis=-1)
   return frames[..., :length]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def log_mel(waveforms: Array, lengths: Array,
-            config: FeatureConfig = DEFAULT_CONFIG) -> tuple[Array, Array]:
+def log_mel(
+  waveforms: Array, lengths: Array, config: FeatureConfig = DEFAULT_CONFIG
+) -> tuple[Array, Array]:
   """Batched log-mel of padded waveforms (jit-able, device side).
 
   Args:
@@ -161,17 +168,18 @@ def log_mel(waveforms: Array, lengths: Array,
   """
   waveforms = jnp.asarray(waveforms, jnp.float32)
   t = int(num_frames(waveforms.shape[1], config))
-  frames = _frame(waveforms, t, config) * jnp.asarray(
-      _hann(config.frame_length), jnp.float32)
+  frames = _frame(waveforms, t, config) * jnp.asarray(_hann(config.frame_length), jnp.float32)
   spec = jnp.fft.rfft(frames, n=config.fft_length)
-  power = jnp.real(spec)**2 + jnp.imag(spec)**2
+  power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
   # HIGHEST: TPUs would otherwise run this matmul in bf16.
-  mel = jnp.einsum("btk,km->btm", power,
-                   jnp.asarray(mel_matrix(config), jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+  mel = jnp.einsum(
+    "btk,km->btm",
+    power,
+    jnp.asarray(mel_matrix(config), jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   feats = jnp.log(mel + config.log_floor)
-  valid = jnp.arange(t)[None, :] < num_frames(
-      jnp.asarray(lengths, jnp.int32), config)[:, None]
+  valid = jnp.arange(t)[None, :] < num_frames(jnp.asarray(lengths, jnp.int32), config)[:, None]
   feats = jnp.where(valid[..., None], feats, 0.0)
   return feats, 1.0 - valid.astype(jnp.float32)
 
@@ -193,8 +201,7 @@ def normalize(features: Array, paddings: Array, eps: float = 1e-5) -> Array:
   w = (1.0 - paddings)[..., None]
   count = jnp.maximum(jnp.sum(w, axis=-2, keepdims=True), 1.0)
   mean = jnp.sum(features * w, axis=-2, keepdims=True) / count
-  var = jnp.sum(jnp.square(features - mean) * w, axis=-2,
-                keepdims=True) / count
+  var = jnp.sum(jnp.square(features - mean) * w, axis=-2, keepdims=True) / count
   return (features - mean) * jax.lax.rsqrt(var + eps) * w
 
 
@@ -220,16 +227,20 @@ def _uniform_int(key: Array, shape, maxval: Array) -> Array:
   return jnp.minimum(jnp.floor(u * (maxval + 1)), maxval).astype(jnp.int32)
 
 
-_SPEC_AUGMENT_STATIC = ("num_freq_masks", "max_freq_width", "num_time_masks",
-                        "max_time_width")
+_SPEC_AUGMENT_STATIC = ("num_freq_masks", "max_freq_width", "num_time_masks", "max_time_width")
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("num_features",) + _SPEC_AUGMENT_STATIC)
-def spec_augment_mask(key: Array, paddings: Array, num_features: int, *,
-                      num_freq_masks: int = 2, max_freq_width: int = 27,
-                      num_time_masks: int = 2,
-                      max_time_width: float | int = 0.05) -> Array:
+@functools.partial(jax.jit, static_argnames=("num_features",) + _SPEC_AUGMENT_STATIC)
+def spec_augment_mask(
+  key: Array,
+  paddings: Array,
+  num_features: int,
+  *,
+  num_freq_masks: int = 2,
+  max_freq_width: int = 27,
+  num_time_masks: int = 2,
+  max_time_width: float | int = 0.05,
+) -> Array:
   """SpecAugment mask, bool [B, T, F] (True = masked). See ``spec_augment``."""
   b, t = paddings.shape
   real = paddings < 0.5
@@ -247,18 +258,23 @@ def spec_augment_mask(key: Array, paddings: Array, num_features: int, *,
     fs = _uniform_int(kfs, (num_freq_masks,), f - fw)
     tw = _uniform_int(ktw, (num_time_masks,), max_t)
     ts = _uniform_int(kts, (num_time_masks,), jnp.maximum(length - tw, 0))
-    return (_interval_mask(fs, fw, f)[None, :]
-            | _interval_mask(ts, tw, t)[:, None])
+    return _interval_mask(fs, fw, f)[None, :] | _interval_mask(ts, tw, t)[:, None]
 
   mask = jax.vmap(one)(jax.random.split(key, b), lengths, max_t)
   return mask & real[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=_SPEC_AUGMENT_STATIC)
-def spec_augment(key: Array, features: Array, paddings: Array, *,
-                 num_freq_masks: int = 2, max_freq_width: int = 27,
-                 num_time_masks: int = 2,
-                 max_time_width: float | int = 0.05) -> Array:
+def spec_augment(
+  key: Array,
+  features: Array,
+  paddings: Array,
+  *,
+  num_freq_masks: int = 2,
+  max_freq_width: int = 27,
+  num_time_masks: int = 2,
+  max_time_width: float | int = 0.05,
+) -> Array:
   """SpecAugment (frequency + time masking; no time warping), pure.
 
   Each example draws its own masks from its own split of ``key``, so the result is a deterministic function of ``(key, inputs)``:
@@ -279,7 +295,12 @@ def spec_augment(key: Array, features: Array, paddings: Array, *,
     float [B, T, F] augmented features.
   """
   mask = spec_augment_mask(
-      key, paddings, features.shape[-1], num_freq_masks=num_freq_masks,
-      max_freq_width=max_freq_width, num_time_masks=num_time_masks,
-      max_time_width=max_time_width)
+    key,
+    paddings,
+    features.shape[-1],
+    num_freq_masks=num_freq_masks,
+    max_freq_width=max_freq_width,
+    num_time_masks=num_time_masks,
+    max_time_width=max_time_width,
+  )
   return jnp.where(mask, jnp.zeros((), features.dtype), features)

@@ -57,8 +57,7 @@ def _natural_key(name: str):
   return (0, int(name), name) if name.isdigit() else (1, 0, name)
 
 
-def _report(problem: CorpusError, strict: bool,
-            problems: list[CorpusError]) -> None:
+def _report(problem: CorpusError, strict: bool, problems: list[CorpusError]) -> None:
   if strict:
     raise problem
   logging.warning("skipping: %s", problem)
@@ -76,14 +75,16 @@ def _check_split_dir(split_dir: Path) -> None:
   if any((split_dir / m).is_file() for m in _ROOT_MARKERS):
     splits = ", ".join(p.name for p in _subdirs(split_dir))
     raise CorpusError(
-        f"{split_dir}: this is a corpus root, not a split directory; pass one "
-        f"of its splits ({splits})")
+      f"{split_dir}: this is a corpus root, not a split directory; pass one "
+      f"of its splits ({splits})"
+    )
 
 
 def _subdirs(path: Path) -> list[Path]:
-  return sorted((p for p in path.iterdir()
-                 if p.is_dir() and not p.name.startswith(".")),
-                key=lambda p: _natural_key(p.name))
+  return sorted(
+    (p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    key=lambda p: _natural_key(p.name),
+  )
 
 
 def speakers_of(split_dir: str | os.PathLike) -> list[str]:
@@ -101,14 +102,14 @@ def validate_text(text: str, where: str) -> str:
   bad = sorted(set(text) - _ALLOWED)
   if bad:
     raise CorpusError(
-        f"{where}: characters {''.join(bad)!r} outside the alphabet "
-        f"{ALPHABET!r} in {text!r}")
+      f"{where}: characters {''.join(bad)!r} outside the alphabet {ALPHABET!r} in {text!r}"
+    )
   return text
 
 
-def _parse_transcript(path: Path, speaker_id: str, chapter_id: str,
-                      strict: bool, problems: list[CorpusError]
-                      ) -> tuple[dict[str, str], set[str]]:
+def _parse_transcript(
+  path: Path, speaker_id: str, chapter_id: str, strict: bool, problems: list[CorpusError]
+) -> tuple[dict[str, str], set[str]]:
   """({utt_id: text} in file order, ids of rejected lines)."""
   try:
     content = path.read_text(encoding="utf-8")
@@ -125,12 +126,9 @@ def _parse_transcript(path: Path, speaker_id: str, chapter_id: str,
     utt_id = parts[0]
     try:
       if len(parts) < 2:
-        raise CorpusError(
-            f"{where}: malformed line {line!r} (expected 'UTTID TEXT')")
-      if not (utt_id.startswith(prefix) and utt_id[len(prefix):].isdigit()):
-        raise CorpusError(
-            f"{where}: malformed utterance id {utt_id!r} (expected "
-            f"'{prefix}NNNN')")
+        raise CorpusError(f"{where}: malformed line {line!r} (expected 'UTTID TEXT')")
+      if not (utt_id.startswith(prefix) and utt_id[len(prefix) :].isdigit()):
+        raise CorpusError(f"{where}: malformed utterance id {utt_id!r} (expected '{prefix}NNNN')")
       if utt_id in out:
         raise CorpusError(f"{where}: duplicate utterance id {utt_id!r}")
       out[utt_id] = validate_text(parts[1], where)
@@ -141,48 +139,69 @@ def _parse_transcript(path: Path, speaker_id: str, chapter_id: str,
   return out, rejected
 
 
-def parse_transcript(path: str | os.PathLike, speaker_id: str,
-                     chapter_id: str, *, strict: bool = True,
-                     problems: list[CorpusError] | None = None
-                     ) -> dict[str, str]:
+def parse_transcript(
+  path: str | os.PathLike,
+  speaker_id: str,
+  chapter_id: str,
+  *,
+  strict: bool = True,
+  problems: list[CorpusError] | None = None,
+) -> dict[str, str]:
   """Reads one ``SPEAKER-CHAPTER.trans.txt``: {utt_id: text}, file order."""
-  texts, _ = _parse_transcript(Path(path), speaker_id, chapter_id, strict,
-                               [] if problems is None else problems)
+  texts, _ = _parse_transcript(
+    Path(path), speaker_id, chapter_id, strict, [] if problems is None else problems
+  )
   return texts
 
 
-def _scan_chapter(chapter_dir: Path, speaker_id: str, strict: bool,
-                  problems: list[CorpusError]) -> list[UttInfo]:
+def _scan_chapter(
+  chapter_dir: Path, speaker_id: str, strict: bool, problems: list[CorpusError]
+) -> list[UttInfo]:
   chapter_id = chapter_dir.name
   trans = chapter_dir / f"{speaker_id}-{chapter_id}{TRANS_SUFFIX}"
-  audio = {p.name[:-len(AUDIO_SUFFIX)]: p for p in chapter_dir.iterdir()
-           if p.name.endswith(AUDIO_SUFFIX) and not p.name.startswith(".")}
+  audio = {
+    p.name[: -len(AUDIO_SUFFIX)]: p
+    for p in chapter_dir.iterdir()
+    if p.name.endswith(AUDIO_SUFFIX) and not p.name.startswith(".")
+  }
   if not trans.is_file():
-    _report(CorpusError(f"{trans}: transcript file missing "
-                        f"({len(audio)} audio files in {chapter_dir})"),
-            strict, problems)
+    _report(
+      CorpusError(f"{trans}: transcript file missing ({len(audio)} audio files in {chapter_dir})"),
+      strict,
+      problems,
+    )
     return []
-  texts, rejected = _parse_transcript(trans, speaker_id, chapter_id, strict,
-                                      problems)
+  texts, rejected = _parse_transcript(trans, speaker_id, chapter_id, strict, problems)
   infos = []
   for utt_id, text in texts.items():
     if utt_id not in audio:
-      _report(CorpusError(
+      _report(
+        CorpusError(
           f"{trans}: transcript line for {utt_id} but no audio file "
-          f"{chapter_dir / (utt_id + AUDIO_SUFFIX)}"), strict, problems)
+          f"{chapter_dir / (utt_id + AUDIO_SUFFIX)}"
+        ),
+        strict,
+        problems,
+      )
       continue
     infos.append(UttInfo(utt_id, speaker_id, chapter_id, audio[utt_id], text))
   # Audio of a rejected transcript line was reported with the line.
   for utt_id in sorted(set(audio) - set(texts) - rejected):
-    _report(CorpusError(
-        f"{audio[utt_id]}: audio file without a transcript line in {trans}"),
-            strict, problems)
+    _report(
+      CorpusError(f"{audio[utt_id]}: audio file without a transcript line in {trans}"),
+      strict,
+      problems,
+    )
   return infos
 
 
-def scan_split(split_dir: str | os.PathLike, *,
-               speakers: Iterable[str] | None = None, strict: bool = True,
-               problems: list[CorpusError] | None = None) -> list[UttInfo]:
+def scan_split(
+  split_dir: str | os.PathLike,
+  *,
+  speakers: Iterable[str] | None = None,
+  strict: bool = True,
+  problems: list[CorpusError] | None = None,
+) -> list[UttInfo]:
   """Lists a split's utterances (transcripts validated, audio not decoded).
 
   Args:
@@ -207,41 +226,42 @@ def scan_split(split_dir: str | os.PathLike, *,
     missing = [s for s in wanted if s not in present]
     if missing:
       raise CorpusError(f"{split_dir}: no speaker directories {missing}")
-    speaker_dirs = [present[s] for s in sorted(set(wanted),
-                                               key=_natural_key)]
+    speaker_dirs = [present[s] for s in sorted(set(wanted), key=_natural_key)]
   if not speaker_dirs:
     raise CorpusError(f"{split_dir}: no speaker directories")
   infos: list[UttInfo] = []
   for speaker_dir in speaker_dirs:
     if not _ID_RE.fullmatch(speaker_dir.name):
-      _report(CorpusError(f"{speaker_dir}: malformed speaker directory name"),
-              strict, problems)
+      _report(CorpusError(f"{speaker_dir}: malformed speaker directory name"), strict, problems)
       continue
     chapter_dirs = _subdirs(speaker_dir)
     if not chapter_dirs:
-      _report(CorpusError(f"{speaker_dir}: speaker directory has no chapter "
-                          "directories"), strict, problems)
+      _report(
+        CorpusError(f"{speaker_dir}: speaker directory has no chapter directories"),
+        strict,
+        problems,
+      )
       continue
     found = []
     reported = len(problems)
     for chapter_dir in chapter_dirs:
-      found.extend(_scan_chapter(chapter_dir, speaker_dir.name, strict,
-                                 problems))
+      found.extend(_scan_chapter(chapter_dir, speaker_dir.name, strict, problems))
     if not found and len(problems) == reported:
-      _report(CorpusError(f"{speaker_dir}: speaker has no utterances"),
-              strict, problems)
+      _report(CorpusError(f"{speaker_dir}: speaker has no utterances"), strict, problems)
     infos.extend(found)
   return infos
 
 
-def load_audio(path: str | os.PathLike, *,
-               sample_rate: int | None = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+def load_audio(
+  path: str | os.PathLike, *, sample_rate: int | None = SAMPLE_RATE
+) -> tuple[np.ndarray, int]:
   """Decodes a mono audio file: (float32 [n] in [-1, 1), sample rate).
 
   Raises CorpusError for missing, empty, corrupt or truncated files, for
   multi-channel audio and (unless ``sample_rate`` is None) a wrong rate.
   """
   import soundfile  # pylint: disable=import-outside-toplevel
+
   path = Path(path)
   if not path.is_file():
     raise CorpusError(f"{path}: audio file missing")
@@ -256,36 +276,37 @@ def load_audio(path: str | os.PathLike, *,
   if channels != 1:
     raise CorpusError(f"{path}: expected mono audio, got {channels} channels")
   if sample_rate is not None and rate != sample_rate:
-    raise CorpusError(
-        f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz")
+    raise CorpusError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz")
   if len(audio) == 0:
     raise CorpusError(f"{path}: audio has no samples")
   if len(audio) != expected:
-    raise CorpusError(f"{path}: truncated audio: header says {expected} "
-                      f"samples, decoded {len(audio)}")
+    raise CorpusError(
+      f"{path}: truncated audio: header says {expected} samples, decoded {len(audio)}"
+    )
   return audio[:, 0], rate
 
 
-def load_utterance(info: UttInfo, *,
-                   sample_rate: int | None = SAMPLE_RATE) -> Utterance:
+def load_utterance(info: UttInfo, *, sample_rate: int | None = SAMPLE_RATE) -> Utterance:
   """Decodes the audio of one scanned utterance into an ``Utterance``."""
   audio, rate = load_audio(info.path, sample_rate=sample_rate)
-  return Utterance(info.utt_id, info.speaker_id, info.chapter_id, info.text,
-                   audio, rate)
+  return Utterance(info.utt_id, info.speaker_id, info.chapter_id, info.text, audio, rate)
 
 
-def read_split(split_dir: str | os.PathLike, *,
-               speakers: Iterable[str] | None = None, strict: bool = True,
-               problems: list[CorpusError] | None = None,
-               sample_rate: int | None = SAMPLE_RATE) -> Iterator[Utterance]:
+def read_split(
+  split_dir: str | os.PathLike,
+  *,
+  speakers: Iterable[str] | None = None,
+  strict: bool = True,
+  problems: list[CorpusError] | None = None,
+  sample_rate: int | None = SAMPLE_RATE,
+) -> Iterator[Utterance]:
   """Yields the split's utterances with decoded audio, in ``scan_split`` order.
 
   Args: as ``scan_split``; ``sample_rate`` is the required rate (None: any).
   """
   if problems is None:
     problems = []
-  for info in scan_split(split_dir, speakers=speakers, strict=strict,
-                         problems=problems):
+  for info in scan_split(split_dir, speakers=speakers, strict=strict, problems=problems):
     try:
       yield load_utterance(info, sample_rate=sample_rate)
     except CorpusError as e:

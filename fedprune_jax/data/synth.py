@@ -84,8 +84,7 @@ class SpeakerPlan:
   def description(self) -> str:
     v = self.voice
     noise = "clean" if self.snr_db is None else f"snr={self.snr_db:.0f}dB"
-    return (f"espeak {v.name} rate={v.rate} pitch={v.pitch} "
-            f"range={v.pitch_range} {noise}")
+    return f"espeak {v.name} rate={v.rate} pitch={v.pitch} range={v.pitch_range} {noise}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,21 +106,20 @@ class UtterancePlan:
     return f"{self.rel_dir}/{self.utt_id}.flac"
 
 
-def _split_counts(num_speakers: int,
-                  fractions: Sequence[float]) -> tuple[int, int, int]:
+def _split_counts(num_speakers: int, fractions: Sequence[float]) -> tuple[int, int, int]:
   if len(fractions) != 3 or any(f < 0 for f in fractions):
     raise CorpusError(
-        f"split_fractions={tuple(fractions)} must be 3 non-negative numbers "
-        "(train, dev, test)")
+      f"split_fractions={tuple(fractions)} must be 3 non-negative numbers (train, dev, test)"
+    )
   if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
     raise CorpusError(f"split_fractions={tuple(fractions)} must sum to 1")
-  dev, test = (max(1, round(f * num_speakers)) if f > 0 else 0
-               for f in fractions[1:])
+  dev, test = (max(1, round(f * num_speakers)) if f > 0 else 0 for f in fractions[1:])
   train = num_speakers - dev - test
   if fractions[0] > 0 and train < 1:
     raise CorpusError(
-        f"{num_speakers} speakers are too few for split_fractions="
-        f"{tuple(fractions)} (every non-empty split needs a speaker)")
+      f"{num_speakers} speakers are too few for split_fractions="
+      f"{tuple(fractions)} (every non-empty split needs a speaker)"
+    )
   return train, dev, test
 
 
@@ -135,57 +133,69 @@ def _peaking_biquad(f0: float, gain_db: float, q: float) -> np.ndarray:
   return np.concatenate([b / den[0], den / den[0]])
 
 
-def plan_speakers(*, speakers: int, seed: int,
-                  split_fractions: Sequence[float] = (0.8, 0.1, 0.1)
-                  ) -> list[SpeakerPlan]:
+def plan_speakers(
+  *, speakers: int, seed: int, split_fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> list[SpeakerPlan]:
   """Voices, channels and split of ``speakers`` synthetic speakers."""
   if speakers < 1:
     raise CorpusError(f"speakers={speakers} must be >= 1")
   counts = _split_counts(speakers, split_fractions)
   order = np.random.default_rng([seed, _VOICE_STREAM]).permutation(speakers)
   split_of = np.empty((speakers,), object)
-  split_of[order[:counts[0]]] = "train"
-  split_of[order[counts[0]:counts[0] + counts[1]]] = "dev"
-  split_of[order[counts[0] + counts[1]:]] = "test"
+  split_of[order[: counts[0]]] = "train"
+  split_of[order[counts[0] : counts[0] + counts[1]]] = "dev"
+  split_of[order[counts[0] + counts[1] :]] = "test"
 
   variants = espeak.MALE_VARIANTS + espeak.FEMALE_VARIANTS
   combos = [(lang, var) for lang in espeak.ENGLISH_VOICES for var in variants]
-  combo_order = np.random.default_rng([seed, _VOICE_STREAM, 1]).permutation(
-      len(combos))
+  combo_order = np.random.default_rng([seed, _VOICE_STREAM, 1]).permutation(len(combos))
   plans = []
   for i in range(speakers):
     rng = np.random.default_rng([seed, i, _VOICE_STREAM])
     language, variant = combos[combo_order[i % len(combos)]]
     voice = espeak.VoiceSpec(
-        language, variant, rate=int(rng.integers(140, 206)),
-        pitch=int(rng.integers(25, 76)), pitch_range=int(rng.integers(30, 91)))
+      language,
+      variant,
+      rate=int(rng.integers(140, 206)),
+      pitch=int(rng.integers(25, 76)),
+      pitch_range=int(rng.integers(30, 91)),
+    )
     snr_db = None if rng.random() < 0.25 else float(rng.uniform(12.0, 35.0))
-    lowpass = signal.butter(2, rng.uniform(3400.0, 7600.0), fs=SAMPLE_RATE,
-                            output="sos")
-    eq = _peaking_biquad(rng.uniform(250.0, 3000.0), rng.uniform(-8.0, 8.0),
-                         rng.uniform(0.7, 2.0))
-    plans.append(SpeakerPlan(
-        index=i, speaker_id=str(1000 + i), split=str(split_of[i]),
-        sex="F" if variant.startswith("f") else "M", voice=voice,
-        snr_db=snr_db, channel_sos=np.vstack([lowpass, eq[None]])))
+    lowpass = signal.butter(2, rng.uniform(3400.0, 7600.0), fs=SAMPLE_RATE, output="sos")
+    eq = _peaking_biquad(rng.uniform(250.0, 3000.0), rng.uniform(-8.0, 8.0), rng.uniform(0.7, 2.0))
+    plans.append(
+      SpeakerPlan(
+        index=i,
+        speaker_id=str(1000 + i),
+        split=str(split_of[i]),
+        sex="F" if variant.startswith("f") else "M",
+        voice=voice,
+        snr_db=snr_db,
+        channel_sos=np.vstack([lowpass, eq[None]]),
+      )
+    )
   return plans
 
 
-def plan_utterances(speaker: SpeakerPlan, *, utterances: int, seed: int,
-                    vocab: text_lib.Vocabulary) -> list[UtterancePlan]:
+def plan_utterances(
+  speaker: SpeakerPlan, *, utterances: int, seed: int, vocab: text_lib.Vocabulary
+) -> list[UtterancePlan]:
   """The speaker's ``utterances`` texts, chapters and ids."""
-  texts = text_lib.speaker_sentences(vocab, seed=seed, speaker=speaker.index,
-                                     count=utterances)
+  texts = text_lib.speaker_sentences(vocab, seed=seed, speaker=speaker.index, count=utterances)
   num_chapters = min(99, max(1, math.ceil(utterances / UTTERANCES_PER_CHAPTER)))
   plans = []
-  for c, indices in enumerate(np.array_split(np.arange(utterances),
-                                             num_chapters)):
+  for c, indices in enumerate(np.array_split(np.arange(utterances), num_chapters)):
     chapter_id = str(100 * int(speaker.speaker_id) + c)
     for n, u in enumerate(indices):
-      plans.append(UtterancePlan(
-          speaker=speaker, index=int(u), chapter_id=chapter_id,
+      plans.append(
+        UtterancePlan(
+          speaker=speaker,
+          index=int(u),
+          chapter_id=chapter_id,
           utt_id=f"{speaker.speaker_id}-{chapter_id}-{n:04d}",
-          text=texts[u]))
+          text=texts[u],
+        )
+      )
   return plans
 
 
@@ -200,17 +210,15 @@ def render_utterance(utt: UtterancePlan, seed: int) -> np.ndarray:
   spk = utt.speaker
   rng = text_lib.utterance_rng(seed, spk.index, utt.index, _AUDIO_STREAM)
   voice = dataclasses.replace(
-      spk.voice,
-      rate=int(np.clip(spk.voice.rate + rng.integers(-8, 9), espeak.RATE_MIN,
-                       espeak.RATE_MAX)),
-      pitch=int(np.clip(spk.voice.pitch + rng.integers(-3, 4), 0, 100)))
+    spk.voice,
+    rate=int(np.clip(spk.voice.rate + rng.integers(-8, 9), espeak.RATE_MIN, espeak.RATE_MAX)),
+    pitch=int(np.clip(spk.voice.pitch + rng.integers(-3, 4), 0, 100)),
+  )
   speech = espeak.synthesize(utt.text.lower(), voice)
   if not np.any(speech):
-    raise espeak.EspeakError(
-        f"espeak produced no audio for {utt.utt_id} ({utt.text!r})")
+    raise espeak.EspeakError(f"espeak produced no audio for {utt.utt_id} ({utt.text!r})")
   # 22,050 Hz -> 16 kHz: 16000/22050 = 320/441.
-  x = signal.resample_poly(speech.astype(np.float64), 320, 441,
-                           window=_resample_filter())
+  x = signal.resample_poly(speech.astype(np.float64), 320, 441, window=_resample_filter())
   lead, trail = (int(rng.uniform(0.05, 0.3) * SAMPLE_RATE) for _ in range(2))
   speech_power = float(np.mean(x**2))
   x = np.concatenate([np.zeros(lead), x, np.zeros(trail)])
@@ -224,15 +232,14 @@ def render_utterance(utt: UtterancePlan, seed: int) -> np.ndarray:
 
 def _flac_bytes(audio: np.ndarray) -> bytes:
   import soundfile  # pylint: disable=import-outside-toplevel
-  pcm = np.clip(np.round(audio.astype(np.float64) * 32768.0), -32768,
-                32767).astype(np.int16)
+
+  pcm = np.clip(np.round(audio.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
   buf = io.BytesIO()
   soundfile.write(buf, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
   return buf.getvalue()
 
 
-def _render_task(root: str, seed: int,
-                 utts: Sequence[UtterancePlan]) -> list[tuple[str, int]]:
+def _render_task(root: str, seed: int, utts: Sequence[UtterancePlan]) -> list[tuple[str, int]]:
   """Worker: renders and writes utterances; returns (rel_path, samples)."""
   out = []
   for utt in utts:
@@ -247,12 +254,12 @@ def _render_task(root: str, seed: int,
 
 def _params(speakers, utterances, seed, split_fractions, vocab_size) -> dict:
   return {
-      "format_version": FORMAT_VERSION,
-      "speakers": int(speakers),
-      "utterances": int(utterances),
-      "seed": int(seed),
-      "split_fractions": [float(f) for f in split_fractions],
-      "vocab_size": int(vocab_size),
+    "format_version": FORMAT_VERSION,
+    "speakers": int(speakers),
+    "utterances": int(utterances),
+    "seed": int(seed),
+    "split_fractions": [float(f) for f in split_fractions],
+    "vocab_size": int(vocab_size),
   }
 
 
@@ -274,33 +281,33 @@ def _check_existing(out_dir: Path, params: dict) -> bool:
   manifest = read_manifest(out_dir)
   if manifest is None:
     raise CorpusError(
-        f"{out_dir} exists but is not a complete synthetic corpus (no "
-        f"{MANIFEST}); remove it or pick another directory")
+      f"{out_dir} exists but is not a complete synthetic corpus (no "
+      f"{MANIFEST}); remove it or pick another directory"
+    )
   if manifest.get("params") != params:
     raise CorpusError(
-        f"{out_dir} holds a synthetic corpus built with different parameters "
-        f"{manifest.get('params')} (requested {params}); remove it or pick "
-        "another directory")
+      f"{out_dir} holds a synthetic corpus built with different parameters "
+      f"{manifest.get('params')} (requested {params}); remove it or pick "
+      "another directory"
+    )
   return True
 
 
-def _speakers_txt(speakers: Sequence[SpeakerPlan],
-                  samples: dict[str, int]) -> str:
+def _speakers_txt(speakers: Sequence[SpeakerPlan], samples: dict[str, int]) -> str:
   lines = [
-      "; Synthetic speakers of fedprune_jax (espeak-ng voices), in the format",
-      "; of LibriSpeech's SPEAKERS.TXT. MINUTES is the speaker's total audio.",
-      ";ID  |SEX| SUBSET           |MINUTES| NAME",
+    "; Synthetic speakers of fedprune_jax (espeak-ng voices), in the format",
+    "; of LibriSpeech's SPEAKERS.TXT. MINUTES is the speaker's total audio.",
+    ";ID  |SEX| SUBSET           |MINUTES| NAME",
   ]
   for s in speakers:
     minutes = samples.get(s.speaker_id, 0) / SAMPLE_RATE / 60.0
-    lines.append(f"{s.speaker_id:<5}| {s.sex} | {s.split:<17}| {minutes:5.2f} "
-                 f"| {s.description}")
+    lines.append(f"{s.speaker_id:<5}| {s.sex} | {s.split:<17}| {minutes:5.2f} | {s.description}")
   return "\n".join(lines) + "\n"
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
   for start in range(0, len(items), size):
-    yield items[start:start + size]
+    yield items[start : start + size]
 
 
 def _pool_context():
@@ -313,15 +320,19 @@ def _pool_context():
   return multiprocessing.get_context("spawn")
 
 
-def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
-                workers: int, progress_desc: str | None
-                ) -> list[tuple[str, int]]:
+def _render_all(
+  root: Path,
+  seed: int,
+  tasks: Sequence[Sequence[UtterancePlan]],
+  workers: int,
+  progress_desc: str | None,
+) -> list[tuple[str, int]]:
   """Renders all tasks into root (in-process if workers == 1)."""
   bar = None
   if progress_desc is not None:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=sum(len(t) for t in tasks), desc=progress_desc,
-               unit="utt", file=sys.stderr)
+
+    bar = tqdm(total=sum(len(t) for t in tasks), desc=progress_desc, unit="utt", file=sys.stderr)
   results: list[tuple[str, int]] = []
   try:
     if workers == 1:
@@ -331,8 +342,11 @@ def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
           bar.update(len(task))
       return results
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=_pool_context(),
-        initializer=workers_lib.exit_with_parent, initargs=(os.getpid(),))
+      workers,
+      mp_context=_pool_context(),
+      initializer=workers_lib.exit_with_parent,
+      initargs=(os.getpid(),),
+    )
     try:
       futures = [pool.submit(_render_task, str(root), seed, t) for t in tasks]
       for fut in concurrent.futures.as_completed(futures):
@@ -352,6 +366,7 @@ def _render_all(root: Path, seed: int, tasks: Sequence[Sequence[UtterancePlan]],
 
 def _software_versions() -> dict[str, str]:
   from importlib import metadata  # pylint: disable=import-outside-toplevel
+
   versions = {"espeak-ng": espeak.version()}
   for package in ("wordfreq", "espeakng-loader", "soundfile", "scipy"):
     try:
@@ -367,12 +382,17 @@ def _cpu_count() -> int:
   return os.cpu_count() or 1
 
 
-def synthesize_corpus(out_dir: str | os.PathLike, *,
-                      speakers: int = DEFAULT_SPEAKERS,
-                      utterances: int = DEFAULT_UTTERANCES, seed: int = 0,
-                      split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                      workers: int | None = None, progress: bool = True,
-                      vocab_size: int = text_lib.DEFAULT_VOCAB_SIZE) -> Path:
+def synthesize_corpus(
+  out_dir: str | os.PathLike,
+  *,
+  speakers: int = DEFAULT_SPEAKERS,
+  utterances: int = DEFAULT_UTTERANCES,
+  seed: int = 0,
+  split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+  workers: int | None = None,
+  progress: bool = True,
+  vocab_size: int = text_lib.DEFAULT_VOCAB_SIZE,
+) -> Path:
   """Writes (or reuses) a synthetic corpus in LibriSpeech layout.
 
   Args:
@@ -401,15 +421,16 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
   params = _params(speakers, utterances, seed, split_fractions, vocab_size)
   if _check_existing(out_dir, params):
     return out_dir
-  speaker_plans = plan_speakers(speakers=speakers, seed=seed,
-                                split_fractions=split_fractions)
+  speaker_plans = plan_speakers(speakers=speakers, seed=seed, split_fractions=split_fractions)
   try:
     vocab = text_lib.build_vocabulary(vocab_size)
   except ValueError as e:
     raise CorpusError(f"vocab_size={vocab_size}: {e}") from e
-  utts = [u for s in speaker_plans
-          for u in plan_utterances(s, utterances=utterances, seed=seed,
-                                   vocab=vocab)]
+  utts = [
+    u
+    for s in speaker_plans
+    for u in plan_utterances(s, utterances=utterances, seed=seed, vocab=vocab)
+  ]
   tasks = list(_chunks(utts, _TASK_SIZE))
   if workers is None:
     workers = _cpu_count()
@@ -417,39 +438,35 @@ def synthesize_corpus(out_dir: str | os.PathLike, *,
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   workers_lib.remove_stale_tmp_dirs(out_dir)
-  tmp = out_dir.parent / (f".{out_dir.name}.tmp-"
-                          f"{workers_lib.owner_tag(os.getpid())}-"
-                          f"{uuid.uuid4().hex[:12]}")
+  tmp = out_dir.parent / (
+    f".{out_dir.name}.tmp-{workers_lib.owner_tag(os.getpid())}-{uuid.uuid4().hex[:12]}"
+  )
   tmp.mkdir()
   try:
-    results = _render_all(tmp, seed, tasks, workers,
-                          f"synth {out_dir.name}" if progress else None)
+    results = _render_all(tmp, seed, tasks, workers, f"synth {out_dir.name}" if progress else None)
     samples_of_utt = dict(results)
     samples_of_speaker: dict[str, int] = {}
     transcripts: dict[str, list[str]] = {}
     for u in utts:
       samples_of_speaker[u.speaker.speaker_id] = (
-          samples_of_speaker.get(u.speaker.speaker_id, 0)
-          + samples_of_utt[u.rel_path])
+        samples_of_speaker.get(u.speaker.speaker_id, 0) + samples_of_utt[u.rel_path]
+      )
       transcripts.setdefault(u.rel_dir, []).append(f"{u.utt_id} {u.text}")
     for rel_dir, lines in transcripts.items():
       speaker_id, chapter_id = rel_dir.split("/")[1:]
-      (tmp / rel_dir / f"{speaker_id}-{chapter_id}.trans.txt").write_text(
-          "\n".join(lines) + "\n")
-    (tmp / "SPEAKERS.TXT").write_text(
-        _speakers_txt(speaker_plans, samples_of_speaker))
+      (tmp / rel_dir / f"{speaker_id}-{chapter_id}.trans.txt").write_text("\n".join(lines) + "\n")
+    (tmp / "SPEAKERS.TXT").write_text(_speakers_txt(speaker_plans, samples_of_speaker))
     manifest = {
-        "format": "fedprune_jax.synth",
-        "params": params,
-        "files": len(utts),
-        # Informational: other versions may yield other audio and texts.
-        "software": _software_versions(),
-        "audio_seconds": round(sum(samples_of_utt.values()) / SAMPLE_RATE, 3),
-        "splits": {
-            split: sorted((s.speaker_id for s in speaker_plans
-                           if s.split == split), key=int)
-            for split in SPLITS
-        },
+      "format": "fedprune_jax.synth",
+      "params": params,
+      "files": len(utts),
+      # Informational: other versions may yield other audio and texts.
+      "software": _software_versions(),
+      "audio_seconds": round(sum(samples_of_utt.values()) / SAMPLE_RATE, 3),
+      "splits": {
+        split: sorted((s.speaker_id for s in speaker_plans if s.split == split), key=int)
+        for split in SPLITS
+      },
     }
     # The manifest is the completeness marker: written last.
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

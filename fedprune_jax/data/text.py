@@ -33,8 +33,8 @@ _WORD_RE = re.compile(r"[A-Z]+(?:'[A-Z]+)?")
 _VOWELS = re.compile(r"[AEIOUY]")
 # Two-letter words that are real words (not abbreviations espeak would spell).
 _TWO_LETTER_WORDS = frozenset(
-    "TO OF IN IS IT ON BE AS AT HE BY MY OR WE AN SO ME IF UP DO NO US GO AM "
-    "OH HI AH HA".split())
+  "TO OF IN IS IT ON BE AS AT HE BY MY OR WE AN SO ME IF UP DO NO US GO AM OH HI AH HA".split()
+)
 # Distinct PRNG streams: (seed, stream) or (seed, speaker, stream).
 _TOPIC_STREAM = 0x70F1C
 _SPEAKER_STREAM = 0x5BEA4
@@ -73,8 +73,13 @@ def is_speakable_word(word: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def build_vocabulary(size: int = DEFAULT_VOCAB_SIZE, *, num_topics: int = 16,
-                     num_common: int | None = None, seed: int = 0) -> Vocabulary:
+def build_vocabulary(
+  size: int = DEFAULT_VOCAB_SIZE,
+  *,
+  num_topics: int = 16,
+  num_common: int | None = None,
+  seed: int = 0,
+) -> Vocabulary:
   """The ``size`` most frequent speakable English words (cached).
 
   Args:
@@ -88,8 +93,8 @@ def build_vocabulary(size: int = DEFAULT_VOCAB_SIZE, *, num_topics: int = 16,
     num_common = min(DEFAULT_NUM_COMMON, size)
   if size < 1 or num_topics < 1 or not 0 <= num_common <= size:
     raise ValueError(
-        f"bad vocabulary sizes: size={size}, num_topics={num_topics}, "
-        f"num_common={num_common}")
+      f"bad vocabulary sizes: size={size}, num_topics={num_topics}, num_common={num_common}"
+    )
   import wordfreq  # pylint: disable=import-outside-toplevel
 
   words: list[str] = []
@@ -104,8 +109,7 @@ def build_vocabulary(size: int = DEFAULT_VOCAB_SIZE, *, num_topics: int = 16,
       break
   if len(words) < size:
     raise ValueError(f"wordfreq has only {len(words)} usable words (< {size})")
-  freqs = np.array([wordfreq.word_frequency(w.lower(), "en") for w in words],
-                   np.float64)
+  freqs = np.array([wordfreq.word_frequency(w.lower(), "en") for w in words], np.float64)
   freqs = np.maximum(freqs, 1e-12)
   topics = np.full((size,), -1, np.int32)
   rng = np.random.default_rng([seed, _TOPIC_STREAM])
@@ -115,52 +119,61 @@ def build_vocabulary(size: int = DEFAULT_VOCAB_SIZE, *, num_topics: int = 16,
   return Vocabulary(tuple(words), freqs / freqs.sum(), topics, num_topics)
 
 
-def speaker_word_probs(vocab: Vocabulary, *, seed: int, speaker: int,
-                       skew: float = 0.8, alpha: float = 0.3) -> np.ndarray:
+def speaker_word_probs(
+  vocab: Vocabulary, *, seed: int, speaker: int, skew: float = 0.8, alpha: float = 0.3
+) -> np.ndarray:
   """Speaker ``speaker``'s topic-skewed unigram distribution, float64 [V]."""
   if not 0.0 <= skew <= 1.0:
     raise ValueError(f"skew={skew} must lie in [0, 1]")
   if alpha <= 0:
     raise ValueError(f"alpha={alpha} must be positive")
   k = vocab.num_topics
-  theta = np.random.default_rng([seed, speaker, _SPEAKER_STREAM]).dirichlet(
-      np.full((k,), alpha))
-  multiplier = np.where(vocab.topics >= 0,
-                        (1.0 - skew) + skew * k * theta[vocab.topics], 1.0)
+  theta = np.random.default_rng([seed, speaker, _SPEAKER_STREAM]).dirichlet(np.full((k,), alpha))
+  multiplier = np.where(vocab.topics >= 0, (1.0 - skew) + skew * k * theta[vocab.topics], 1.0)
   p = vocab.probs * multiplier
   return p / p.sum()
 
 
-def sample_sentence(rng: np.random.Generator, vocab: Vocabulary,
-                    word_probs: np.ndarray, *, min_words: int = MIN_WORDS,
-                    max_words: int = MAX_WORDS) -> str:
+def sample_sentence(
+  rng: np.random.Generator,
+  vocab: Vocabulary,
+  word_probs: np.ndarray,
+  *,
+  min_words: int = MIN_WORDS,
+  max_words: int = MAX_WORDS,
+) -> str:
   """A sentence of ``min_words..max_words`` words drawn from ``word_probs``."""
   if not 1 <= min_words <= max_words:
-    raise ValueError(
-        f"need 1 <= min_words={min_words} <= max_words={max_words}")
+    raise ValueError(f"need 1 <= min_words={min_words} <= max_words={max_words}")
   n = int(rng.integers(min_words, max_words + 1))
   ids = rng.choice(len(vocab), size=n, p=word_probs)
   return " ".join(vocab.words[i] for i in ids)
 
 
-def speaker_sentences(vocab: Vocabulary, *, seed: int, speaker: int,
-                      count: int, skew: float = 0.8, alpha: float = 0.3,
-                      min_words: int = MIN_WORDS,
-                      max_words: int = MAX_WORDS) -> list[str]:
+def speaker_sentences(
+  vocab: Vocabulary,
+  *,
+  seed: int,
+  speaker: int,
+  count: int,
+  skew: float = 0.8,
+  alpha: float = 0.3,
+  min_words: int = MIN_WORDS,
+  max_words: int = MAX_WORDS,
+) -> list[str]:
   """``count`` sentences of one speaker; sentence i uses RNG (seed, speaker, i).
 
   Sentence i does not depend on ``count`` (prefix-stable).
   """
-  probs = speaker_word_probs(vocab, seed=seed, speaker=speaker, skew=skew,
-                             alpha=alpha)
+  probs = speaker_word_probs(vocab, seed=seed, speaker=speaker, skew=skew, alpha=alpha)
   return [
-      sample_sentence(utterance_rng(seed, speaker, i), vocab, probs,
-                      min_words=min_words, max_words=max_words)
-      for i in range(count)
+    sample_sentence(
+      utterance_rng(seed, speaker, i), vocab, probs, min_words=min_words, max_words=max_words
+    )
+    for i in range(count)
   ]
 
 
-def utterance_rng(seed: int, speaker: int, utterance: int,
-                  stream: int = 0) -> np.random.Generator:
+def utterance_rng(seed: int, speaker: int, utterance: int, stream: int = 0) -> np.random.Generator:
   """The Generator for one utterance's random choices (text: stream 0)."""
   return np.random.default_rng([seed, speaker, utterance, stream])

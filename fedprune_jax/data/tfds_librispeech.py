@@ -27,8 +27,8 @@ def _import_tfds():
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise ImportError(
-        "the TFDS LibriSpeech loader needs tensorflow-datasets: "
-        "pip install 'fedprune_jax[tfds]'") from e
+      "the TFDS LibriSpeech loader needs tensorflow-datasets: pip install 'fedprune_jax[tfds]'"
+    ) from e
   return tfds
 
 
@@ -40,8 +40,9 @@ def _as_str(value: Any) -> str:
   return str(value)
 
 
-def example_to_utterance(example: dict[str, Any], *, where: str = DATASET,
-                         strict_text: bool = True) -> Utterance:
+def example_to_utterance(
+  example: dict[str, Any], *, where: str = DATASET, strict_text: bool = True
+) -> Utterance:
   """Converts one TFDS example (numpy values) into an ``Utterance``.
 
   Args:
@@ -64,22 +65,30 @@ def example_to_utterance(example: dict[str, Any], *, where: str = DATASET,
   if speech.dtype == np.int16:
     audio = speech.astype(np.float32) / 32768.0
   elif np.issubdtype(speech.dtype, np.integer):  # Older TFDS: int64 PCM.
-    audio = (np.clip(speech, -32768, 32767).astype(np.float32) / 32768.0)
+    audio = np.clip(speech, -32768, 32767).astype(np.float32) / 32768.0
   else:
     audio = speech.astype(np.float32)
   raw_text = _as_str(example["text"]).upper()
-  text = (validate_text(raw_text, f"{where}.text") if strict_text
-          else " ".join(raw_text.split()))
+  text = validate_text(raw_text, f"{where}.text") if strict_text else " ".join(raw_text.split())
   return Utterance(
-      utt_id=utt_id, speaker_id=str(int(np.asarray(example["speaker_id"]))),
-      chapter_id=str(int(np.asarray(example["chapter_id"]))), text=text,
-      audio=audio, sample_rate=SAMPLE_RATE)
+    utt_id=utt_id,
+    speaker_id=str(int(np.asarray(example["speaker_id"]))),
+    chapter_id=str(int(np.asarray(example["chapter_id"]))),
+    text=text,
+    audio=audio,
+    sample_rate=SAMPLE_RATE,
+  )
 
 
-def read_tfds(split: str, *, data_dir: str | None = None,
-              speakers: Iterable[str] | None = None, download: bool = False,
-              strict_text: bool = True,
-              name: str = DATASET) -> Iterator[Utterance]:
+def read_tfds(
+  split: str,
+  *,
+  data_dir: str | None = None,
+  speakers: Iterable[str] | None = None,
+  download: bool = False,
+  strict_text: bool = True,
+  name: str = DATASET,
+) -> Iterator[Utterance]:
   """Yields ``Utterance`` records of a TFDS LibriSpeech split.
 
   Args:
@@ -92,10 +101,8 @@ def read_tfds(split: str, *, data_dir: str | None = None,
   """
   tfds = _import_tfds()
   keep = None if speakers is None else {str(s) for s in speakers}
-  ds = tfds.load(name, split=split, data_dir=data_dir, download=download,
-                 shuffle_files=False)
+  ds = tfds.load(name, split=split, data_dir=data_dir, download=download, shuffle_files=False)
   for example in tfds.as_numpy(ds):
     if keep is not None and str(int(example["speaker_id"])) not in keep:
       continue
-    yield example_to_utterance(example, where=f"{name}/{split}",
-                               strict_text=strict_text)
+    yield example_to_utterance(example, where=f"{name}/{split}", strict_text=strict_text)

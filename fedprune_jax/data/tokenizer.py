@@ -20,8 +20,9 @@ BLANK_ID = 0
 _CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB) if i != BLANK_ID}
 _ID_TO_CHAR = np.array([""] + list(ALPHABET), dtype=object)
 # Typographic apostrophes / primes that transcripts from other sources use.
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'",
-                              "\u2032": "'", "`": "'", "\u00b4": "'"})
+_APOSTROPHES = str.maketrans(
+  {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'", "\u00b4": "'"}
+)
 _WHITESPACE = re.compile(r"\s+")
 
 assert VOCAB_SIZE == 29
@@ -50,15 +51,15 @@ def encode(text: str) -> np.ndarray:
     ValueError: naming the first character outside ``ALPHABET`` and its index.
   """
   try:
-    return np.fromiter((_CHAR_TO_ID[c] for c in text), dtype=np.int32,
-                       count=len(text))
+    return np.fromiter((_CHAR_TO_ID[c] for c in text), dtype=np.int32, count=len(text))
   except KeyError:
     for i, c in enumerate(text):
       if c not in _CHAR_TO_ID:
         raise ValueError(
-            f"encode: character {c!r} (U+{ord(c):04X}) at index {i} of "
-            f"{text!r} is not in the alphabet {ALPHABET!r}; call "
-            "normalize_text first") from None
+          f"encode: character {c!r} (U+{ord(c):04X}) at index {i} of "
+          f"{text!r} is not in the alphabet {ALPHABET!r}; call "
+          "normalize_text first"
+        ) from None
     raise
 
 
@@ -79,14 +80,12 @@ def decode(ids: Iterable[int] | np.ndarray) -> str:
   ids = np.asarray(ids, dtype=np.int64).reshape(-1)
   if ids.size and ids.max() >= VOCAB_SIZE:
     bad = int(ids[ids >= VOCAB_SIZE][0])
-    raise ValueError(f"decode: token id {bad} is out of range "
-                     f"[0, {VOCAB_SIZE})")
+    raise ValueError(f"decode: token id {bad} is out of range [0, {VOCAB_SIZE})")
   ids = ids[ids > BLANK_ID]
   return "".join(_ID_TO_CHAR[ids].tolist())
 
 
-def decode_batch(labels: np.ndarray, paddings: np.ndarray | None = None
-                 ) -> list[str]:
+def decode_batch(labels: np.ndarray, paddings: np.ndarray | None = None) -> list[str]:
   """Decodes each row of int [B, L] ``labels`` (positions with padding 1 skipped)."""
   labels = np.asarray(labels)
   if paddings is not None:

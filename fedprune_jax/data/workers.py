@@ -21,6 +21,7 @@ from pathlib import Path
 def _process_alive(pid: int, started: float | None = None) -> bool:
   """Whether ``pid`` runs (not a zombie) and, given ``started``, is the same process."""
   import psutil  # pylint: disable=import-outside-toplevel
+
   try:
     proc = psutil.Process(pid)
     if proc.status() == psutil.STATUS_ZOMBIE:
@@ -38,6 +39,7 @@ def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
   render its queue to the end, or block forever, as an orphan.
   """
   import psutil  # pylint: disable=import-outside-toplevel
+
   try:
     started = psutil.Process(parent_pid).create_time()
   except psutil.Error:
@@ -65,10 +67,10 @@ def remove_stale_tmp_dirs(out_dir: Path) -> list[Path]:
   host_prefix = owner_tag(0).rsplit("_", 1)[0] + "_"
   removed = []
   for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-    owner = tmp.name[len(f".{out_dir.name}.tmp-"):].rsplit("-", 1)[0]
+    owner = tmp.name[len(f".{out_dir.name}.tmp-") :].rsplit("-", 1)[0]
     if not owner.startswith(host_prefix):
       continue
-    pid = owner[len(host_prefix):]
+    pid = owner[len(host_prefix) :]
     if pid.isdigit() and not _process_alive(int(pid)):
       shutil.rmtree(tmp, ignore_errors=True)
       removed.append(tmp)

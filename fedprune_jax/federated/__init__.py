@@ -5,7 +5,7 @@ Sampling (``sampling``), client data packing and stores (``client_data``,
 (``algorithm``), the generic aggregation (``aggregation``), cohort executors
 (``executor``), server state and optimizers (``server``), device meshes and
 multi-host feeding (``multihost``), the round driver (``rounds``), round
-checkpoints (``checkpoints``), and fedjax interop (``fedjax_interop``; the only
+checkpoints (``checkpoints``), simulated client faults (``faults``), and fedjax interop (``fedjax_interop``; the only
 importer of fedjax is ``fedjax_compat``). Algorithms live in
 ``fedprune_jax.algorithms``.
 """

@@ -85,23 +85,29 @@ def make_client_update(
     grad_stats: also return ``update['grad_abs']``, the mean ``|g|`` over live local steps.
 
   The returned function is pure and vmap/jit-able. Its arguments: ``params``
-  (server params pytree), ``data`` (one client, dict of ``[S, B, ...]``),
-  ``rng`` (the client's key; step keys are ``fold_in(fold_in(rng, epoch),
-  step)``) and an optional ``mask`` pytree (see ``fedprune_jax.pruning.masks.apply_mask``). Steps whose
-  weights are all zero leave params and optimizer state bit-identical, so a
-  client padded with extra steps trains exactly like the unpadded client.
+  (server params pytree), ``data`` (one client: a dict of ``[S, B, ...]``, or a tuple of K such
+  dicts, the length-sorted scan segments of ``SpeakerClientStore(segments=K)``, each padded to
+  its own frame length and scanned one after the other with params and optimizer state carried
+  through), ``rng`` (the client's key; step ``s`` of the epoch, counted across segments, gets
+  ``fold_in(fold_in(rng, epoch), s)``; with ``shuffle`` segment k's real examples are permuted
+  within the segment with key ``fold_in(epoch_key, S + k)``, S = total steps) and an optional
+  ``mask`` pytree (see ``fedprune_jax.pruning.masks.apply_mask``). Steps whose weights are all
+  zero leave params and optimizer state bit-identical, so a client padded with extra steps trains
+  exactly like the unpadded client.
   """
   if num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def client_update(
-    params: PyTree, data: Batch, rng: jax.Array, mask: PyTree | None = None
+    params: PyTree, data: Batch | tuple[Batch, ...], rng: jax.Array, mask: PyTree | None = None
   ) -> ClientOutput:
-    if "weights" not in data:
+    segments = segments_of(data)
+    if any("weights" not in seg for seg in segments):
       raise KeyError("client data needs a 'weights' field")
     params_start = apply_mask(params, mask)
-    num_steps = data["weights"].shape[0]
+    sizes = [seg["weights"].shape[0] for seg in segments]
+    num_steps = sum(sizes)
 
     def step(carry, xs):
       p, opt_state, loss_sum, n_sum, steps, gabs = carry
@@ -122,11 +128,13 @@ def make_client_update(
 
     def epoch(carry, e):
       ekey = jax.random.fold_in(rng, e)
-      epoch_data = data
-      if shuffle:
-        epoch_data = _shuffle_real_examples(data, jax.random.fold_in(ekey, num_steps))
-      keys = jax.vmap(lambda s: jax.random.fold_in(ekey, s))(jnp.arange(num_steps))
-      carry, _ = jax.lax.scan(step, carry, (epoch_data, keys))
+      offset = 0
+      for k, (seg, size) in enumerate(zip(segments, sizes)):
+        if shuffle:
+          seg = _shuffle_real_examples(seg, jax.random.fold_in(ekey, num_steps + k))
+        keys = jax.vmap(lambda s: jax.random.fold_in(ekey, s))(offset + jnp.arange(size))
+        carry, _ = jax.lax.scan(step, carry, (seg, keys))
+        offset += size
       return carry, None
 
     zero = jnp.zeros((), jnp.float32)
@@ -146,7 +154,7 @@ def make_client_update(
       update["grad_abs"] = jax.tree.map(lambda a: jnp.where(ok, a / per_step, 0.0), gabs)
     return ClientOutput(
       update=update,
-      num_examples=jnp.sum(data["weights"]).astype(jnp.float32),
+      num_examples=sum(jnp.sum(seg["weights"]) for seg in segments).astype(jnp.float32),
       metrics={
         "loss": jnp.where(ok, loss, 0.0),
         "num_steps": steps,
@@ -155,6 +163,11 @@ def make_client_update(
     )
 
   return client_update
+
+
+def segments_of(data: Batch | tuple[Batch, ...]) -> tuple[Batch, ...]:
+  """A client's data as a tuple of scan segments (one dict = one segment)."""
+  return (data,) if isinstance(data, dict) else tuple(data)
 
 
 def client_finite(loss: jax.Array, params: PyTree) -> jax.Array:

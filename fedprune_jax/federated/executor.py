@@ -52,11 +52,12 @@ class _UpdateShapes:
 
   def __call__(self, client_input: PyTree, data: Mapping[str, np.ndarray]):
     """(update shapes, metric names) of one client's output."""
-    one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
+    one = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), data)
     sig = (
       jax.tree.structure(client_input),
       tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(client_input)),
-      tuple(sorted((k, v.shape, v.dtype) for k, v in one.items())),
+      jax.tree.structure(one),
+      tuple((v.shape, v.dtype) for v in jax.tree.leaves(one)),
     )
     if sig not in self._cache:
       key = jax.random.key(0)
@@ -194,8 +195,7 @@ class ChunkedExecutor:
       if np.all(local_ids < 0):
         # every row of this process is padding: feed a zero-weight copy of a
         # real client so the store can still resolve the bucket
-        local_data = store.get(ids)
-        local_data = {k: v[rows] for k, v in local_data.items()}
+        local_data = jax.tree.map(lambda v: v[rows], store.get(ids))
       else:
         local_data = store.get(local_ids)
       if self.mesh is not None:
@@ -217,7 +217,7 @@ class ChunkedExecutor:
     for b in sorted({b for b, _ in plan}):
       ids = np.stack([c for bb, c in plan if bb == b])  # [n_chunks, C]
       chunks = [store.get(c) for c in ids]
-      data = {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+      data = jax.tree.map(lambda *c: np.stack(c), *chunks)
       if self.mesh is not None:
         sharding = jax.sharding.NamedSharding(
           self.mesh, jax.sharding.PartitionSpec(None, multihost.CLIENTS)
@@ -255,7 +255,7 @@ class SequentialExecutor:
       data = store.get(np.array([cid]))
       if acc is None:
         acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
-      one = {k: v[0] for k, v in data.items()}
+      one = jax.tree.map(lambda v: v[0], data)
       acc = self._add(acc, self.update(client_input, one, jax.random.fold_in(round_key, cid)))
     if acc is None:
       raise ValueError("empty cohort")

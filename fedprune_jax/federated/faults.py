@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from fedprune_jax.config import ConfigError
+from fedprune_jax.federated import client as client_lib
 from fedprune_jax.federated.client import ClientOutput
 
 PyTree = Any
@@ -87,10 +88,16 @@ def with_faults(local_update: Callable[..., ClientOutput], cfg: FaultConfig) -> 
 
   def update(params, data, rng, mask=None):
     f = draw_faults(rng, cfg)
-    steps = data["weights"].shape[0]
+    segments = client_lib.segments_of(data)
+    steps = sum(seg["weights"].shape[0] for seg in segments)
     done = jnp.ceil(f["fraction"] * steps)
-    live = (jnp.arange(steps) < done).astype(data["weights"].dtype)
-    data = dict(data, weights=data["weights"] * live[:, None])
+    truncated, offset = [], 0
+    for seg in segments:  # the first ``done`` steps, counted across scan segments
+      n = seg["weights"].shape[0]
+      live = (offset + jnp.arange(n) < done).astype(seg["weights"].dtype)
+      truncated.append(dict(seg, weights=seg["weights"] * live[:, None]))
+      offset += n
+    data = truncated[0] if isinstance(data, dict) else tuple(truncated)
     out = local_update(params, data, rng, mask)
     delta = out.update["delta"]
     bad = {"nan": jnp.nan, "scale": 1e6}[cfg.corrupt_kind]

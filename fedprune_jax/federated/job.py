@@ -70,6 +70,8 @@ def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerCli
     max_steps=cfg.data.get("max_steps"),
     max_frames=cfg.data.get("max_frames"),
     speakers=speakers,
+    packing=cfg.data.get("packing", "shape"),
+    segments=cfg.data.get("segments", 1),
   )
 
 
@@ -293,7 +295,8 @@ def format_comparison(results: dict[str, dict]) -> str:
 
 def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   """Cost accounting on the largest client batch [B, T] of the store."""
-  biggest = max(store.buckets, key=lambda b: b.shapes["features"][0])
+  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
+  biggest = max(segments, key=lambda b: b.shapes["features"][0])
   frames = biggest.shapes["features"][0]
   batch = {k: v[0, 0] for k, v in biggest.zeros(1).items()}  # one local step [B, ...]
   activations = costs_lib.activation_bytes(loss_fn, params, batch)

@@ -12,7 +12,7 @@ variance alone costs 38 % of the frame slots, the partial last step 11 %;
 bucketing speakers more finely can only approach that floor (0.46). Hence
 ``segments``: the speaker's utterances are sorted by length and its steps cut
 into K scan segments of their own length T_k (short steps first), which a
-segment-aware client update (``federated/segmented.py``) runs one after the
+client update (``client.make_client_update``, given the tuple of segments) runs one after the
 other, carrying the optimizer state: one epoch, every utterance once.
 """
 
