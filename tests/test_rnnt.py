@@ -285,3 +285,21 @@ def test_rnnt_model_is_prunable_and_unit_compaction_keeps_outputs():
   np.testing.assert_allclose(loss(small_model, small), loss(model, masked), rtol=1e-4)
   with pytest.raises(TypeError, match="no frame-level logits"):
     model.logits(params, batch)
+
+
+def test_chunked_joint_needs_less_memory():
+  rng = np.random.default_rng(6)
+  enc = jnp.asarray(rng.normal(size=(4, 64, 12)), jnp.float32)
+  batch = {"labels": jnp.ones((4, 32), jnp.int32), "label_paddings": jnp.zeros((4, 32))}
+
+  def memory(chunk):
+    head = transducer.RnntHead(vocab_size=29, joint_chunk=chunk, **MICRO_HEAD)
+    params = head.init(jax.random.PRNGKey(0), 12)
+    grad = jax.grad(
+      lambda p: head.per_example_loss(p, enc, jnp.zeros((4, 64)), batch, None, True).sum()
+    )
+    return step_lib.memory_bytes(jax.jit(grad).lower(params).compile())
+
+  full = transducer.joint_bytes(4, 64, 32, 24, 29)
+  assert memory(0) > full / 2  # the unchunked step holds the joint activations ...
+  assert memory(4) < memory(0) / 4  # ... a 4-frame chunk only a sixteenth of them
