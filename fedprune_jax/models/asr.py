@@ -218,11 +218,16 @@ class AsrModel:
     if not hasattr(self.head, "beam_search"):
       raise TypeError(f"head {self.head.name!r} has no beam search")
     _check_batch(batch, self.config, need_labels=False)
-    enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
+    enc, enc_pad = _encode_jit(self, params, batch["features"], batch["feature_paddings"])
     hyps = self.head.beam_search(params[self.head.name], enc, enc_pad, beam)
     width = max((len(h) for h in hyps), default=0)
     ids = np.array([h + [-1] * (width - len(h)) for h in hyps], np.int32).reshape(len(hyps), width)
     return ctc.ids_to_strings(ids, [len(h) for h in hyps])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(model: AsrModel, params: Params, features: Array, paddings: Array):
+  return model.apply_features(params, features, paddings)
 
 
 @functools.partial(jax.jit, static_argnums=0)

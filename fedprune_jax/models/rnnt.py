@@ -194,21 +194,21 @@ def beam_search(
   search with ``max_symbols=1``.
 
   Args:
-    joint_fn, pred_step, pred_state, pred_out: as ``greedy_search``, batch of 1.
+    joint_fn, pred_step, pred_state, pred_out: as ``greedy_search``, batch of 1 (pass
+      jitted functions: they are called once per frame / hypothesis).
     enc: f32[T, d], real frames only.
     beam: hypotheses kept.
 
   Returns:
     up to ``beam`` (labels, log-prob) pairs, best first.
   """
-  joint = jax.jit(joint_fn)
-  step = jax.jit(pred_step)
   # hyp key = label tuple -> (score, pred_state, pred_out)
   hyps = {(): (0.0, pred_state, pred_out)}
   for t in range(enc.shape[0]):
     keys = list(hyps)
     outs = jnp.concatenate([hyps[k][2] for k in keys], axis=0)
-    lp = np.asarray(jax.nn.log_softmax(joint(jnp.repeat(enc[t : t + 1], len(keys), 0), outs)))
+    logits = joint_fn(jnp.repeat(enc[t : t + 1], len(keys), 0), outs)
+    lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     cand: dict[tuple[int, ...], tuple[float, Any]] = {}
 
     def add(key, score, src):
@@ -229,7 +229,7 @@ def beam_search(
     for key, (score, (parent, v)) in best:
       _, state, out = hyps[parent]
       if v is not None:
-        state, out = step(state, jnp.asarray([v], jnp.int32))
+        state, out = pred_step(state, jnp.asarray([v], jnp.int32))
       new[key] = (score, state, out)
     hyps = new
   return [(list(k), float(s)) for k, (s, _, _) in sorted(hyps.items(), key=lambda kv: -kv[1][0])]

@@ -25,6 +25,7 @@ which recomputes each chunk's joint.  See ``joint_bytes``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -224,9 +225,22 @@ class RnntHead:
     self, params: Params, enc: Array, enc_paddings: Array, beam: int = 4
   ) -> list[list[int]]:
     """Best label sequence per utterance by ``rnnt.beam_search`` (host loop)."""
+    joint_fn = functools.partial(_joint_jit, self, params)
+    step = functools.partial(_pred_step_jit, self, params)
+    enc_proj = _dense(params["joint"]["enc"], enc.astype(jnp.float32))
+    state, out = step(self.init_state(params, 1), jnp.full((1,), rnnt.BLANK_ID))
     results = []
     for i in range(enc.shape[0]):
       t = int(jnp.sum(enc_paddings[i] < 0.5))
-      joint_fn, step, state, out, enc_proj = self._decoder(params, enc[i : i + 1, :t])
-      results.append(rnnt.beam_search(joint_fn, step, state, out, enc_proj[0], beam)[0][0])
+      results.append(rnnt.beam_search(joint_fn, step, state, out, enc_proj[i, :t], beam)[0][0])
     return results
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _joint_jit(head: RnntHead, params: Params, enc_proj: Array, pred_out: Array) -> Array:
+  return head.joint_logits(params, enc_proj, _dense(params["joint"]["pred"], pred_out))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pred_step_jit(head: RnntHead, params: Params, state: Any, tokens: Array):
+  return head.pred_step(params, state, tokens)
