@@ -10,7 +10,7 @@ from conftest import MINI_MODEL
 from fedprune_jax import cli
 from fedprune_jax import config as config_lib
 from fedprune_jax.io_utils import read_jsonl
-from fedprune_jax.train import centralized
+from fedprune_jax import task
 
 STEPS = 100
 
@@ -33,11 +33,11 @@ def test_rnnt_training_lowers_dev_wer(small_vocab_corpus, tmp_path, capsys):
   ]
   sets += [f"model.overrides.{k}={v!r}" for k, v in MINI_MODEL.items()]
   cfg = config_lib.load_config("tiny_centralized", sets)
-  model = centralized.make_model(cfg)
+  model = task.make_model(cfg)
   assert model.head.name == "rnnt_head"
   # The untrained model, initialised exactly as the trainer does.
   params = model.init(jax.random.fold_in(jax.random.key(cfg.seed), 0))
-  before = centralized.EvalSplits(cfg).evaluate(model, params, "dev")
+  before = task.EvalSplits(cfg).evaluate(model, params, "dev")
 
   argv = ["train", "--config", "tiny_centralized"]
   for s in sets:
