@@ -5,7 +5,7 @@ Federated Learning" (Lin et al., Interspeech 2022).  Sub-packages:
 
 - ``fedprune_jax.data``: corpora (synthetic espeak speakers, LibriSpeech,
   TFDS), features, tokenizer, batching.
-- ``fedprune_jax.models``: Conformer encoder, CTC head, the head-agnostic
+- ``fedprune_jax.models``: Conformer encoder, CTC and RNN-T heads, the head-agnostic
   ``AsrModel`` interface.
 - ``fedprune_jax.pruning``: masks, scores, patterns, allocation, schedules.
 - ``fedprune_jax.federated``: client sampling, client update, cohort

@@ -52,7 +52,7 @@ def test_make_asr_model_and_params_structure():
   assert params["ctc_head"]["bias"].shape == (29,)
   assert hash(m) == hash(_model())  # usable as a static jit argument
   with pytest.raises(ValueError, match="unknown head"):
-    asr.make_asr_model("tiny", head="rnnt")
+    asr.make_asr_model("tiny", head="lstm_ctc")
   with pytest.raises(KeyError, match="feature_paddings"):
     m.init(jax.random.PRNGKey(0), {"features": jnp.zeros((1, 8, 16))})
   with pytest.raises(ValueError, match="features"):

@@ -95,3 +95,23 @@ def test_run_micro_config(capsys):
   assert row["model_flops"] == flops_lib.conformer_flops(cfg, 2, 24, train=True)
   assert row["step_s"] > 0 and row["model_vs_peak"] > 0
   assert "| tiny |" in capsys.readouterr().out
+
+
+def test_run_ctc_and_rnnt_heads_side_by_side(capsys):
+  rows = step_lib.run(
+    ["tiny"],
+    batch_size=2,
+    frames=24,
+    steps=1,
+    peak_n=64,
+    config_overrides=MICRO,
+    heads=["ctc", "rnnt"],
+    labels=5,
+  )
+  ctc, rnnt = rows
+  assert (ctc["head"], rnnt["head"]) == ("ctc", "rnnt") and rnnt["labels"] == 5
+  assert rnnt["params"] > ctc["params"]
+  assert rnnt["step_vs_ctc"] == rnnt["step_s"] / ctc["step_s"]
+  assert rnnt["memory_vs_ctc"] == rnnt["memory_bytes"] / ctc["memory_bytes"] > 1.0
+  assert "step_vs_ctc" not in ctc
+  assert "| tiny | rnnt |" in capsys.readouterr().out

@@ -1,16 +1,20 @@
-"""`fedprune bench step`: one full Conformer train step per preset.
+"""`fedprune bench step`: one full Conformer train step per preset (and head).
 
 The step is value_and_grad of ``AsrModel.loss`` + an optax Adam update,
 jitted with params/optimizer state donated.  For each preset it reports the
 step time, FLOP/s achieved with two FLOP counts -- XLA's cost analysis of the
-compiled step (everything XLA executes) and the analytic model FLOPs
+compiled step (everything XLA executes) and the analytic encoder FLOPs
 (matmuls/convs only, i.e. MFU) -- and both as a fraction of the f32 matmul
-peak measured in the same run.
+peak measured in the same run.  Memory is XLA's buffer assignment of the
+compiled step (arguments + outputs + temporaries - donated aliases), i.e. the
+step's peak device memory.  With ``--heads ctc,rnnt`` every preset runs with
+both heads and the RNN-T rows give step time and memory relative to CTC.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from typing import Sequence
@@ -28,11 +32,16 @@ from fedprune_jax.models import conformer
 
 
 def synthetic_batch(
-  batch_size: int, frames: int, input_dim: int = 80, vocab_size: int = 29, seed: int = 0
+  batch_size: int,
+  frames: int,
+  input_dim: int = 80,
+  vocab_size: int = 29,
+  seed: int = 0,
+  labels_len: int | None = None,
 ) -> dict[str, jax.Array]:
-  """A random batch in the project's batch format (~1 label per 4 output frames)."""
+  """A random batch in the project's batch format (default ~1 label per 4 output frames)."""
   rng = np.random.default_rng(seed)
-  labels_len = max(1, frames // 16)
+  labels_len = labels_len or max(1, frames // 16)
   # Lengths between 75% and 100% of the frames so padding is exercised.
   lengths = rng.integers(int(0.75 * frames), frames + 1, batch_size)
   fpad = (np.arange(frames)[None, :] >= lengths[:, None]).astype(np.float32)
@@ -57,11 +66,30 @@ def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def memory_bytes(compiled) -> int | None:
+  """Peak memory of a compiled computation from XLA's buffer assignment (None if unknown)."""
+  try:
+    m = compiled.memory_analysis()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  if m is None:
+    return None
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
+
+
 def bench_preset(
-  model: asr.AsrModel, batch_size: int, frames: int, steps: int, warmup: int = 1, seed: int = 0
+  model: asr.AsrModel,
+  batch_size: int,
+  frames: int,
+  steps: int,
+  warmup: int = 1,
+  seed: int = 0,
+  labels: int | None = None,
 ) -> dict:
   """Times ``steps`` train steps of ``model`` (after compile + warm-up)."""
-  batch = synthetic_batch(batch_size, frames, model.config.input_dim, seed=seed)
+  batch = synthetic_batch(batch_size, frames, model.config.input_dim, seed=seed, labels_len=labels)
   params = model.init(jax.random.PRNGKey(seed))
   optimizer = optax.adam(1e-4)
   opt_state = optimizer.init(params)
@@ -90,6 +118,8 @@ def bench_preset(
     "params": conformer.count_params(params),
     "batch_size": batch_size,
     "frames": frames,
+    "labels": int(batch["labels"].shape[1]),
+    "memory_bytes": memory_bytes(compiled),
     "compile_s": compile_s,
     "step_s": step_s,
     "step_s_min": float(min(times)),
@@ -113,9 +143,12 @@ def run(
   dtype: str = "float32",
   peak_n: int | None = None,
   config_overrides: dict | None = None,
+  heads: Sequence[str] = ("ctc",),
+  head_options: dict | None = None,
+  labels: int | None = None,
   verbose: bool = True,
 ) -> list[dict]:
-  """Benchmarks one train step per preset; returns one dict per preset.
+  """Benchmarks one train step per preset and head; returns one dict per (preset, head).
 
   Args:
     presets: Conformer preset names (or ConformerConfig objects).
@@ -124,21 +157,29 @@ def run(
     dtype: compute dtype of the model ('float32' or 'bfloat16').
     peak_n: matmul size of the peak measurement (default per backend).
     config_overrides: extra ConformerConfig fields for every preset.
+    heads: output heads ('ctc', 'rnnt'); non-CTC rows get ``step_vs_ctc`` and
+      ``memory_vs_ctc`` ratios when 'ctc' is also benchmarked.
+    head_options: fields of the RNN-T head (``RnntHead``), e.g. {'joint_chunk': 0}.
+    labels: label positions per example (default frames // 16).
     verbose: print a table.
   """
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   peak_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
   peak, peak_cpu = peak_lib.measure_matmul_peak(peak_dtype, n=peak_n, return_cpu=True)
   rows = []
-  for preset in presets:
-    model = asr.make_asr_model(preset, dtype=dtype, **(config_overrides or {}))
+  for preset, head in itertools.product(presets, heads):
+    opts = head_options if head != "ctc" else None
+    model = asr.make_asr_model(
+      preset, head=head, head_options=opts, dtype=dtype, **(config_overrides or {})
+    )
     row = {
       "preset": preset if isinstance(preset, str) else "custom",
+      "head": head,
       "dtype": dtype,
       "backend": jax.default_backend(),
       "load_avg_1min": load,
     }
-    row.update(bench_preset(model, batch_size, frames, steps))
+    row.update(bench_preset(model, batch_size, frames, steps, labels=labels))
     row["peak_flop_s"] = peak
     row["model_vs_peak"] = row["model_flop_s"] / peak
     # Same ratio on process CPU time (numerator and denominator), robust to load.
@@ -151,6 +192,11 @@ def run(
   for row in rows:
     row["peak_flop_s_after"] = peak_after
     row["load_avg_1min_after"] = load_after
+    ctc = [r for r in rows if r["head"] == "ctc" and r["preset"] == row["preset"]]
+    if row["head"] != "ctc" and ctc:
+      row["step_vs_ctc"] = row["step_s"] / ctc[0]["step_s"]
+      mem, ctc_mem = row["memory_bytes"], ctc[0]["memory_bytes"]
+      row["memory_vs_ctc"] = mem / ctc_mem if mem and ctc_mem else None
   if verbose:
     print(format_table(rows))
   return rows
@@ -160,16 +206,21 @@ def format_table(rows: Sequence[dict]) -> str:
   """Markdown table of ``run`` results."""
   g = lambda x: "-" if x is None else f"{x / 1e9:.1f}"  # noqa: E731
   pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+  mib = lambda x: "-" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
+  ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
   out = [
-    "| preset | params | B x T | compile s | step s | model GFLOP/step | "
-    "model GFLOP/s | XLA GFLOP/s | peak GFLOP/s | model/peak | XLA/peak | "
-    "CPU s/step | model/peak (CPU time) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| preset | head | params | B x T x U | compile s | step s | step vs CTC | memory MiB | "
+    "memory vs CTC | model GFLOP/step | model GFLOP/s | XLA GFLOP/s | peak GFLOP/s | "
+    "model/peak | XLA/peak | CPU s/step | model/peak (CPU time) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     out.append(
-      f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['batch_size']}x{r['frames']} | "
-      f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['model_flops'] / 1e9:.1f} | "
+      f"| {r['preset']} | {r.get('head', 'ctc')} | {r['params'] / 1e6:.2f}M | "
+      f"{r['batch_size']}x{r['frames']}x{r.get('labels', '-')} | "
+      f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {ratio(r.get('step_vs_ctc'))} | "
+      f"{mib(r.get('memory_bytes'))} | {ratio(r.get('memory_vs_ctc'))} | "
+      f"{r['model_flops'] / 1e9:.1f} | "
       f"{g(r['model_flop_s'])} | {g(r['xla_flop_s'])} | {g(r['peak_flop_s'])} | "
       f"{pct(r['model_vs_peak'])} | {pct(r['xla_vs_peak'])} | "
       f"{r['step_cpu_s']:.2f} | {pct(r['model_vs_peak_cpu'])} |"
@@ -192,6 +243,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--peak-n", type=int, default=None)
+  p.add_argument("--heads", default="ctc", help="comma-separated heads: ctc, rnnt")
+  p.add_argument("--labels", type=int, default=None, help="labels per example (frames // 16)")
+  p.add_argument(
+    "--joint-chunk",
+    type=int,
+    default=None,
+    help="RNN-T joint frames per chunk (default: fit the head's budget; 0 = unchunked)",
+  )
   p.add_argument("--json", default=None, help="write the rows to this JSON file")
   args = p.parse_args(argv)
   rows = run(
@@ -201,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args.steps,
     dtype=args.dtype,
     peak_n=args.peak_n,
+    heads=args.heads.split(","),
+    head_options=None if args.joint_chunk is None else {"joint_chunk": args.joint_chunk},
+    labels=args.labels,
   )
   if args.json:
     io_utils.write_json_atomic(args.json, rows)

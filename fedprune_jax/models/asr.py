@@ -2,8 +2,9 @@
 
 ``AsrModel`` is what the trainer and the federated engine see.  Its ``loss``
 is the ``loss_fn(params, batch, rng) -> (scalar, aux)`` they differentiate;
-nothing in it is CTC specific.  A head (CTC now, RNN-T later) implements the
-small ``Head`` protocol and owns ``params[head.name]``.
+nothing in it is CTC specific.  A head (``CtcHead``, or ``RnntHead`` from
+``fedprune_jax.models.transducer``) implements the small ``Head`` protocol and
+owns ``params[head.name]``.
 
 Batch format (docs/architecture.md): ``features`` f32[B, T, 80],
 ``feature_paddings`` f32[B, T], ``labels`` i32[B, L], ``label_paddings``
@@ -20,9 +21,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedprune_jax.models import conformer
 from fedprune_jax.models import ctc
+from fedprune_jax.models import transducer
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -50,6 +53,11 @@ class Head(Protocol):
 
   def decode_ids(self, params: Params, enc: Array, enc_paddings: Array) -> tuple[Array, Array]:
     """Greedy hypotheses: (ids i32[B, N] left-compacted, -1 padded; lengths i32[B])."""
+
+  # Optional: heads with frame-level outputs (CTC) also provide
+  #   logits(params, enc f32[B, T', d]) -> f32[B, T', V]
+  # and heads with a search (RNN-T) provide
+  #   beam_search(params, enc, enc_paddings, beam) -> list of B label-id lists.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +90,7 @@ class CtcHead:
     return ctc.greedy_decode(self.logits(params, enc), enc_paddings)
 
 
-HEADS = {"ctc": CtcHead}
+HEADS = {"ctc": CtcHead, "rnnt": transducer.RnntHead}
 
 
 def _check_batch(batch: Batch, cfg: conformer.ConformerConfig, need_labels: bool):
@@ -188,6 +196,8 @@ class AsrModel:
 
   def logits(self, params: Params, batch: Batch) -> tuple[Array, Array]:
     """Frame-level head outputs (CTC): (f32[B, T', V], paddings f32[B, T'])."""
+    if not hasattr(self.head, "logits"):
+      raise TypeError(f"head {self.head.name!r} has no frame-level logits")
     _check_batch(batch, self.config, need_labels=False)
     enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
     return self.head.logits(params[self.head.name], enc), enc_pad
@@ -203,6 +213,22 @@ class AsrModel:
     ids, lengths = _decode_ids_jit(self, params, batch["features"], batch["feature_paddings"])
     return ctc.ids_to_strings(ids, lengths)
 
+  def beam_decode(self, params: Params, batch: Batch, beam: int = 4) -> list[str]:
+    """Beam-search transcripts, for heads with a ``beam_search`` (RNN-T; host loop, slow)."""
+    if not hasattr(self.head, "beam_search"):
+      raise TypeError(f"head {self.head.name!r} has no beam search")
+    _check_batch(batch, self.config, need_labels=False)
+    enc, enc_pad = _encode_jit(self, params, batch["features"], batch["feature_paddings"])
+    hyps = self.head.beam_search(params[self.head.name], enc, enc_pad, beam)
+    width = max((len(h) for h in hyps), default=0)
+    ids = np.array([h + [-1] * (width - len(h)) for h in hyps], np.int32).reshape(len(hyps), width)
+    return ctc.ids_to_strings(ids, [len(h) for h in hyps])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(model: AsrModel, params: Params, features: Array, paddings: Array):
+  return model.apply_features(params, features, paddings)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_ids_jit(
@@ -215,13 +241,16 @@ def make_asr_model(
   config_or_preset: str | conformer.ConformerConfig = "tiny",
   vocab_size: int = 29,
   head: str = "ctc",
+  head_options: Mapping[str, Any] | None = None,
   **config_overrides,
 ) -> AsrModel:
   """Builds an ``AsrModel`` from a preset name ('tiny', 's', 'm', 'l') or config.
 
+  ``head`` is 'ctc' or 'rnnt'; ``head_options`` are fields of its dataclass
+  (e.g. ``{'predictor': 'stateless'}`` for ``RnntHead``).
   ``config_overrides`` replace ConformerConfig fields (e.g. dropout_rate=0.0).
   """
   cfg = conformer.get_config(config_or_preset, **config_overrides)
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
-  return AsrModel(cfg, HEADS[head](vocab_size=vocab_size))
+  return AsrModel(cfg, HEADS[head](vocab_size=vocab_size, **dict(head_options or {})))
