@@ -113,7 +113,7 @@ def apply_overrides(
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"override {key!r}: {'.'.join(parts[:-1])!r} is not a section")
     leaf = parts[-1]
-    free_form = len(parts) > 1 and parts[-2] == "overrides"
+    free_form = len(parts) > 1 and parts[-2] in ("overrides", "head_options")
     if leaf not in node and not free_form:
       raise ConfigError(
         f"override {key!r}: {source} has no field {key!r} (fields here: {', '.join(sorted(node.keys()))})"
