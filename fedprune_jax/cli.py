@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_federated(args: argparse.Namespace) -> int:
-  from fedprune_jax.federated import job
+  from fedprune_jax import job
 
   cfg = _load(args)
   result = job.run(cfg, fresh=args.fresh)
@@ -152,7 +152,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-  from fedprune_jax.federated import job
+  from fedprune_jax import job
 
   result = job.run_baseline(_load(args))
   print(json.dumps(result["final"], indent=2, sort_keys=True))
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
   from fedprune_jax import config as config_lib
   from fedprune_jax import io_utils
   from fedprune_jax.data import synth
-  from fedprune_jax.federated import job
+  from fedprune_jax import job
 
   cfg = config_lib.load_config("demo", args.overrides)
   io_utils.ensure_writable_dir(args.workdir, "--workdir")

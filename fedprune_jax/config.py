@@ -22,11 +22,9 @@ from typing import Sequence
 
 import ml_collections
 
+from fedprune_jax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+
 SOURCE_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
-
-
-class ConfigError(ValueError):
-  """A config file or an override is invalid; the message names it."""
 
 
 @functools.cache

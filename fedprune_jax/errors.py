@@ -42,6 +42,10 @@ _PATH_ERRORS = (
 )
 
 
+class ConfigError(ValueError):
+  """A config file, an override or a config value is invalid; the message names it."""
+
+
 class InputError(ValueError):
   """A command-line argument or an output location is unusable; the message names it."""
 

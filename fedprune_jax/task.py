@@ -2,7 +2,7 @@
 (SpecAugment, then dropout), evaluation splits, the run's workdir and params checkpoints.
 
 Shared by the centralized trainer (``train.centralized``), the federated job
-(``federated.job``) and the centralized pruning baseline, so all of them train and evaluate the
+(``job``) and the centralized pruning baseline, so all of them train and evaluate the
 same objective on the same data.
 """
 
@@ -20,7 +20,7 @@ from fedprune_jax import io_utils
 from fedprune_jax.data import batching
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.models import asr
-from fedprune_jax.train import evaluate as evaluate_lib
+from fedprune_jax import evaluation as evaluate_lib
 
 Params = Any
 

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Collection
 
-from fedprune_jax.config import ConfigError
+from fedprune_jax.errors import ConfigError
 
 _MISSING = object()
 

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import MICRO_MODEL
 from fedprune_jax import cli, task
 from fedprune_jax.algorithms import build
-from fedprune_jax.federated import job
+from fedprune_jax import job
 from fedprune_jax.io_utils import read_jsonl
 
 

@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent(
   import json, os, signal, sys
   import jax, numpy as np
   from fedprune_jax.algorithms import build
-  from fedprune_jax.federated import client_data, job, toy
+  from fedprune_jax import job
+  from fedprune_jax.federated import client_data, toy
 
   workdir, kill_at = sys.argv[1], int(sys.argv[2])
 

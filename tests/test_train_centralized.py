@@ -73,7 +73,7 @@ def test_masked_train_step_keeps_pruned_weights_zero(tiny_corpus):
   optimizer = task.make_optimizer(cfg.optim, 10)
   step = centralized.make_train_step(model, optimizer, specaug=dict(cfg.specaug))
   fs = task.load_split(cfg, "train")
-  from fedprune_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from fedprune_jax import evaluation as evaluate  # pylint: disable=g-import-not-at-top
 
   ((_, batch),) = evaluate.eval_batches(fs, batch_size=16, num_buckets=1)[:1]
   params = apply_mask(params, mask)

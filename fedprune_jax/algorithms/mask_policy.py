@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fedprune_jax import pruning
-from fedprune_jax.config import ConfigError
+from fedprune_jax.errors import ConfigError
 from fedprune_jax.pruning import units as units_lib
 
 PyTree = Any

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fedprune_jax.config import ConfigError
+from fedprune_jax.errors import ConfigError
 from fedprune_jax.federated import client as client_lib
 from fedprune_jax.federated.client import ClientOutput
 

@@ -38,7 +38,7 @@ from absl import logging as absl_logging
 import jax
 import optax
 
-from fedprune_jax.config import ConfigError
+from fedprune_jax.errors import ConfigError
 from fedprune_jax.federated import multihost
 from fedprune_jax.federated.algorithm import FederatedAlgorithm
 from fedprune_jax.federated.checkpoints import RoundCheckpointer

@@ -30,7 +30,7 @@ import numpy as np
 from fedprune_jax import io_utils
 from fedprune_jax import pruning
 from fedprune_jax import task
-from fedprune_jax.config import ConfigError
+from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
