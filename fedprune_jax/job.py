@@ -181,9 +181,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     policy=policy,
     round_costs=round_costs,
   )
-  algorithm_params = (
-    pruning.apply_mask(state.params, state.mask) if state.mask is not None else state.params
-  )
+  algorithm_params = pruning.apply_mask(state.params, state.mask)  # mask None: dense
   final = evals.evaluate_all(model, algorithm_params)
   summary = {
     "rounds": int(state.round),

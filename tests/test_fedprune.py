@@ -149,11 +149,6 @@ def test_sparsity_follows_schedule_phases_and_fine_tuning_freezes_the_mask():
     np.testing.assert_array_equal(flat[r + 1], flat[r])
 
 
-def _one_layer_state(alg, params):
-  state = alg.init(params, 0)
-  return state
-
-
 def test_refining_revives_a_weight_whose_score_rises_and_pruning_does_not():
   policy = _policy(
     "constant", pruning_rounds=2, refining_rounds=2, refine_every=1, target_sparsity=0.5

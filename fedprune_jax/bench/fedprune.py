@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedprune_jax import io_utils
 from fedprune_jax.algorithms import build
@@ -148,5 +147,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=4)
   main()
