@@ -171,21 +171,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
   one warm start, prints the comparison table."""
   from fedprune_jax import config as config_lib
   from fedprune_jax import io_utils
-  from fedprune_jax.data import synth
   from fedprune_jax import job
 
   cfg = config_lib.load_config("demo", args.overrides)
   io_utils.ensure_writable_dir(args.workdir, "--workdir")
-  d = cfg.data
-  corpus = synth.synthesize_corpus(
-    pathlib.Path(args.data) / f"synth_v{d.synth_vocab_size}",
-    speakers=d.synth_speakers,
-    utterances=d.synth_utterances,
-    vocab_size=d.synth_vocab_size,
-    seed=d.synth_seed,
-    progress=True,
-  )
-  cfg.data.root = str(corpus)
+  cfg.data.root = str(_embedded_corpus(cfg.data, args.data))
   workdir = pathlib.Path(args.workdir)
   cfg.warm_start.path = str(workdir / "warm_start")
   results = {}
@@ -198,6 +188,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results[name] = job.run(run_cfg)
   print()
   print(job.format_comparison(results))
+  return 0
+
+
+def _embedded_corpus(data_cfg, data_dir: str) -> pathlib.Path:
+  """The embedded corpus a config describes (``data.synth_*``), synthesized under ``data_dir``
+  as ``synth_v<vocab>`` unless it is already there."""
+  from fedprune_jax.data import synth
+
+  return synth.synthesize_corpus(
+    pathlib.Path(data_dir) / f"synth_v{data_cfg.synth_vocab_size}",
+    speakers=data_cfg.synth_speakers,
+    utterances=data_cfg.synth_utterances,
+    vocab_size=data_cfg.synth_vocab_size,
+    seed=data_cfg.synth_seed,
+    progress=True,
+  )
+
+
+# --- the paper's experiments --------------------------------------------------------------------
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+  """Runs (resumes) experiments of the paper; prints the report of what is done."""
+  from fedprune_jax import report
+  from fedprune_jax import suite
+
+  names = suite.EXPERIMENTS if args.names == ["all"] else args.names
+  experiments = [suite.load_experiment(n, args.setting) for n in names]
+  data_root = args.data
+  base = experiments[0].base
+  root_set = any(o.startswith("data.root=") for o in args.overrides)
+  if "synth_vocab_size" in base.data and not root_set:
+    # the small setting's corpus is the embedded one: synthesized under --data if absent
+    data_root = str(_embedded_corpus(base.data, args.data or "data"))
+  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+  failed = 0
+  for experiment in experiments:
+    index = suite.run_experiment(
+      experiment,
+      args.runs,
+      quick=args.quick,
+      seeds=seeds,
+      data_root=data_root,
+      overrides=args.overrides,
+    )
+    failed += sum(r["state"] == "failed" for r in index["runs"])
+  print(report.render(args.runs, args.report_dir))
+  if failed:
+    print(f"{failed} run(s) failed: see 'error' in {args.runs}/<experiment>.json", file=sys.stderr)
+  return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+  from fedprune_jax import report
+
+  print(report.render(args.runs, args.out))
   return 0
 
 
@@ -280,6 +326,33 @@ def build_parser() -> argparse.ArgumentParser:
   demo_p.add_argument("--workdir", default="runs/demo")
   demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   demo_p.set_defaults(func=cmd_demo)
+
+  exp_p = sub.add_parser(
+    "experiment", help="run (resume) the paper's tables T1-T6 as a cached suite of runs"
+  )
+  exp_p.add_argument(
+    "names", nargs="+", help="experiments (t1_pattern ... t6_data, see experiments/configs) or all"
+  )
+  exp_p.add_argument(
+    "--runs", default="runs/paper", help="runs directory (cache; default: %(default)s)"
+  )
+  exp_p.add_argument(
+    "--data",
+    default=None,
+    help="small setting: where the embedded corpus is (made if absent; default data/); "
+    "full setting: the LibriSpeech root",
+  )
+  exp_p.add_argument("--setting", default="small", choices=["small", "full"])
+  exp_p.add_argument("--quick", action="store_true", help="1 seed, 4 rounds, short warm start")
+  exp_p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+  exp_p.add_argument("--report-dir", default=None, help="default: RUNS/report")
+  exp_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  exp_p.set_defaults(func=cmd_experiment)
+
+  report_p = sub.add_parser("report", help="markdown tables and PNG plots of a runs directory")
+  report_p.add_argument("runs", help="runs directory of `fedprune experiment`")
+  report_p.add_argument("--out", default=None, help="output directory (default: RUNS/report)")
+  report_p.set_defaults(func=cmd_report)
 
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
   bench_p.add_argument(

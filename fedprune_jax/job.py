@@ -11,9 +11,10 @@ algorithm (``algorithms.build``) and the run's workdir::
   workdir/checkpoint/        the final model (masked params), for ``fedprune eval``
   workdir/mask.npz           the final mask (pruning runs)
 
-Speakers of the train split are split once (seeded) into ``data.server_speakers`` server-side
-speakers (the optional centralized warm start and the centralized baseline train on them) and
-the clients (the rest).
+Speakers of the train split are split once (seeded by ``data.split_seed``, default the run's
+seed) into ``data.server_speakers`` server-side speakers (the optional centralized warm start and
+the centralized baseline train on them) and the clients (the rest). ``pruning.mask_path`` trains
+a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   """Params after ``warm_start.steps`` centralized steps on the server-side speakers.
 
   Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
-  start (dense reference and pruned runs) train it once.
+  start (dense reference and pruned runs) train it once; ``warm_start.seed`` (default: the run's
+  seed) seeds its initialization and batches, so runs of several seeds can share one. Its loss
+  history (and dev WER every ``warm_start.eval_every`` steps, if set) goes to ``PATH.json``.
   """
   ws = cfg.get("warm_start")
   if not ws or not ws.steps:
@@ -89,8 +92,19 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   path = pathlib.Path(ws.get("path") or workdir / "warm_start").absolute()
   if path.exists():
     return task.restore_params(path, params), str(path)
+  seed = cfg.seed if ws.get("seed") is None else ws.seed
+  if seed != cfg.seed:  # a warm start shared by runs of several seeds starts from its own
+    params = model.init(jax.random.key(seed))
   optimizer = task.make_optimizer(ws.optim, ws.steps)
-  params, _, _ = centralized_lib.train(
+  eval_fn = None
+  if ws.get("eval_every"):
+    evals = task.EvalSplits(cfg)
+
+    def eval_fn(model_params):
+      dev = evals.evaluate(model, model_params, "dev")
+      return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
+
+  params, _, history = centralized_lib.train(
     loss_fn,
     params,
     examples_of(train_fs, server_speakers),
@@ -98,11 +112,14 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
     optimizer=optimizer,
     batch_size=ws.batch_size,
     num_buckets=cfg.data.num_buckets,
-    seed=cfg.seed,
+    seed=seed,
     progress=progress,
     desc="warm start",
+    eval_fn=eval_fn,
+    eval_every=ws.get("eval_every", 0),
   )
   task.save_params(path, params)
+  io_utils.write_json_atomic(path.with_name(path.name + ".json"), {"history": history})
   return params, str(path)
 
 
@@ -123,8 +140,9 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   specaug = cfg.get("specaug")
   loss_fn = task.make_training_loss(model, dict(specaug) if specaug else None)
   train_fs = task.load_split(cfg, cfg.data.train_split)
+  split_seed = cfg.data.get("split_seed")
   server_speakers, client_speakers = split_speakers(
-    train_fs, cfg.data.get("server_speakers", 0), cfg.seed
+    train_fs, cfg.data.get("server_speakers", 0), cfg.seed if split_seed is None else split_seed
   )
   params, warm_path = warm_start(
     cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
@@ -161,10 +179,12 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     checkpoint_dir=str(workdir / "rounds"),
   )
   pcfg = build.resolve_pruning(raw.get("pruning"))
-  policy, round_costs = None, None
+  policy, round_costs, initial_mask = None, None, None
   if pcfg is not None:
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
+    if pcfg["mask_path"]:
+      initial_mask = pruning.load_mask(pcfg["mask_path"], policy.init_mask(params))
   log = workdir / "metrics.jsonl"
   if cfg.eval_every and not (workdir / "rounds").exists():
     # the starting point, so the log shows what the rounds changed
@@ -180,6 +200,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     progress=progress,
     policy=policy,
     round_costs=round_costs,
+    initial_mask=initial_mask,
   )
   algorithm_params = pruning.apply_mask(state.params, state.mask)  # mask None: dense
   final = evals.evaluate_all(model, algorithm_params)
@@ -266,6 +287,7 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     "mask_sha256": sha256_of(mask),
   }
   result = {"final": final, "train": summary, "history": history}
+  pruning.save_mask(workdir / "mask.npz", mask)
   io_utils.write_json_atomic(workdir / "results.json", result)
   task.save_params(workdir / "checkpoint", model_params)
   return result

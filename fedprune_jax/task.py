@@ -26,7 +26,10 @@ Params = Any
 
 
 def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSet:
-  """Features of one split of ``cfg.data.root`` (cached on disk after the first call)."""
+  """Features of a split of ``cfg.data.root`` (cached on disk after the first call); ``a+b+c``
+  joins several (LibriSpeech train-960: ``train-clean-100+train-clean-360+train-other-500``)."""
+  if "+" in split:
+    return batching.concat_feature_sets([load_split(cfg, part) for part in split.split("+")])
   if cfg.data.source == "tfds":
     from fedprune_jax.data import tfds_librispeech  # pylint: disable=g-import-not-at-top
 

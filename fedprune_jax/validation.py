@@ -240,6 +240,9 @@ FIELD_RULES: dict[str, Field] = {
   "data.server_speakers": count(0),
   "warm_start.steps": count(0),
   "warm_start.batch_size": count(1),
+  "warm_start.seed": count(0, optional=True),
+  "warm_start.eval_every": count(0),
+  "data.split_seed": count(0, optional=True),
   "baseline.data": one_of("server", "pooled"),
   "baseline.steps_per_round": count(0),
   "baseline.batch_size": count(1),
@@ -260,6 +263,7 @@ FIELD_RULES: dict[str, Field] = {
   "pruning.refinement": one_of("server", "client", "none"),
   "pruning.client_aggregation": one_of("mean", "trimmed_mean", "vote"),
   "pruning.trim_fraction": Field("float", lo=0, hi=0.5, hi_open=True),
+  "pruning.mask_path": Field("str"),
 }
 
 

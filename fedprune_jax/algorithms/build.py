@@ -44,6 +44,8 @@ PRUNING_DEFAULTS = {
   "refinement": "server",  # none | client
   "client_aggregation": "mean",  # trimmed_mean | vote
   "trim_fraction": 0.1,
+  # a mask.npz (e.g. of a `fedprune baseline` run): train that reduced model with the mask frozen
+  "mask_path": "",
 }
 
 
@@ -86,6 +88,7 @@ def policy_from_config(
     client_aggregation=pcfg["client_aggregation"],
     trim_fraction=pcfg["trim_fraction"],
     channels_per_group=channels_per_group,
+    frozen=bool(pcfg.get("mask_path")),
   )
 
 
@@ -94,6 +97,7 @@ def build_algorithm(
   loss_fn: LossFn,
   policy: mask_policy.MaskPolicy | None = None,
   round_costs: Callable[[ServerState], dict] | None = None,
+  initial_mask: PyTree | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg-family (``policy`` None) or federated pruning from a resolved engine config."""
   c, s = cfg["client"], cfg["server"]
@@ -110,7 +114,9 @@ def build_algorithm(
   )
   if policy is None:
     return fedavg(local, server_opt)
-  return federated_pruning(local, server_opt, policy, cfg["cohort_size"], round_costs)
+  return federated_pruning(
+    local, server_opt, policy, cfg["cohort_size"], round_costs, initial_mask=initial_mask
+  )
 
 
 def make_sampler(cfg: Mapping[str, Any], store: ClientStore) -> CohortSampler:
@@ -159,6 +165,7 @@ def run_federated(
   progress: bool = True,
   policy: mask_policy.MaskPolicy | None = None,
   round_costs: Callable[[ServerState], dict] | None = None,
+  initial_mask: PyTree | None = None,
 ) -> tuple[ServerState, list[dict]]:
   """Federated training (or pruning) from a config; resumes from ``checkpoint_dir`` if set.
 
@@ -172,13 +179,14 @@ def run_federated(
     state: start from this server state instead of ``params`` (and of any checkpoint).
     policy: the mask policy (default: from the config's ``pruning`` section).
     round_costs: per-client cost accounting for federated pruning.
+    initial_mask: federated pruning starts from this mask (frozen if the policy is).
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
   cfg = rounds.resolve_config(raw)
   if policy is None:
     pcfg = resolve_pruning(raw.get("pruning"))
     policy = None if pcfg is None else policy_from_config(pcfg)
-  algorithm = build_algorithm(cfg, loss_fn, policy, round_costs)
+  algorithm = build_algorithm(cfg, loss_fn, policy, round_costs, initial_mask)
   sampler = make_sampler(cfg, store)
   history: list[dict] = []
   checkpointer = None

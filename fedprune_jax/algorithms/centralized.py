@@ -57,6 +57,8 @@ def train(
   steps_per_round: int = 1,
   progress: bool = True,
   desc: str = "centralized",
+  eval_fn: Callable[[PyTree], dict] | None = None,
+  eval_every: int = 0,
 ) -> tuple[PyTree, PyTree | None, list[dict]]:
   """Trains ``steps`` steps on length-bucketed batches of ``examples``.
 
@@ -66,6 +68,8 @@ def train(
     examples: the training utterances (e.g. the server-side speakers', or all clients' pooled).
     policy: optional mask policy (the federated one); ``steps_per_round`` training steps make one
       policy step.
+    eval_fn: ``eval_fn(model_params) -> {name: value}``, run every ``eval_every`` steps and at the
+      end (``model_params = apply_mask(params, mask)``); its values go into the history.
   Returns:
     (final dense params, final mask or None, history of {step, loss, sparsity}). The model is
     ``apply_mask(params, mask)``.
@@ -111,10 +115,13 @@ def train(
       gsteps += 1
       step += 1
       bar.update(1)
-      if step % 25 == 0 or step == steps:
+      evaluate = eval_fn is not None and (step == steps or eval_every and step % eval_every == 0)
+      if step % 25 == 0 or step == steps or evaluate:
         record = {"step": step, "loss": float(loss)}
         if mask is not None:
           record["sparsity"] = float(pruning.sparsity(mask))
+        if evaluate:
+          record.update(eval_fn(pruning.apply_mask(params, mask)))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
     epoch += 1

@@ -50,6 +50,7 @@ def federated_pruning(
   policy: MaskPolicy,
   cohort_size: int,
   round_costs: Callable[[ServerState], dict] | None = None,
+  initial_mask: PyTree | None = None,
 ) -> FederatedAlgorithm:
   """Federated pruning.
 
@@ -60,6 +61,8 @@ def federated_pruning(
     policy: the mask policy (step = round).
     cohort_size: clients per round (sets the trimmed mean's trim count).
     round_costs: per-client cost accounting of a state's next round (``costs.py``), or None.
+    initial_mask: start from this mask (``policy.init_mask``'s structure) instead of the dense
+      one; with ``policy.frozen`` it is the reduced model trained in every round.
   """
   tx = pruning.masked_optimizer(server_optimizer, pruned="freeze")
   reducers = {}
@@ -67,14 +70,16 @@ def federated_pruning(
     reducers["scores"] = agg_lib.TrimmedMean(int(policy.trim_fraction * cohort_size))
 
   def init(params: PyTree, seed: int = 0) -> ServerState:
-    mask = policy.init_mask(params)
+    mask = policy.init_mask(params) if initial_mask is None else initial_mask
+    kept, total = mask_stats(mask)
+    opt_state = tx.init(params)
     state = ServerState(
       params=params,
-      opt_state=tx.init(params),
+      opt_state=opt_state if initial_mask is None else pruning.update_mask(opt_state, mask),
       round=jnp.zeros((), jnp.int32),
       seed=jnp.asarray(seed, jnp.int32),
       mask=mask,
-      sparsity=jnp.zeros((), jnp.float32),
+      sparsity=1.0 - kept / jnp.maximum(total, 1.0),
       phase=policy.phase(0),
     )
     # A mask for round 0 (one-shot pruning) can only come from server scores.

@@ -65,6 +65,8 @@ class MaskPolicy:
     trim_fraction: for ``trimmed_mean``.
     channels_per_group: Conformer conv channels per group (``units`` pattern only).
     include, exclude: path patterns of the prunable params.
+    frozen: the mask is given (e.g. chosen by centralized pruning) and never changes: every step
+      is fine-tuning.
   """
 
   schedule: Schedule
@@ -80,6 +82,7 @@ class MaskPolicy:
   channels_per_group: int | None = None
   include: tuple[str, ...] = pruning.DEFAULT_INCLUDE
   exclude: tuple[str, ...] = pruning.DEFAULT_EXCLUDE
+  frozen: bool = False
 
   def __post_init__(self):
     def check(field, value, choices):
@@ -119,6 +122,8 @@ class MaskPolicy:
   def phase(self, step) -> jax.Array:
     """int32: PRUNING, REFINING or FINE_TUNING at ``step``."""
     step = jnp.asarray(step)
+    if self.frozen:
+      return jnp.full(step.shape, FINE_TUNING, jnp.int32)
     p, r = self.pruning_steps, self.pruning_steps + self.refining_steps
     return jnp.where(step < p, PRUNING, jnp.where(step < r, REFINING, FINE_TUNING)).astype(
       jnp.int32

@@ -358,6 +358,29 @@ def pack_examples(
   )
 
 
+def concat_feature_sets(sets: Sequence[FeatureSet]) -> FeatureSet:
+  """One FeatureSet of several (e.g. LibriSpeech's train-960 = clean-100 + clean-360 + other-500)."""
+  if len(sets) == 1:
+    return sets[0]
+
+  def offsets(name: str) -> np.ndarray:
+    shifted, base = [np.zeros(1, np.int64)], 0
+    for fs in sets:
+      o = getattr(fs, name)
+      shifted.append(o[1:] + base)
+      base += int(o[-1])
+    return np.concatenate(shifted)
+
+  return FeatureSet(
+    features=np.concatenate([fs.features for fs in sets]),
+    frame_offsets=offsets("frame_offsets"),
+    tokens=np.concatenate([fs.tokens for fs in sets]),
+    token_offsets=offsets("token_offsets"),
+    utt_ids=np.concatenate([fs.utt_ids for fs in sets]),
+    speaker_ids=np.concatenate([fs.speaker_ids for fs in sets]),
+  )
+
+
 def save_feature_set(fs: FeatureSet, path: str) -> None:
   """Writes ``fs`` to ``path`` (.npz) atomically: temp file + os.replace."""
   io_utils.save_npz_atomic(

@@ -1,0 +1,409 @@
+"""The paper's experiments as a resumable, cached suite of runs (``fedprune experiment``).
+
+An experiment file (``experiments/configs/t1_pattern.py`` ...) defines
+``get_experiment(setting) -> Experiment``: a base config (the setting: ``paper_small`` on a CPU,
+``paper_full`` on LibriSpeech and accelerators), its arms (config overrides, one table cell each)
+and its seeds. ``run_experiment`` runs every (arm, seed) as a federated job
+(``job.run``) or a centralized baseline (``job.run_baseline``):
+
+* runs are content-addressed: ``RUNS/runs/<key>/`` where ``key`` hashes the run's resolved
+  config (paths written relative to RUNS, the workdir left out), so a run shared by several tables
+  (the dense reference, the default pruning arm) is computed once, and a finished run is never
+  redone; a changed config is a new run;
+* a killed run resumes from its round checkpoints (``job.run``); the suite goes on from the first
+  run without ``results.json``;
+* a failed run is recorded (``error`` in the index) and the suite goes on with the next one;
+* ``RUNS/<experiment>.json`` indexes the experiment's runs (arm, seed, key, wall seconds,
+  state), rewritten atomically after each run, so ``fedprune report`` can render partial tables
+  while the suite is still running.
+
+Seeds are the outer loop: a table is complete for seed 0 before seed 1 starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from fedprune_jax import config as config_lib
+from fedprune_jax import io_utils
+from fedprune_jax.errors import ConfigError
+
+FEDERATED, BASELINE = "federated", "baseline"
+
+
+@dataclasses.dataclass(frozen=True)
+class From:
+  """A path inside another arm's run directory (same seed), e.g. its ``mask.npz``."""
+
+  arm: str
+  file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One cell of an experiment's table.
+
+  Attributes:
+    name: unique within the experiment (e.g. ``"row@0.7"``).
+    overrides: dotted config field -> value, a ``From`` (a file of another arm's run), or a
+      callable ``cfg -> value`` evaluated last, on the run's config with the other fields set.
+    kind: ``"federated"`` (``fedprune federated``) or ``"baseline"`` (``fedprune baseline``).
+    row, col: the cell's position in the report's table.
+    report: False for helper runs that other arms start from (not a table cell).
+  """
+
+  name: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  kind: str = FEDERATED
+  row: str = ""
+  col: str = ""
+  report: bool = True
+
+  @property
+  def needs(self) -> tuple[str, ...]:
+    return tuple(sorted({v.arm for v in self.overrides.values() if isinstance(v, From)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A claim as a difference of one metric between two arms, paired by seed (``a - b``)."""
+
+  claim: str
+  a: str
+  b: str
+  metric: str = "test_wer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A table or figure of the paper: a setting, arms, seeds.
+
+  Attributes:
+    name: file-system name (``t1_pattern``).
+    title: heading in the report.
+    question: what the paper claims or asks.
+    base: the setting's config.
+    arms: the runs of one seed.
+    seeds: the seeds of the full run (``--quick`` uses the first).
+    quick: config overrides of ``--quick`` mode (few rounds, a short warm start).
+    row_title, col_title: table axes in the report.
+    comparisons: the claims, as paired differences.
+    figures: report figures drawn from this experiment (``wer_vs_sparsity``, ``cost_vs_sparsity``).
+  """
+
+  name: str
+  title: str
+  question: str
+  base: ml_collections.ConfigDict
+  arms: tuple[Arm, ...]
+  seeds: tuple[int, ...] = (0, 1, 2)
+  quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  row_title: str = ""
+  col_title: str = ""
+  comparisons: tuple[Comparison, ...] = ()
+  figures: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    names = [a.name for a in self.arms]
+    if len(set(names)) != len(names):
+      raise ConfigError(f"experiment {self.name}: arm names repeat: {names}")
+    for arm in self.arms:
+      if arm.kind not in (FEDERATED, BASELINE):
+        raise ConfigError(f"experiment {self.name}, arm {arm.name}: unknown kind {arm.kind!r}")
+      for need in arm.needs:
+        if need not in names[: names.index(arm.name)]:
+          raise ConfigError(
+            f"experiment {self.name}, arm {arm.name} starts from arm {need!r}, "
+            "which must come before it"
+          )
+    for c in self.comparisons:
+      for name in (c.a, c.b):
+        if name not in names:
+          raise ConfigError(f"experiment {self.name}: comparison names unknown arm {name!r}")
+
+
+QUICK = {
+  # --quick: each table's whole pipeline in a few minutes (1 seed, 4 rounds, a short warm start)
+  "rounds": 4,
+  "cohort_size": 4,
+  "data.max_steps": 2,
+  "checkpoint_every": 2,
+  "warm_start.steps": 40,
+  "warm_start.eval_every": 0,
+  "warm_start.optim.warmup_steps": 10,
+  "pruning.pruning_rounds": 2,
+  "pruning.update_every": 1,
+  "pruning.refining_rounds": 1,
+  "pruning.refine_every": 1,
+}
+
+
+# --- experiments ----------------------------------------------------------------------------------
+
+
+def load_experiment(name: str, setting: str = "small") -> Experiment:
+  """``get_experiment(setting)`` of ``experiments/configs/<name>.py``."""
+  path = config_lib.resolve_config_path(name)
+  spec = importlib.util.spec_from_file_location(f"fedprune_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_experiment"):
+    raise ConfigError(f"{path}: defines no get_experiment() (not an experiment file)")
+  return module.get_experiment(setting)
+
+
+EXPERIMENTS = ("t1_pattern", "t2_score", "t3_schedule", "t4_allocation", "t5_refinement", "t6_data")
+
+
+def setting_config(setting: str) -> ml_collections.ConfigDict:
+  if setting not in ("small", "full"):
+    raise ConfigError(f"unknown setting {setting!r}; expected 'small' or 'full'")
+  return config_lib.load_config(f"paper_{setting}")
+
+
+# --- one run's config and key ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One (arm, seed) of an experiment, resolved."""
+
+  experiment: str
+  arm: Arm
+  seed: int
+  config: ml_collections.ConfigDict  # paths relative to RUNS (the key is computed from it)
+  key: str
+
+  @property
+  def dirname(self) -> str:
+    return f"runs/{self.key}"
+
+
+def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for p in parents:
+    if p not in node:
+      raise ConfigError(f"experiment override {dotted!r}: the config has no section {p!r}")
+    node = node[p]
+  if isinstance(node, ml_collections.ConfigDict):
+    with node.unlocked():
+      node[leaf] = value
+  else:
+    raise ConfigError(f"experiment override {dotted!r}: {'.'.join(parents)} is not a section")
+
+
+def _key_of(config: Mapping[str, Any], kind: str) -> str:
+  blob = json.dumps({"kind": kind, "config": config}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warm_start_key(cfg: ml_collections.ConfigDict) -> str:
+  """What the shared warm start depends on: corpus, split, model, loss and its own fields."""
+  d = cfg.to_dict()
+  ws = {k: v for k, v in d.get("warm_start", {}).items() if k not in ("path", "eval_every")}
+  data = {k: d["data"].get(k) for k in ("root", "source", "train_split", "server_speakers")}
+  data["split_seed"] = d["data"].get("split_seed")
+  data["num_buckets"] = d["data"].get("num_buckets")
+  return _key_of({"ws": ws, "data": data, "model": d["model"], "specaug": d.get("specaug")}, "ws")
+
+
+def expand(
+  experiment: Experiment,
+  *,
+  quick: bool = False,
+  seeds: Sequence[int] | None = None,
+  data_root: str | None = None,
+  overrides: Sequence[str] = (),
+) -> list[RunSpec]:
+  """The experiment's runs in execution order (seed-major, arms in order).
+
+  A run's config: the setting's, then ``--quick``'s ``QUICK`` fields, then the user's
+  ``overrides`` (``key=value``), then the seed, then the arm's overrides.
+  """
+  seeds = tuple(seeds) if seeds is not None else experiment.seeds[: 1 if quick else None]
+  specs: list[RunSpec] = []
+  for seed in seeds:
+    keys: dict[str, str] = {}
+    for arm in experiment.arms:
+      cfg = experiment.base.copy_and_resolve_references()
+      if data_root:
+        cfg.data.root = str(pathlib.Path(data_root).absolute())
+      if quick:
+        for k, v in {**QUICK, **experiment.quick}.items():
+          _set(cfg, k, v)
+      config_lib.apply_overrides(cfg, overrides, source="--set")
+      cfg.seed = seed
+      derived = {}
+      for k, v in arm.overrides.items():
+        if isinstance(v, From):
+          _set(cfg, k, f"runs/{keys[v.arm]}/{v.file}")
+        elif callable(v):
+          derived[k] = v
+        else:
+          _set(cfg, k, v)
+      for k, fn in derived.items():  # functions of the arm's other fields
+        _set(cfg, k, fn(cfg))
+      if cfg.get("warm_start") and cfg.warm_start.steps and not cfg.warm_start.get("path"):
+        cfg.warm_start.path = f"warm_start/{warm_start_key(cfg)}"
+      cfg.workdir = ""
+      key = _key_of(cfg.to_dict(), arm.kind)
+      keys[arm.name] = key
+      specs.append(RunSpec(experiment.name, arm, seed, cfg, key))
+  return specs
+
+
+def materialize(spec: RunSpec, runs_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The spec's config with RUNS-relative paths made absolute and the workdir set; validated."""
+  from fedprune_jax import validation  # pylint: disable=g-import-not-at-top
+
+  cfg = spec.config.copy_and_resolve_references()
+  cfg.workdir = str(runs_dir / spec.dirname)
+  if cfg.get("warm_start") and cfg.warm_start.get("path"):
+    cfg.warm_start.path = _under(runs_dir, cfg.warm_start.path)
+  if cfg.get("pruning") and cfg.pruning.get("mask_path"):
+    cfg.pruning.mask_path = _under(runs_dir, cfg.pruning.mask_path)
+  validation.validate(cfg)
+  return cfg
+
+
+def _under(runs_dir: pathlib.Path, path: str) -> str:
+  p = pathlib.Path(path)
+  return str(p if p.is_absolute() else runs_dir / p)
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def _index_path(runs_dir: pathlib.Path, experiment: str, quick: bool) -> pathlib.Path:
+  return runs_dir / f"{experiment}{'_quick' if quick else ''}.json"
+
+
+def run_experiment(
+  experiment: Experiment,
+  runs_dir: str | pathlib.Path,
+  *,
+  quick: bool = False,
+  seeds: Sequence[int] | None = None,
+  data_root: str | None = None,
+  overrides: Sequence[str] = (),
+  progress: bool = True,
+  runner: Callable[[str, ml_collections.ConfigDict], dict] | None = None,
+  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict:
+  """Runs (or resumes) every run of ``experiment``; returns its index.
+
+  Args:
+    runner: ``runner(kind, cfg) -> results`` (default: ``job.run`` / ``job.run_baseline``).
+  """
+  runs_dir = pathlib.Path(runs_dir).absolute()
+  runs_dir.mkdir(parents=True, exist_ok=True)
+  runner = runner or _default_runner(progress)
+  specs = expand(experiment, quick=quick, seeds=seeds, data_root=data_root, overrides=overrides)
+  index_path = _index_path(runs_dir, experiment.name, quick)
+  entries = [_entry(spec, runs_dir) for spec in specs]
+  failed_keys: set[str] = set()
+  for i, spec in enumerate(specs):
+    entry = entries[i]
+    workdir = runs_dir / spec.dirname
+    tag = f"[{experiment.name}{' quick' if quick else ''} {i + 1}/{len(specs)}]"
+    if entry["state"] == "done":
+      log(f"{tag} {spec.arm.name} seed {spec.seed}: cached ({spec.dirname})")
+      continue
+    blocked = [n for n in spec.arm.needs if _key_for(specs, spec.seed, n) in failed_keys]
+    if blocked:
+      entry.update(state="failed", error=f"needs arm {blocked[0]!r}, which failed")
+      failed_keys.add(spec.key)
+      _write_index(index_path, experiment, quick, entries)
+      continue
+    log(f"{tag} {spec.arm.name} seed {spec.seed}: running in {workdir}")
+    start = time.monotonic()
+    try:
+      cfg = materialize(spec, runs_dir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      io_utils.write_json_atomic(
+        workdir / "suite.json",
+        {"experiment": spec.experiment, "arm": spec.arm.name, "seed": spec.seed, "key": spec.key},
+      )
+      runner(spec.arm.kind, cfg)
+    except Exception as e:  # pylint: disable=broad-except  (one run never kills the suite)
+      entry.update(state="failed", error=f"{type(e).__name__}: {e}")
+      failed_keys.add(spec.key)
+      log(f"{tag} {spec.arm.name} seed {spec.seed}: FAILED\n{traceback.format_exc()}")
+    else:
+      seconds = time.monotonic() - start
+      _add_seconds(workdir, seconds)
+      entry.update(_entry(spec, runs_dir))
+      log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {seconds:.0f} s")
+    _write_index(index_path, experiment, quick, entries)
+  _write_index(index_path, experiment, quick, entries)
+  return json.loads(index_path.read_text(encoding="utf-8"))
+
+
+def _key_for(specs: list[RunSpec], seed: int, arm: str) -> str:
+  return next(s.key for s in specs if s.seed == seed and s.arm.name == arm)
+
+
+def _add_seconds(workdir: pathlib.Path, seconds: float) -> None:
+  """Accumulates the run's wall time (over resumes) in ``suite.json``."""
+  path = workdir / "suite.json"
+  record = json.loads(path.read_text(encoding="utf-8"))
+  record["seconds"] = record.get("seconds", 0.0) + seconds
+  io_utils.write_json_atomic(path, record)
+
+
+def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:
+  workdir = runs_dir / spec.dirname
+  entry = {
+    "arm": spec.arm.name,
+    "seed": spec.seed,
+    "key": spec.key,
+    "kind": spec.arm.kind,
+    "row": spec.arm.row,
+    "col": spec.arm.col,
+    "report": spec.arm.report,
+    "dir": spec.dirname,
+    "state": "done" if (workdir / "results.json").exists() else "pending",
+  }
+  suite_json = workdir / "suite.json"
+  if suite_json.exists():
+    entry["seconds"] = json.loads(suite_json.read_text(encoding="utf-8")).get("seconds")
+  return entry
+
+
+def _write_index(path: pathlib.Path, experiment: Experiment, quick: bool, entries: list) -> None:
+  io_utils.write_json_atomic(
+    path,
+    {
+      "experiment": experiment.name,
+      "title": experiment.title,
+      "question": experiment.question,
+      "quick": quick,
+      "row_title": experiment.row_title,
+      "col_title": experiment.col_title,
+      "comparisons": [dataclasses.asdict(c) for c in experiment.comparisons],
+      "figures": list(experiment.figures),
+      "runs": entries,
+    },
+  )
+
+
+def _default_runner(progress: bool) -> Callable[[str, ml_collections.ConfigDict], dict]:
+  from fedprune_jax import job  # pylint: disable=g-import-not-at-top
+
+  def run(kind: str, cfg: ml_collections.ConfigDict) -> dict:
+    if kind == BASELINE:
+      return job.run_baseline(cfg, progress=progress)
+    return job.run(cfg, progress=progress)
+
+  return run

@@ -1,0 +1,312 @@
+"""The paper's experiment suite: run keys and sharing, caching and resume, failure isolation, the
+report's numbers, one real quick table (T6: centralized baseline, a frozen server-chosen mask and
+federated pruning), the full setting's LibriSpeech wiring, and joined splits."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import MICRO_MODEL
+from fedprune_jax import cli, report, suite
+from fedprune_jax.data import batching
+
+# Shrinks the setting to the tiny test corpus (6 speakers: 4 train, 1 dev, 1 test).
+TEST_SETS = [
+  "data.server_speakers=1",
+  "data.batch_size=2",
+  "data.num_buckets=1",
+  "data.segments=1",
+  "data.eval_batch_size=4",
+  "cohort_size=3",
+  "warm_start.steps=3",
+  "warm_start.batch_size=4",
+  "baseline.batch_size=2",
+  "baseline.steps_per_round=2",
+  *(f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()),
+]
+
+
+def _experiment(arms, **kw):
+  return suite.Experiment(
+    name="toy", title="toy", question="?", base=suite.setting_config("small"), arms=arms, **kw
+  )
+
+
+def test_keys_are_shared_across_tables_and_follow_the_config():
+  t1 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t1_pattern"))}
+  t2 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t2_score"))}
+  t6 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t6_data"))}
+  assert len(t1) == 16 * 3 and len({s.key for s in t1.values()}) == 48
+  # the dense reference and the default arm (unstructured, magnitude, 70%) are one run each
+  assert t1[("dense", 1)].key == t2[("dense", 1)].key == t6[("dense", 1)].key
+  assert t1[("unstructured@0.7", 2)].key == t2[("magnitude", 2)].key
+  assert t1[("unstructured@0.7", 2)].key == t6[("federated", 2)].key
+  assert t1[("dense", 0)].key != t1[("dense", 1)].key  # seeds differ
+  # one warm start for every run and seed
+  paths = {s.config.warm_start.path for s in t1.values()}
+  assert len(paths) == 1
+  # the frozen-mask arm reads its own seed's centralized run
+  fed = t6[("central_server+fed", 1)].config
+  server = t6[("central_server", 1)]
+  assert fed.pruning.mask_path == f"runs/{server.key}/mask.npz"
+  assert fed.warm_start.path == f"runs/{server.key}/checkpoint"
+  # --quick: one seed, QUICK's fields, then the user's overrides
+  quick = suite.expand(suite.load_experiment("t1_pattern"), quick=True, overrides=["rounds=3"])
+  assert {s.seed for s in quick} == {0} and len(quick) == 16
+  assert quick[0].config.rounds == 3 and quick[0].config.cohort_size == suite.QUICK["cohort_size"]
+
+
+def test_step_schedule_reaches_the_target_within_the_pruning_phase():
+  from fedprune_jax.algorithms import build
+
+  for quick in (False, True):
+    specs = suite.expand(suite.load_experiment("t3_schedule"), quick=quick, seeds=[0])
+    (step,) = [s for s in specs if s.arm.name == "step"]
+    p = step.config.pruning
+    policy = build.policy_from_config(build.resolve_pruning(p))  # raises if it ends too late
+    assert policy.schedule.end_step < p.pruning_rounds
+    assert float(policy.target(p.pruning_rounds - 1)) == pytest.approx(0.7)
+
+
+def test_bad_experiments_are_rejected():
+  with pytest.raises(suite.ConfigError, match="repeat"):
+    _experiment((suite.Arm("a"), suite.Arm("a")))
+  with pytest.raises(suite.ConfigError, match="must come before"):
+    _experiment(
+      (suite.Arm("b", {"pruning.mask_path": suite.From("a", "mask.npz")}), suite.Arm("a"))
+    )
+  with pytest.raises(suite.ConfigError, match="unknown arm"):
+    _experiment((suite.Arm("a"),), comparisons=(suite.Comparison("x", "a", "zzz"),))
+  with pytest.raises(suite.ConfigError, match="not an experiment"):
+    suite.load_experiment("paper_small")
+
+
+def _fake_results(test_wer: float, sparsity: float = 0.0) -> dict:
+  final = {s: {"wer": test_wer, "cer": test_wer / 2, "loss": 1.0} for s in ("dev", "test")}
+  return {"final": final, "train": {"sparsity": sparsity}, "history": []}
+
+
+def test_cache_resume_and_failure_isolation(tmp_path):
+  """A finished run is never redone, a failed run does not stop the suite, an arm that starts
+  from a failed arm is skipped, and a rerun only does what is missing."""
+  arms = (
+    suite.Arm("dense", {"pruning": None}, row="dense"),
+    suite.Arm("broken", {"pruning.target_sparsity": 0.6}, kind=suite.BASELINE, row="b"),
+    suite.Arm("after", {"pruning.mask_path": suite.From("broken", "mask.npz")}, row="c"),
+    suite.Arm("pruned", {"pruning.target_sparsity": 0.5}, row="p"),
+  )
+  experiment = _experiment(arms, seeds=(0, 1))
+  calls = []
+
+  def runner(kind, cfg):
+    calls.append((kind, cfg.seed, cfg.get("pruning") and cfg.pruning.target_sparsity))
+    if kind == suite.BASELINE and cfg.seed == 1:
+      raise RuntimeError("boom")
+    out = pathlib.Path(cfg.workdir)
+    (out / "results.json").write_text(json.dumps(_fake_results(0.5 - 0.1 * cfg.seed)))
+    return {}
+
+  index = suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
+  states = {(r["arm"], r["seed"]): r["state"] for r in index["runs"]}
+  assert states[("broken", 1)] == "failed" and states[("after", 1)] == "failed"
+  assert "boom" in next(
+    r["error"] for r in index["runs"] if r["arm"] == "broken" and r["seed"] == 1
+  )
+  assert "needs arm 'broken'" in next(
+    r["error"] for r in index["runs"] if r["arm"] == "after" and r["seed"] == 1
+  )
+  assert states[("pruned", 1)] == "done"  # after the failures
+  assert len(calls) == 7  # 8 runs, one skipped because what it starts from failed
+  # the frozen-mask arm was given its dependency's mask path (absolute, under RUNS)
+  assert all(r["seconds"] >= 0 for r in index["runs"] if r["state"] == "done")
+
+  # rerun: the finished runs are cached; only the failed ones run again
+  calls.clear()
+  key = next(r["dir"] for r in index["runs"] if r["arm"] == "pruned" and r["seed"] == 0)
+  (tmp_path / key / "results.json").unlink()  # as if killed before it finished
+  suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
+  assert sorted(calls) == sorted([(suite.BASELINE, 1, 0.6), (suite.FEDERATED, 0, 0.5)])
+
+
+def test_report_numbers_against_hand_computed_values(tmp_path):
+  """Means, sample stds and paired differences in the markdown equal hand computation; the
+  figures are written as PNG files."""
+  wers = {  # arm -> per-seed test WER
+    "dense": [0.30, 0.32, 0.34],
+    "row@0.5": [0.40, 0.41, 0.45],
+    "column@0.5": [0.36, 0.38, 0.39],
+  }
+  runs = []
+  for arm, values in wers.items():
+    for seed, wer in enumerate(values):
+      d = tmp_path / "runs" / f"{arm}-{seed}"
+      d.mkdir(parents=True)
+      sparsity = 0.0 if arm == "dense" else 0.5
+      results = _fake_results(wer, sparsity)
+      results["train"].update(last_bytes_down_masked=2e6, last_bytes_up=1.9e6)
+      results["history"] = [
+        {"client_flops_per_step_sparse": 4e9, "client_flops_per_step_dense": 8e9}
+      ]
+      (d / "results.json").write_text(json.dumps(results))
+      pattern = arm.split("@")[0]
+      runs.append(
+        dict(
+          arm=arm,
+          seed=seed,
+          dir=f"runs/{arm}-{seed}",
+          state="done",
+          row=pattern,
+          col="" if arm == "dense" else "50%",
+          report=True,
+          seconds=10.0 + seed,
+        )
+      )
+  index = dict(
+    experiment="t1_pattern",
+    title="T1",
+    question="q",
+    quick=False,
+    row_title="pattern",
+    col_title="sparsity",
+    figures=["wer_vs_sparsity", "cost_vs_sparsity"],
+    runs=runs,
+    comparisons=[dict(claim="column - row", a="column@0.5", b="row@0.5", metric="test_wer")],
+  )
+  (tmp_path / "t1_pattern.json").write_text(json.dumps(index))
+  text = report.render(tmp_path)
+  # row@0.5: mean 0.42, sample std sqrt(((-.02)^2 + (-.01)^2 + .03^2) / 2) = 0.0264575
+  assert "| row | 42.0 ± 2.6 |" in text
+  assert "| column | 37.7 ± 1.5 |" in text
+  # paired column - row: (-.04, -.03, -.06): mean -0.04333, std 0.015275, t = -4.9
+  assert "| column - row | -4.3 ± 1.5 | 3 | column@0.5 lower (|t| = 4.9) |" in text
+  assert "9 runs done; their wall time adds up to 1.6 min." in text
+  for fig in ("wer_vs_sparsity", "cost_vs_sparsity"):
+    png = tmp_path / "report" / f"t1_pattern_{fig}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+  assert (tmp_path / "report" / "report.md").read_text() == text
+
+
+def test_paired_verdicts():
+  arms = {
+    "a": {"seeds": {0: {"m": 1.0}, 1: {"m": 2.0}, 2: {"m": 3.0}}},
+    "b": {"seeds": {0: {"m": 1.1}, 1: {"m": 1.9}, 2: {"m": 3.0}}},
+  }
+  p = report.paired(arms, "a", "b", "m")
+  assert p["n"] == 3 and p["mean"] == pytest.approx(0.0) and p["verdict"] == "within noise"
+  arms["b"]["seeds"] = {0: {"m": 1.0}}
+  assert report.paired(arms, "a", "b", "m")["verdict"] == "needs >= 2 seeds"
+  assert math.isnan(report.mean_std([])[0])
+
+
+def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
+  """The real quick pipeline of T6 on the test corpus: centralized pruning on the server speaker,
+  its mask frozen and trained federatedly, federated pruning, pooled centralized pruning; then
+  the report. A second invocation is all cache hits."""
+  runs = tmp_path / "paper"
+  argv = [
+    "experiment",
+    "t6_data",
+    "--quick",
+    "--runs",
+    str(runs),
+    "--set",
+    f"data.root={tiny_corpus}",
+  ]
+  for s in TEST_SETS:
+    argv += ["--set", s]
+  assert cli.main(argv) == 0
+  index = json.loads((runs / "t6_data_quick.json").read_text())
+  assert [r["state"] for r in index["runs"]] == ["done"] * 5
+  by_arm = {
+    r["arm"]: json.loads((runs / r["dir"] / "results.json").read_text()) for r in index["runs"]
+  }
+  server = by_arm["central_server"]["train"]
+  frozen = by_arm["central_server+fed"]["train"]
+  # the frozen arm trained exactly the centralized run's mask, at the target sparsity
+  assert frozen["mask_sha256"] == server["mask_sha256"]
+  assert frozen["sparsity"] == pytest.approx(0.7, abs=0.01)
+  phases = {h["phase"] for h in by_arm["central_server+fed"]["history"]}
+  assert phases == {2.0}  # fine-tuning in every round
+  assert all(h["mask_updated"] == 0.0 for h in by_arm["central_server+fed"]["history"])
+  assert by_arm["federated"]["train"]["mask_sha256"] != server["mask_sha256"]
+  assert by_arm["central_pooled"]["train"]["algorithm"] == "centralized_pooled"
+  assert by_arm["dense"]["train"]["algorithm"] == "fedavg"
+  # one warm start, trained once, shared by every arm
+  assert (
+    len({r["warm_start"] for r in (by_arm["dense"]["train"], by_arm["federated"]["train"])}) == 1
+  )
+  assert cli.main(["report", str(runs)]) == 0
+  text = capsys.readouterr().out
+  assert "T6: federated vs centralized pruning" in text and "(quick)" in text
+  assert "5 runs done" in text
+  # again: every run is cached
+  calls = []
+  suite.run_experiment(
+    suite.load_experiment("t6_data"),
+    runs,
+    quick=True,
+    overrides=TEST_SETS + [f"data.root={tiny_corpus}"],
+    runner=lambda kind, cfg: calls.append(kind),
+    log=lambda s: None,
+  )
+  assert calls == []
+
+
+def _librispeech_layout(corpus: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+  """The synthetic corpus renamed to LibriSpeech's split names, train split in three parts."""
+  train = sorted(p for p in (corpus / "train").iterdir() if p.is_dir())
+  parts = {
+    "train-clean-100": train[:2],
+    "train-clean-360": train[2:3],
+    "train-other-500": train[3:],
+  }
+  for split, speakers in parts.items():
+    for spk in speakers:
+      shutil.copytree(spk, root / split / spk.name)
+  shutil.copytree(corpus / "dev", root / "dev-clean")
+  shutil.copytree(corpus / "test", root / "test-clean")
+  return root
+
+
+def test_full_setting_wiring_on_a_librispeech_layout(tiny_corpus, tmp_path):
+  """paper_full reads train-960 as three joined LibriSpeech splits and evaluates on dev-clean /
+  test-clean; one quick dense arm runs through the real job (with the micro model)."""
+  root = _librispeech_layout(tiny_corpus, tmp_path / "LibriSpeech")
+  experiment = suite.load_experiment("t1_pattern", setting="full")
+  base = experiment.base
+  assert base.model.preset == "l" and base.data.dev_split == "dev-clean"
+  experiment = suite.Experiment(**{**experiment.__dict__, "arms": experiment.arms[:1]})
+  sets = TEST_SETS + ["engine.chunk_size=1", "data.max_steps=2"]
+  index = suite.run_experiment(
+    experiment, tmp_path / "runs", quick=True, data_root=str(root), overrides=sets, progress=False
+  )
+  (entry,) = index["runs"]
+  assert entry["state"] == "done", entry.get("error")
+  results = json.loads((tmp_path / "runs" / entry["dir"] / "results.json").read_text())
+  assert results["train"]["num_clients"] == 3  # 4 train speakers over 3 splits, 1 server-side
+  assert results["final"]["test"]["num_utterances"] == 4
+
+
+def test_concat_feature_sets_equals_packing_everything_at_once():
+  rng = np.random.default_rng(0)
+  examples = [
+    batching.Example(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(1, 9, size=m))
+    for n, m in ((4, 2), (6, 3), (2, 1), (5, 4))
+  ]
+  ids = [f"u{i}" for i in range(4)]
+  spk = ["a", "a", "b", "c"]
+  whole = batching.pack_examples(examples, ids, spk)
+  parts = [
+    batching.pack_examples(examples[:1], ids[:1], spk[:1]),
+    batching.pack_examples(examples[1:3], ids[1:3], spk[1:3]),
+    batching.pack_examples(examples[3:], ids[3:], spk[3:]),
+  ]
+  joined = batching.concat_feature_sets(parts)
+  for field in ("features", "frame_offsets", "tokens", "token_offsets", "utt_ids", "speaker_ids"):
+    np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field))
