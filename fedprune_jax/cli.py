@@ -222,18 +222,25 @@ def cmd_experiment(args: argparse.Namespace) -> int:
   if "synth_vocab_size" in base.data and not root_set:
     # the small setting's corpus is the embedded one: synthesized under --data if absent
     data_root = str(_embedded_corpus(base.data, args.data or "data"))
-  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-  failed = 0
-  for experiment in experiments:
-    index = suite.run_experiment(
-      experiment,
-      args.runs,
-      quick=args.quick,
-      seeds=seeds,
-      data_root=data_root,
-      overrides=args.overrides,
-    )
-    failed += sum(r["state"] == "failed" for r in index["runs"])
+  if args.seeds:
+    seeds = [int(s) for s in args.seeds.split(",")]
+  else:
+    seeds = sorted({s for e in experiments for s in e.seeds[: 1 if args.quick else None]})
+  failed = {}
+  for seed in seeds:  # seed-major: every table gets its first seed before any gets a second
+    for experiment in experiments:
+      if seed not in experiment.seeds and not args.seeds:
+        continue
+      index = suite.run_experiment(
+        experiment,
+        args.runs,
+        quick=args.quick,
+        seeds=[seed],
+        data_root=data_root,
+        overrides=args.overrides,
+      )
+      failed[experiment.name] = sum(r["state"] == "failed" for r in index["runs"])
+  failed = sum(failed.values())
   print(report.render(args.runs, args.report_dir))
   if failed:
     print(f"{failed} run(s) failed: see 'error' in {args.runs}/<experiment>.json", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from fedprune_jax import io_utils
@@ -117,8 +118,10 @@ class EvalSplits:
   """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
+    limit = cfg.data.get("eval_max_utterances") or 0
     self.feature_sets = {
-      name: load_split(cfg, getattr(cfg.data, f"{name}_split")) for name in ("dev", "test")
+      name: _spread_subset(load_split(cfg, getattr(cfg.data, f"{name}_split")), limit)
+      for name in ("dev", "test")
     }
     self.batches = {
       name: evaluate_lib.eval_batches(fs, cfg.data.eval_batch_size, cfg.data.num_buckets)
@@ -130,6 +133,14 @@ class EvalSplits:
 
   def evaluate_all(self, model: asr.AsrModel, params: Params) -> dict[str, dict[str, float]]:
     return {name: self.evaluate(model, params, name) for name in self.feature_sets}
+
+
+def _spread_subset(fs: batching.FeatureSet, limit: int) -> batching.FeatureSet:
+  """At most ``limit`` utterances (0 = all), evenly spread over the split (so over speakers)."""
+  if not limit or len(fs) <= limit:
+    return fs
+  idx = np.linspace(0, len(fs) - 1, limit).round().astype(np.int64)
+  return batching.pack_examples([fs.example(int(i)) for i in idx], fs.utt_ids[idx], fs.speaker_ids[idx])
 
 
 def save_params(path: pathlib.Path, params: Params) -> None:

@@ -178,6 +178,7 @@ FIELD_RULES: dict[str, Field] = {
   "data.batch_size": count(1),
   "data.num_buckets": count(1),
   "data.eval_batch_size": count(1),
+  "data.eval_max_utterances": count(0),
   "data.max_steps": count(1, optional=True),
   "data.max_frames": count(1, optional=True),
   "data.packing": one_of("cost", "shape"),

@@ -313,3 +313,47 @@ def test_units_pattern_prunes_whole_conformer_units_consistently():
   rows = np.asarray(ffn["dense_out"]["kernel"]).all(axis=1)
   np.testing.assert_array_equal(cols, rows)  # a hidden unit goes with its in-column and out-row
   assert cols.sum() == len(cols) // 2
+
+
+def test_a_given_mask_is_trained_frozen_from_round_zero():
+  """pruning.mask_path: the given mask is the reduced model of every round (fine-tuning phase,
+  never updated), pruned weights stay exactly zero, and the logged sparsity is the mask's."""
+  store = _store(8)
+  pcfg = build.resolve_pruning({"target_sparsity": 0.6, "pruning_rounds": 2, "mask_path": "m"})
+  policy = build.policy_from_config(pcfg)
+  assert policy.frozen
+  params = _params(2)
+  rng = np.random.default_rng(0)
+  given = jax.tree.map(
+    lambda m: None if m is None else jnp.asarray(rng.random(m.shape) < 0.3),
+    policy.init_mask(params),
+    is_leaf=lambda x: x is None,
+  )
+  alg = fedprune.federated_pruning(
+    client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3)),
+    optax.adam(0.05),
+    policy,
+    4,
+    initial_mask=given,
+  )
+  ex = executor.ChunkedExecutor(alg.client_update, 4, reducers=alg.reducers)
+  state0 = alg.init(params, 1)
+  kept, total = fedprune.mask_stats(given)
+  assert float(state0.sparsity) == pytest.approx(1 - float(kept) / float(total))
+  state, hist = rounds.run_rounds(
+    alg, state0, store, ex, CohortSampler(store.num_clients, 4, seed=0), 4, progress=False
+  )
+  for new, old in zip(jax.tree.leaves(state.mask), jax.tree.leaves(given)):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  assert [h["phase"] for h in hist] == [2] * 4 and all(h["mask_updated"] == 0 for h in hist)
+  assert all(h["sparsity"] == pytest.approx(1 - float(kept) / float(total)) for h in hist)
+  pairs = []  # (model, start, mask) of the prunable leaves
+  jax.tree.map(
+    lambda w, p, m: None if m is None else pairs.append((np.asarray(w), np.asarray(p), m)),
+    alg.model_params(state),
+    params,
+    jax.tree.map(lambda m: None if m is None else np.asarray(m), given, is_leaf=lambda x: x is None),
+    is_leaf=lambda x: x is None,
+  )
+  assert pairs and all(np.all(w[~m] == 0) for w, _, m in pairs)
+  assert any(np.any(w[m] != p[m]) for w, p, m in pairs)  # the kept weights did train

@@ -132,6 +132,11 @@ def test_cache_resume_and_failure_isolation(tmp_path):
   (tmp_path / key / "results.json").unlink()  # as if killed before it finished
   suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
   assert sorted(calls) == sorted([(suite.BASELINE, 1, 0.6), (suite.FEDERATED, 0, 0.5)])
+  # running one seed keeps the other seed's entries in the index
+  calls.clear()
+  index = suite.run_experiment(experiment, tmp_path, seeds=[1], runner=runner, log=lambda s: None)
+  assert len(index["runs"]) == 8 and {c[1] for c in calls} == {1}
+  assert sum(r["state"] == "done" for r in index["runs"] if r["seed"] == 0) == 4
 
 
 def test_report_numbers_against_hand_computed_values(tmp_path):

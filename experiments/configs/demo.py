@@ -18,20 +18,23 @@ def get_config():
   c.data.synth_utterances = 50
   c.data.synth_vocab_size = 200
   c.data.synth_seed = 0
-  c.data.server_speakers = 32
+  c.data.server_speakers = 64
   c.data.max_steps = 4
   # Few shapes to compile (each (S, T) shape bucket and each scan segment is one compilation,
   # minutes on 2 cores): one scan per client, 2 buckets.
   c.data.segments = 1
   c.data.num_buckets = 2
-  c.rounds = 20
+  c.data.eval_max_utterances = 400  # of 800 per split, spread over all 16 speakers
+  c.rounds = 8
   c.cohort_size = 8
   c.eval_every = 0
-  c.checkpoint_every = 5
-  c.warm_start.steps = 500
+  c.checkpoint_every = 4
+  c.warm_start.steps = 450
+  c.warm_start.batch_size = 32
+  c.warm_start.optim.warmup_steps = 50
   c.pruning.target_sparsity = 0.5
-  c.pruning.pruning_rounds = 10
-  c.pruning.update_every = 2
-  c.pruning.refining_rounds = 4
-  c.pruning.refine_every = 2
+  c.pruning.pruning_rounds = 4
+  c.pruning.update_every = 1
+  c.pruning.refining_rounds = 2
+  c.pruning.refine_every = 1
   return c
