@@ -140,7 +140,9 @@ def _spread_subset(fs: batching.FeatureSet, limit: int) -> batching.FeatureSet:
   if not limit or len(fs) <= limit:
     return fs
   idx = np.linspace(0, len(fs) - 1, limit).round().astype(np.int64)
-  return batching.pack_examples([fs.example(int(i)) for i in idx], fs.utt_ids[idx], fs.speaker_ids[idx])
+  return batching.pack_examples(
+    [fs.example(int(i)) for i in idx], fs.utt_ids[idx], fs.speaker_ids[idx]
+  )
 
 
 def save_params(path: pathlib.Path, params: Params) -> None:

@@ -352,7 +352,9 @@ def test_a_given_mask_is_trained_frozen_from_round_zero():
     lambda w, p, m: None if m is None else pairs.append((np.asarray(w), np.asarray(p), m)),
     alg.model_params(state),
     params,
-    jax.tree.map(lambda m: None if m is None else np.asarray(m), given, is_leaf=lambda x: x is None),
+    jax.tree.map(
+      lambda m: None if m is None else np.asarray(m), given, is_leaf=lambda x: x is None
+    ),
     is_leaf=lambda x: x is None,
   )
   assert pairs and all(np.all(w[~m] == 0) for w, _, m in pairs)

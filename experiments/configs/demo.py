@@ -16,7 +16,7 @@ def get_config():
   c.workdir = "runs/demo"
   c.data.synth_speakers = 160
   c.data.synth_utterances = 50
-  c.data.synth_vocab_size = 200
+  c.data.synth_vocab_size = 50
   c.data.synth_seed = 0
   c.data.server_speakers = 64
   c.data.max_steps = 4

@@ -12,7 +12,7 @@ an hour on 2 cores.
 * Warm start: the server trains the dense model centrally on its speakers (`warm_start.steps`,
   seeded by `warm_start.seed`, shared by every run and seed, evaluated on dev as it trains). Every
   arm then starts from the same well-trained dense model, as a deployment would.
-* Rounds: 10 rounds of cohort 8, up to 4 local Adam steps of 8 utterances: pruning over rounds
+* Rounds: 10 rounds of cohort 8, 2 local Adam steps of 16 utterances: pruning over rounds
   0-5 (mask updates every 2 rounds), refining in rounds 6-7 (a mask update each), fine-tuning in
   rounds 8-9.
 * Evaluation: 400 of the 800 utterances of dev and of test, spread evenly over their 16 speakers
@@ -34,7 +34,9 @@ def get_config():
   c.data.synth_seed = 0
   c.data.server_speakers = 64
   c.data.split_seed = 0
-  c.data.max_steps = 4
+  # 2 local steps of 16 utterances (32 of a speaker's 50)
+  c.data.batch_size = 16
+  c.data.max_steps = 2
   c.data.segments = 1
   c.data.num_buckets = 2
   c.data.eval_max_utterances = 400  # of 800 per split, spread over all 16 speakers
@@ -47,6 +49,7 @@ def get_config():
   c.warm_start.seed = 0
   c.warm_start.eval_every = 250
   c.warm_start.optim.warmup_steps = 150
+  c.baseline.batch_size = 16  # the clients' batch: a centralized round = a round's client steps
   c.pruning.target_sparsity = 0.5
   c.pruning.pruning_rounds = 6
   c.pruning.update_every = 2
