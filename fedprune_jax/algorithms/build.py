@@ -12,6 +12,7 @@ import json
 import pathlib
 from typing import Any, Callable, Mapping
 
+import jax
 from absl import logging as absl_logging
 
 from fedprune_jax import io_utils
@@ -195,7 +196,8 @@ def run_federated(
       cfg["checkpoint_dir"], cfg["checkpoint_every"], cfg["keep_checkpoints"]
     )
   if state is None:
-    state = algorithm.init(params, cfg["seed"])
+    # one compilation (persistently cached) instead of an eager dispatch per mask op and leaf
+    state = jax.jit(algorithm.init)(params, cfg["seed"])
     restored = checkpointer.restore(state) if checkpointer else None
     if restored is not None:
       state, history = restored

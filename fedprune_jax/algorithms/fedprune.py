@@ -69,6 +69,10 @@ def federated_pruning(
   if policy.uses_client_scores and policy.client_aggregation == "trimmed_mean":
     reducers["scores"] = agg_lib.TrimmedMean(int(policy.trim_fraction * cohort_size))
 
+  # A mask for round 0 (one-shot pruning) can only come from server scores. (A Python bool, so
+  # that ``init`` traces under jit.)
+  round0_from_clients = bool(policy.scores_from_clients(0))
+
   def init(params: PyTree, seed: int = 0) -> ServerState:
     mask = policy.init_mask(params) if initial_mask is None else initial_mask
     kept, total = mask_stats(mask)
@@ -82,8 +86,7 @@ def federated_pruning(
       sparsity=1.0 - kept / jnp.maximum(total, 1.0),
       phase=policy.phase(0),
     )
-    # A mask for round 0 (one-shot pruning) can only come from server scores.
-    if not policy.scores_from_clients(0):
+    if not round0_from_clients:
       state = _update_mask(state, None, 0)
     return state
 
