@@ -286,8 +286,10 @@ def test_full_setting_wiring_on_a_librispeech_layout(tiny_corpus, tmp_path):
   experiment = suite.load_experiment("t1_pattern", setting="full")
   base = experiment.base
   assert base.model.preset == "l" and base.data.dev_split == "dev-clean"
-  experiment = suite.Experiment(**{**experiment.__dict__, "arms": experiment.arms[:1]})
-  sets = TEST_SETS + ["engine.chunk_size=1", "data.max_steps=2"]
+  experiment = suite.Experiment(
+    **{**experiment.__dict__, "arms": experiment.arms[:1], "comparisons": (), "figures": ()}
+  )
+  sets = TEST_SETS + ["engine.chunk_size=1", "data.max_steps=2", "rounds=1"]
   index = suite.run_experiment(
     experiment, tmp_path / "runs", quick=True, data_root=str(root), overrides=sets, progress=False
   )
