@@ -158,6 +158,40 @@ QUICK = {
 # --- experiments ----------------------------------------------------------------------------------
 
 
+def one_factor(
+  name: str,
+  title: str,
+  question: str,
+  setting: str,
+  field: str,
+  values: Sequence[str],
+  comparisons: Sequence[tuple[str, str, str]],
+  fixed: Mapping[str, Any] | None = None,
+  extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Experiment:
+  """An experiment that varies one config ``field`` over ``values`` (plus the dense reference).
+
+  Args:
+    fixed: overrides of every pruning arm (default: 70% target sparsity).
+    extra: per value, more overrides of that arm.
+    comparisons: ``(claim, a, b)`` triples (arms are named by their value).
+  """
+  fixed = {"pruning.target_sparsity": 0.7} if fixed is None else fixed
+  arms = [Arm("dense", {"pruning": None}, row="dense")]
+  for value in values:
+    overrides = {**fixed, field: value, **(extra or {}).get(value, {})}
+    arms.append(Arm(value, overrides, row=value))
+  return Experiment(
+    name=name,
+    title=title,
+    question=question,
+    base=setting_config(setting),
+    arms=tuple(arms),
+    row_title=field.split(".")[-1],
+    comparisons=tuple(Comparison(*c) for c in comparisons),
+  )
+
+
 def load_experiment(name: str, setting: str = "small") -> Experiment:
   """``get_experiment(setting)`` of ``experiments/configs/<name>.py``."""
   path = config_lib.resolve_config_path(name)

@@ -13,21 +13,16 @@ def _step_delta(cfg) -> float:
 
 
 def get_experiment(setting: str = "small") -> suite.Experiment:
-  arms = [suite.Arm("dense", {"pruning": None}, row="dense")]
-  for schedule in ("constant", "step", "polynomial"):
-    overrides = {"pruning.target_sparsity": 0.7, "pruning.schedule": schedule}
-    if schedule == "step":
-      overrides["pruning.step_delta"] = _step_delta
-    arms.append(suite.Arm(schedule, overrides, row=schedule))
-  return suite.Experiment(
-    name="t3_schedule",
-    title="T3: sparsity schedule (70% unstructured)",
-    question="A gradual (step) schedule is compared with a constant one; cubic is the reference.",
-    base=suite.setting_config(setting),
-    arms=tuple(arms),
-    row_title="schedule",
+  return suite.one_factor(
+    "t3_schedule",
+    "T3: sparsity schedule (70% unstructured)",
+    "A gradual (step) schedule is compared with a constant one; cubic is the reference.",
+    setting,
+    "pruning.schedule",
+    ("constant", "step", "polynomial"),
     comparisons=(
-      suite.Comparison("constant - step (positive: step better)", "constant", "step"),
-      suite.Comparison("polynomial - step", "polynomial", "step"),
+      ("constant - step (positive: step better)", "constant", "step"),
+      ("polynomial - step", "polynomial", "step"),
     ),
+    extra={"step": {"pruning.step_delta": _step_delta}},
   )

@@ -8,20 +8,16 @@ from fedprune_jax import suite
 
 
 def get_experiment(setting: str = "small") -> suite.Experiment:
-  arms = [suite.Arm("dense", {"pruning": None}, row="dense")]
-  for allocation in ("uniform", "adaptive", "global", "erk"):
-    overrides = {"pruning.target_sparsity": 0.7, "pruning.allocation": allocation}
-    arms.append(suite.Arm(allocation, overrides, row=allocation))
-  return suite.Experiment(
-    name="t4_allocation",
-    title="T4: per-layer sparsity allocation (70% unstructured)",
-    question="Adaptive per-layer sparsity beats uniform per-layer sparsity.",
-    base=suite.setting_config(setting),
-    arms=tuple(arms),
-    row_title="allocation",
+  return suite.one_factor(
+    "t4_allocation",
+    "T4: per-layer sparsity allocation (70% unstructured)",
+    "Adaptive per-layer sparsity beats uniform per-layer sparsity.",
+    setting,
+    "pruning.allocation",
+    ("uniform", "adaptive", "global", "erk"),
     comparisons=(
-      suite.Comparison("adaptive - uniform (negative: adaptive better)", "adaptive", "uniform"),
-      suite.Comparison("global - uniform", "global", "uniform"),
-      suite.Comparison("erk - uniform", "erk", "uniform"),
+      ("adaptive - uniform (negative: adaptive better)", "adaptive", "uniform"),
+      ("global - uniform", "global", "uniform"),
+      ("erk - uniform", "erk", "uniform"),
     ),
   )

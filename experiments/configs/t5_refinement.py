@@ -8,19 +8,15 @@ from fedprune_jax import suite
 
 
 def get_experiment(setting: str = "small") -> suite.Experiment:
-  arms = [suite.Arm("dense", {"pruning": None}, row="dense")]
-  for refinement in ("none", "server", "client"):
-    overrides = {"pruning.target_sparsity": 0.7, "pruning.refinement": refinement}
-    arms.append(suite.Arm(refinement, overrides, row=refinement))
-  return suite.Experiment(
-    name="t5_refinement",
-    title="T5: mask refinement (70% unstructured)",
-    question="Mask refinement lowers WER.",
-    base=suite.setting_config(setting),
-    arms=tuple(arms),
-    row_title="refinement",
+  return suite.one_factor(
+    "t5_refinement",
+    "T5: mask refinement (70% unstructured)",
+    "Mask refinement lowers WER.",
+    setting,
+    "pruning.refinement",
+    ("none", "server", "client"),
     comparisons=(
-      suite.Comparison("server - none (negative: refinement helps)", "server", "none"),
-      suite.Comparison("client - none", "client", "none"),
+      ("server - none (negative: refinement helps)", "server", "none"),
+      ("client - none", "client", "none"),
     ),
   )
