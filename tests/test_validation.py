@@ -11,7 +11,10 @@ from fedprune_jax import config as config_lib
 from fedprune_jax import validation as V
 
 
-@pytest.mark.parametrize("name", ["tiny_centralized", "tiny_federated", "fedprune_tiny", "demo"])
+@pytest.mark.parametrize(
+  "name",
+  ["tiny_centralized", "tiny_federated", "fedprune_tiny", "demo", "paper_small", "paper_full"],
+)
 def test_shipped_configs_are_valid(name):
   assert V.problems(config_lib.load_config(name, validate=False)) == []
 
