@@ -94,6 +94,8 @@ def _fmt(values: list[float], percent: bool = True) -> str:
   if n == 0:
     return "-"
   scale = 100.0 if percent else 1.0
+  if n == 1:  # no spread to show from one seed
+    return f"{mean * scale:.1f}"
   return f"{mean * scale:.1f} ± {std * scale:.1f}"
 
 
@@ -137,7 +139,9 @@ def experiment_markdown(index: dict, arms: dict) -> str:
     lines += ["|---|---:|---:|---|"]
     for c in index["comparisons"]:
       p = paired(arms, c["a"], c["b"], c["metric"])
-      diff = "-" if p["n"] == 0 else f"{p['mean'] * 100:+.1f} ± {p['std'] * 100:.1f}"
+      diff = "-" if p["n"] == 0 else f"{p['mean'] * 100:+.1f}"
+      if p["n"] > 1:
+        diff += f" ± {p['std'] * 100:.1f}"
       lines.append(f"| {c['claim']} | {diff} | {p['n']} | {p['verdict']} |")
   total = sum(sum(a["seconds"]) for a in arms.values())
   runs = sum(len(a["seeds"]) for a in arms.values())

@@ -207,6 +207,8 @@ def test_paired_verdicts():
   arms["b"]["seeds"] = {0: {"m": 1.0}}
   assert report.paired(arms, "a", "b", "m")["verdict"] == "needs >= 2 seeds"
   assert math.isnan(report.mean_std([])[0])
+  assert report._fmt([0.5]) == "50.0" and report._fmt([]) == "-"  # one seed: no ± shown
+  assert report._fmt([0.2, 0.4]) == "30.0 ± 14.1"
 
 
 def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
