@@ -229,18 +229,21 @@ def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
     argv += ["--set", s]
   assert cli.main(argv) == 0
   index = json.loads((runs / "t6_data_quick.json").read_text())
-  assert [r["state"] for r in index["runs"]] == ["done"] * 5
+  assert [r["state"] for r in index["runs"]] == ["done"] * 6
   by_arm = {
     r["arm"]: json.loads((runs / r["dir"] / "results.json").read_text()) for r in index["runs"]
   }
   server = by_arm["central_server"]["train"]
-  frozen = by_arm["central_server+fed"]["train"]
-  # the frozen arm trained exactly the centralized run's mask, at the target sparsity
-  assert frozen["mask_sha256"] == server["mask_sha256"]
-  assert frozen["sparsity"] == pytest.approx(0.7, abs=0.01)
-  phases = {h["phase"] for h in by_arm["central_server+fed"]["history"]}
-  assert phases == {2.0}  # fine-tuning in every round
-  assert all(h["mask_updated"] == 0.0 for h in by_arm["central_server+fed"]["history"])
+  for arm in ("server_mask+fed", "central_server+fed"):
+    # trained exactly the centralized run's mask, frozen, at the target sparsity
+    frozen = by_arm[arm]["train"]
+    assert frozen["mask_sha256"] == server["mask_sha256"]
+    assert frozen["sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert {h["phase"] for h in by_arm[arm]["history"]} == {2.0}  # fine-tuning in every round
+    assert all(h["mask_updated"] == 0.0 for h in by_arm[arm]["history"])
+  # the mask-only arm starts from the shared warm start, the other from the centralized model
+  assert by_arm["server_mask+fed"]["train"]["warm_start"] == by_arm["dense"]["train"]["warm_start"]
+  assert by_arm["central_server+fed"]["train"]["warm_start"].endswith("checkpoint")
   assert by_arm["federated"]["train"]["mask_sha256"] != server["mask_sha256"]
   assert by_arm["central_pooled"]["train"]["algorithm"] == "centralized_pooled"
   assert by_arm["dense"]["train"]["algorithm"] == "fedavg"
@@ -251,7 +254,7 @@ def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
   assert cli.main(["report", str(runs)]) == 0
   text = capsys.readouterr().out
   assert "T6: federated vs centralized pruning" in text and "(quick)" in text
-  assert "5 runs done" in text
+  assert "6 runs done" in text
   # again: every run is cached
   calls = []
   suite.run_experiment(
