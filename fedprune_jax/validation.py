@@ -145,8 +145,14 @@ def _asr_heads() -> Collection[str]:
   return asr.HEADS
 
 
-def _allocations() -> Collection[str]:
-  return ("uniform", "global", "adaptive", "erk")  # fedprune_jax.pruning.parse_allocation
+def _allocation_error(value: str) -> str | None:
+  from fedprune_jax.pruning import allocation  # pylint: disable=g-import-not-at-top
+
+  try:
+    allocation.parse_allocation(value)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def _pattern_error(value: str) -> str | None:
@@ -253,7 +259,7 @@ FIELD_RULES: dict[str, Field] = {
   "pruning.initial_sparsity": fraction(hi_open=True),
   "pruning.pattern": Field("str", check=_pattern_error),
   "pruning.score": one_of("magnitude", "random", "saliency", "update"),
-  "pruning.allocation": Field("str", choices=_allocations),
+  "pruning.allocation": Field("str", check=_allocation_error),
   "pruning.schedule": one_of("polynomial", "constant", "step"),
   "pruning.begin_round": count(0),
   "pruning.update_every": count(1),

@@ -339,3 +339,13 @@ def test_per_path_patterns_and_parse():
   assert (f.sum(axis=1) == 2).all()
   a = np.asarray(m["att"]["kernel"])
   assert (a.all(axis=0) | ~a.any(axis=0)).all() and (~a).sum() == 12
+
+
+def test_adaptive_bounds_from_a_string():
+  from fedprune_jax.pruning import allocation as alloc_lib
+
+  assert alloc_lib.parse_allocation("adaptive:0.5-0.9") == alloc_lib.Adaptive(floor=0.5, ceil=0.9)
+  assert alloc_lib.parse_allocation("adaptive") == alloc_lib.Adaptive()
+  for bad in ("adaptive:0.9-0.5", "adaptive:x", "adaptive:0.5"):
+    with pytest.raises(ValueError, match="adaptive"):
+      alloc_lib.parse_allocation(bad)

@@ -87,9 +87,24 @@ _NORMALIZE = ("none", "mean", "max")
 
 
 def parse_allocation(spec: str | Allocation) -> Allocation:
-  """``"uniform" | "global" | "adaptive" | "erk"`` -> allocation object."""
+  """``"uniform" | "global" | "adaptive" | "adaptive:FLOOR-CEIL" | "erk"`` -> allocation object.
+
+  Bare ``adaptive`` has the bounds [0, 1], i.e. it is ``global``; ``adaptive:0.5-0.9`` keeps
+  every layer's sparsity within [50%, 90%].
+  """
   if isinstance(spec, (Uniform, Global, Adaptive, ERK)):
     return spec
+  text = str(spec).lower()
+  if text.startswith("adaptive:"):
+    try:
+      floor, ceil = (float(x) for x in text.split(":", 1)[1].split("-"))
+    except ValueError:
+      raise ValueError(
+        f"allocation {spec!r}: expected 'adaptive:FLOOR-CEIL', e.g. 'adaptive:0.5-0.9'"
+      ) from None
+    if not 0.0 <= floor <= ceil <= 1.0:
+      raise ValueError(f"allocation {spec!r}: bounds need 0 <= FLOOR <= CEIL <= 1")
+    return Adaptive(floor=floor, ceil=ceil)
   table = {"uniform": Uniform(), "global": Global(), "adaptive": Adaptive(), "erk": ERK()}
   try:
     return table[str(spec).lower()]
