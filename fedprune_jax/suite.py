@@ -23,6 +23,7 @@ experiment all`` runs every experiment for seed 0, then for seed 1, ...).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -282,7 +283,7 @@ def expand(
         cfg.data.root = str(pathlib.Path(data_root).absolute())
       if quick:
         for k, v in {**QUICK, **experiment.quick}.items():
-          _set(cfg, k, v)
+          _set(cfg, k, copy.deepcopy(v))  # never a shared ConfigDict that --set would mutate
       config_lib.apply_overrides(cfg, overrides, source="--set")
       cfg.seed = seed
       derived = {}

@@ -60,6 +60,11 @@ def test_keys_are_shared_across_tables_and_follow_the_config():
   quick = suite.expand(suite.load_experiment("t1_pattern"), quick=True, overrides=["rounds=3"])
   assert {s.seed for s in quick} == {0} and len(quick) == 16
   assert quick[0].config.rounds == 3 and quick[0].config.cohort_size == suite.QUICK["cohort_size"]
+  # a --set into a QUICK section changes that run only, not QUICK itself
+  t6 = suite.load_experiment("t6_data")
+  (a, *_) = suite.expand(t6, quick=True, overrides=["model.overrides.d_model=48"])
+  (b, *_) = suite.expand(t6, quick=True)
+  assert a.config.model.overrides.d_model == 48 and b.config.model.overrides.d_model == 32
 
 
 def test_step_schedule_reaches_the_target_within_the_pruning_phase():
