@@ -226,7 +226,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
   else:
     seeds = sorted({s for e in experiments for s in e.seeds[: 1 if args.quick else None]})
-  failed = {}
+  failed_by_experiment = {}  # of the latest index of each experiment (it covers every seed)
   for seed in seeds:  # seed-major: every table gets its first seed before any gets a second
     for experiment in experiments:
       if seed not in experiment.seeds and not args.seeds:
@@ -239,8 +239,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         data_root=data_root,
         overrides=args.overrides,
       )
-      failed[experiment.name] = sum(r["state"] == "failed" for r in index["runs"])
-  failed = sum(failed.values())
+      failed_by_experiment[experiment.name] = sum(r["state"] == "failed" for r in index["runs"])
+  failed = sum(failed_by_experiment.values())
   print(report.render(args.runs, args.report_dir))
   if failed:
     print(f"{failed} run(s) failed: see 'error' in {args.runs}/<experiment>.json", file=sys.stderr)

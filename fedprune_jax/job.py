@@ -19,6 +19,7 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 import shutil
@@ -99,11 +100,7 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   eval_fn = None
   if ws.get("eval_every"):
     evals = task.EvalSplits(cfg)
-
-    def eval_fn(model_params):
-      dev = evals.evaluate(model, model_params, "dev")
-      return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
-
+    eval_fn = functools.partial(evals.dev_metrics, model)
   params, _, history = centralized_lib.train(
     loss_fn,
     params,
@@ -169,8 +166,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
 
   def eval_fn(model_params, round_index):
     del round_index
-    dev = evals.evaluate(model, model_params, "dev")
-    return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
+    return evals.dev_metrics(model, model_params)
 
   raw = cfg.to_dict()
   engine = rounds.resolve_config(raw)

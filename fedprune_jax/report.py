@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import statistics
 from typing import Any
 
 from fedprune_jax import io_utils
@@ -66,9 +67,14 @@ def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
   for entry in index["runs"]:
     arm = arms.setdefault(
       entry["arm"],
-      {"row": entry["row"], "col": entry["col"], "report": entry["report"], "seeds": {}},
+      {
+        "row": entry["row"],
+        "col": entry["col"],
+        "report": entry["report"],
+        "seeds": {},
+        "seconds": [],
+      },
     )
-    arm.setdefault("seconds", [])
     path = runs_dir / entry["dir"] / "results.json"
     if entry["state"] != "done" and not path.exists():
       continue
@@ -84,9 +90,7 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
   n = len(values)
   if n == 0:
     return math.nan, math.nan, 0
-  mean = sum(values) / n
-  var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-  return mean, math.sqrt(var), n
+  return statistics.fmean(values), statistics.stdev(values) if n > 1 else 0.0, n
 
 
 def _fmt(values: list[float], percent: bool = True) -> str:

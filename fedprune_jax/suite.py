@@ -367,7 +367,7 @@ def run_experiment(
     if entry["state"] == "done":
       log(f"{tag} {spec.arm.name} seed {spec.seed}: cached ({spec.dirname})")
       continue
-    blocked = [n for n in spec.arm.needs if _key_for(specs, spec.seed, n) in failed_keys]
+    blocked = [a for a in spec.arm.needs if _key_for(specs, spec.seed, a) in failed_keys]
     if blocked:
       entry.update(state="failed", error=f"needs arm {blocked[0]!r}, which failed")
       failed_keys.add(spec.key)
@@ -389,7 +389,7 @@ def run_experiment(
       log(f"{tag} {spec.arm.name} seed {spec.seed}: FAILED\n{traceback.format_exc()}")
     else:
       seconds = time.monotonic() - start
-      _add_seconds(workdir, seconds)
+      _record_seconds(workdir, seconds)
       entry.update(_entry(spec, runs_dir))
       log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {seconds:.0f} s")
     _write_index(index_path, experiment, quick, entries)
@@ -401,12 +401,12 @@ def _key_for(specs: list[RunSpec], seed: int, arm: str) -> str:
   return next(s.key for s in specs if s.seed == seed and s.arm.name == arm)
 
 
-def _add_seconds(workdir: pathlib.Path, seconds: float) -> None:
-  """Accumulates the run's wall time (over resumes) in ``suite.json``."""
+def _record_seconds(workdir: pathlib.Path, seconds: float) -> None:
+  """The wall time of the attempt that finished the run, in ``suite.json`` (earlier attempts
+  killed mid-run cannot record theirs)."""
   path = workdir / "suite.json"
   record = json.loads(path.read_text(encoding="utf-8"))
-  record["seconds"] = record.get("seconds", 0.0) + seconds
-  io_utils.write_json_atomic(path, record)
+  io_utils.write_json_atomic(path, {**record, "seconds": seconds})
 
 
 def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:

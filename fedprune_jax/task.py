@@ -131,6 +131,11 @@ class EvalSplits:
   def evaluate(self, model: asr.AsrModel, params: Params, name: str) -> dict[str, float]:
     return evaluate_lib.evaluate(model, params, self.feature_sets[name], batches=self.batches[name])
 
+  def dev_metrics(self, model: asr.AsrModel, params: Params) -> dict[str, float]:
+    """``{dev_wer, dev_cer, dev_loss}``: what training logs as it goes."""
+    dev = self.evaluate(model, params, "dev")
+    return {"dev_wer": dev["wer"], "dev_cer": dev["cer"], "dev_loss": dev["loss"]}
+
   def evaluate_all(self, model: asr.AsrModel, params: Params) -> dict[str, dict[str, float]]:
     return {name: self.evaluate(model, params, name) for name in self.feature_sets}
 

@@ -145,14 +145,19 @@ def _asr_heads() -> Collection[str]:
   return asr.HEADS
 
 
-def _allocation_error(value: str) -> str | None:
-  from fedprune_jax.pruning import allocation  # pylint: disable=g-import-not-at-top
-
+def _parse_error(parse: Callable[[str], Any], value: str) -> str | None:
+  """The ValueError text of ``parse(value)``, or None if it parses."""
   try:
-    allocation.parse_allocation(value)
+    parse(value)
   except ValueError as e:
     return str(e)
   return None
+
+
+def _allocation_error(value: str) -> str | None:
+  from fedprune_jax.pruning import allocation  # pylint: disable=g-import-not-at-top
+
+  return _parse_error(allocation.parse_allocation, value)
 
 
 def _pattern_error(value: str) -> str | None:
@@ -160,11 +165,7 @@ def _pattern_error(value: str) -> str | None:
 
   if value.strip().lower() == "units":  # unit-structured masks (heads, FFN units, conv groups)
     return None
-  try:
-    patterns.parse_pattern(value)
-  except ValueError as e:
-    return str(e)
-  return None
+  return _parse_error(patterns.parse_pattern, value)
 
 
 STRING = Field("str")
