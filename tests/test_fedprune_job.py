@@ -29,6 +29,7 @@ def _argv(command, corpus, workdir, rounds, extra=()):
     "data.eval_batch_size=4",
     "warm_start.steps=4",
     "warm_start.batch_size=4",
+    "warm_start.eval_every=2",
     "checkpoint_every=2",
     "engine.chunk_size=3",
     "data.segments=2",
@@ -59,6 +60,9 @@ def test_federated_pruning_job_resume_eval_and_baseline(tiny_corpus, tmp_path, c
   assert abs(t["sparsity"] - 0.5) < 0.01
   assert (workdir / "mask.npz").exists()
   assert len(t["params_sha256"]) == 64 and len(t["mask_sha256"]) == 64
+  # the warm start logged dev metrics every 2 of its 4 steps
+  ws_history = json.loads((workdir / "warm_start.json").read_text())["history"]
+  assert [h["step"] for h in ws_history if "dev_wer" in h] == [2, 4]
   log = read_jsonl(workdir / "metrics.jsonl")
   rounds_ = [r for r in log if "round" in r]
   assert [r["round"] for r in rounds_] == [0, 1, 2, 3]

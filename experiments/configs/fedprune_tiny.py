@@ -23,11 +23,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.client.learning_rate = 1e-3
   c.data.server_speakers = 16  # server-side speakers: warm start and centralized baseline
+  c.data.split_seed = None  # seed of the server/client speaker split (None = the run's seed)
+  c.data.eval_max_utterances = 0  # evaluate on at most this many utterances per split (0 = all)
 
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.steps = 400  # centralized steps on the server-side speakers (0 = from scratch)
   c.warm_start.batch_size = 16
   c.warm_start.path = ""  # reuse a saved warm start (default: WORKDIR/warm_start)
+  c.warm_start.seed = None  # its init and batch seed (None = the run's seed)
+  c.warm_start.eval_every = 0  # dev WER every k steps and at the end, in PATH.json (0 = none)
   c.warm_start.optim = config_lib.load_config("tiny_centralized").optim
   c.warm_start.optim.warmup_steps = 50
 
