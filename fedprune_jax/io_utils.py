@@ -1,8 +1,9 @@
-"""Atomic file writes and JSONL metric logs."""
+"""Atomic file writes, JSONL metric logs and pytree digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import tempfile
 import time
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from fedprune_jax.errors import InputError
@@ -163,3 +165,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       except json.JSONDecodeError:
         break
   return records
+
+
+def tree_sha256(tree: Any) -> str:
+  """sha256 of a pytree's arrays (flatten order, raw bytes); None leaves are skipped."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()

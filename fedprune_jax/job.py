@@ -20,7 +20,6 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 from __future__ import annotations
 
 import functools
-import hashlib
 import pathlib
 import shutil
 from typing import Any
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from fedprune_jax import io_utils
+from fedprune_jax import programs
 from fedprune_jax import pruning
 from fedprune_jax import task
 from fedprune_jax.errors import ConfigError
@@ -120,22 +120,19 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   return params, str(path)
 
 
-def sha256_of(tree: PyTree) -> str:
-  """sha256 of the tree's arrays (flatten order, raw bytes); None leaves are skipped."""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(tree):
-    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return h.hexdigest()
-
-
 def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   """What the federated job and its centralized baseline share: workdir, model, loss, the train
   split, its server/client speaker split and the (cached) warm start."""
   workdir = task.prepare_workdir(cfg)
   model = task.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
-  specaug = cfg.get("specaug")
-  loss_fn = task.make_training_loss(model, dict(specaug) if specaug else None)
+  specaug = dict(cfg.specaug) if cfg.get("specaug") else None
+  # one loss function object per (model, SpecAugment), so later runs of this process reuse the
+  # programs traced from it (``programs.shared``)
+  loss_fn = programs.shared(
+    ("training_loss", model, programs.config_key(specaug)),
+    lambda: task.make_training_loss(model, specaug),
+  )
   train_fs = task.load_split(cfg, cfg.data.train_split)
   split_seed = cfg.data.get("split_seed")
   server_speakers, client_speakers = split_speakers(
@@ -212,12 +209,12 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     "preset": cfg.model.preset,
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
-    "params_sha256": sha256_of(state.params),
+    "params_sha256": io_utils.tree_sha256(state.params),
   }
   if state.mask is not None:
     summary.update(
       sparsity=float(pruning.sparsity(state.mask)),
-      mask_sha256=sha256_of(state.mask),
+      mask_sha256=io_utils.tree_sha256(state.mask),
       **costs_lib.totals(history),
     )
     for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
@@ -259,6 +256,7 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     examples_of(train_fs, speakers),
     steps=steps,
     optimizer=rounds.make_client_optimizer(client),
+    optimizer_key=programs.config_key(client),
     batch_size=cfg.baseline.batch_size,
     num_buckets=cfg.data.num_buckets,
     seed=cfg.seed,
@@ -279,8 +277,8 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     "nonzero_params": int(pruning.param_count(params, mask)),
     "num_params": conformer.count_params(params),
     "preset": cfg.model.preset,
-    "params_sha256": sha256_of(params),
-    "mask_sha256": sha256_of(mask),
+    "params_sha256": io_utils.tree_sha256(params),
+    "mask_sha256": io_utils.tree_sha256(mask),
   }
   result = {"final": final, "train": summary, "history": history}
   pruning.save_mask(workdir / "mask.npz", mask)
@@ -315,7 +313,11 @@ def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   biggest = max(segments, key=lambda b: b.shapes["features"][0])
   frames = biggest.shapes["features"][0]
   batch = {k: v[0, 0] for k, v in biggest.zeros(1).items()}  # one local step [B, ...]
-  activations = costs_lib.activation_bytes(loss_fn, params, batch)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, batch))
+  activations = programs.shared(
+    ("activation_bytes", loss_fn, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes))),
+    lambda: costs_lib.activation_bytes(loss_fn, params, batch),
+  )
   dense = flops_lib.conformer_flops(model.config, biggest.batch_size, frames)
   client = engine["client"]
   slots = {"adam": 2, "sgd": 1 if client.get("momentum") else 0}[client["optimizer"].lower()]

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
   import json, os, signal, sys
   import jax, numpy as np
   from fedprune_jax.algorithms import build
-  from fedprune_jax import job
+  from fedprune_jax import io_utils
   from fedprune_jax.federated import client_data, toy
 
   workdir, kill_at = sys.argv[1], int(sys.argv[2])
@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent(
   state, history = build.run_federated(cfg, toy.make_loss_fn(), params, store, progress=False)
   timing = ("seconds", "clients_per_s", "examples_per_s")
   out = {
-    "params_sha256": job.sha256_of(state.params),
-    "mask_sha256": job.sha256_of(state.mask),
+    "params_sha256": io_utils.tree_sha256(state.params),
+    "mask_sha256": io_utils.tree_sha256(state.mask),
     "history": [{k: v for k, v in h.items() if k not in timing} for h in history],
   }
   with open(os.path.join(workdir, "out.json"), "w") as f:

@@ -16,6 +16,7 @@ import jax
 from absl import logging as absl_logging
 
 from fedprune_jax import io_utils
+from fedprune_jax import programs
 from fedprune_jax.algorithms import mask_policy
 from fedprune_jax.algorithms.fedavg import fedavg
 from fedprune_jax.algorithms.fedprune import federated_pruning
@@ -120,6 +121,34 @@ def build_algorithm(
   )
 
 
+def _programs(
+  cfg: Mapping[str, Any],
+  loss_fn: LossFn,
+  policy: mask_policy.MaskPolicy | None,
+  initial_mask: PyTree | None,
+):
+  """(algorithm, executor), shared with earlier runs of this process built from equal inputs.
+
+  ``loss_fn`` is keyed by identity (``job`` reuses one per model and SpecAugment config), the
+  policy by value. The executor, which holds the traced client program, is shared by every
+  algorithm with the same local update and ``client_key`` (e.g. magnitude pruning at any pattern
+  or sparsity), the algorithm (init, broadcast, server update) by equal policies and masks.
+  """
+  local = programs.config_key(cfg["client"], cfg["faults"])
+  server = programs.config_key(cfg["server"], cfg["cohort_size"])
+  mask = None if initial_mask is None else io_utils.tree_sha256(initial_mask)
+  algorithm = programs.shared(
+    ("algorithm", loss_fn, local, server, policy, mask),
+    lambda: build_algorithm(cfg, loss_fn, policy, None, initial_mask),
+  )
+  client = algorithm.client_key if algorithm.client_key is not None else object()
+  executor = programs.shared(
+    ("executor", loss_fn, local, programs.config_key(cfg["engine"]), client),
+    lambda: rounds.make_executor(cfg["engine"], algorithm.client_update, algorithm.reducers),
+  )
+  return algorithm, executor
+
+
 def make_sampler(cfg: Mapping[str, Any], store: ClientStore) -> CohortSampler:
   if cfg["sampling"] not in ("uniform", "weighted"):
     raise ValueError(
@@ -187,7 +216,8 @@ def run_federated(
   if policy is None:
     pcfg = resolve_pruning(raw.get("pruning"))
     policy = None if pcfg is None else policy_from_config(pcfg)
-  algorithm = build_algorithm(cfg, loss_fn, policy, round_costs, initial_mask)
+  algorithm, executor = _programs(cfg, loss_fn, policy, initial_mask)
+  algorithm = algorithm._replace(round_costs=round_costs)
   sampler = make_sampler(cfg, store)
   history: list[dict] = []
   checkpointer = None
@@ -204,7 +234,6 @@ def run_federated(
       absl_logging.info("resuming from the checkpoint after round %d", int(state.round))
       if cfg["log_path"]:
         _truncate_log(cfg["log_path"], history)
-  executor = rounds.make_executor(cfg["engine"], algorithm.client_update, algorithm.reducers)
   remaining = max(0, cfg["rounds"] - int(state.round))
   state, history = rounds.run_rounds(
     algorithm,

@@ -12,13 +12,14 @@ update, as the clients' do. Without a policy it is plain (dense) training.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedprune_jax import programs
 from fedprune_jax import pruning
 from fedprune_jax.algorithms.mask_policy import MaskPolicy
 from fedprune_jax.data import batching
@@ -59,6 +60,7 @@ def train(
   desc: str = "centralized",
   eval_fn: Callable[[PyTree], dict] | None = None,
   eval_every: int = 0,
+  optimizer_key: Hashable | None = None,
 ) -> tuple[PyTree, PyTree | None, list[dict]]:
   """Trains ``steps`` steps on length-bucketed batches of ``examples``.
 
@@ -70,6 +72,8 @@ def train(
       policy step.
     eval_fn: ``eval_fn(model_params) -> {name: value}``, run every ``eval_every`` steps and at the
       end (``model_params = apply_mask(params, mask)``); its values go into the history.
+    optimizer_key: a hashable name of ``optimizer``'s config; calls of this process with the same
+      ``loss_fn`` and an equal key reuse one traced step (``programs.shared``).
   Returns:
     (final dense params, final mask or None, history of {step, loss, sparsity}). The model is
     ``apply_mask(params, mask)``.
@@ -81,7 +85,12 @@ def train(
   tx = pruning.masked_optimizer(optimizer, pruned="freeze")
   opt_state = tx.init(params)
   mask = policy.init_mask(params) if policy is not None else None
-  step_fn = make_step(loss_fn, tx)
+  if optimizer_key is None:
+    step_fn = make_step(loss_fn, tx)
+  else:
+    step_fn = programs.shared(
+      ("centralized_step", loss_fn, optimizer_key), lambda: make_step(loss_fn, tx)
+    )
   frames = np.array([e.features.shape[0] for e in examples])
   boundaries = batching.bucket_boundaries(frames, num_buckets)
   max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)

@@ -38,4 +38,5 @@ def fedavg(
     broadcast=lambda state: state.params,
     client_update=lambda params, data, rng: local_update(params, data, rng),
     server_update=server_update,
+    client_key="fedavg",
   )

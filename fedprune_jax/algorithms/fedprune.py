@@ -170,4 +170,12 @@ def federated_pruning(
     reducers=reducers,
     model_params=lambda state: pruning.apply_mask(state.params, state.mask),
     round_costs=round_costs,
+    # what client_update and the reducers read of the policy and the cohort
+    client_key=(
+      "fedprune",
+      policy.uses_client_scores,
+      policy.client_score,
+      policy.client_aggregation,
+      tuple(sorted((k, type(r).__name__, r) for k, r in reducers.items())),
+    ),
   )

@@ -14,7 +14,7 @@ logging and checkpoints only. Everything a round depends on lives in the ``Serve
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import jax
 
@@ -40,6 +40,9 @@ class FederatedAlgorithm(NamedTuple):
     model_params: ``ServerState -> params`` of the model to evaluate or export.
     round_costs: ``ServerState -> {name: float}``, host-side per-client costs of the next round
       (bytes down/up, FLOPs, memory), or None.
+    client_key: hashable; two algorithms built on the same local update whose ``client_key`` are
+      equal have interchangeable ``client_update`` and ``reducers`` (so the engine may reuse one
+      traced client program for both, ``programs.shared``); None: never interchangeable.
   """
 
   name: str
@@ -50,3 +53,4 @@ class FederatedAlgorithm(NamedTuple):
   reducers: Mapping[str, Reducer] = {}
   model_params: Callable[[ServerState], PyTree] = lambda state: state.params
   round_costs: Callable[[ServerState], dict] | None = None
+  client_key: Hashable | None = None
