@@ -7,8 +7,8 @@ how many finished), and renders per experiment:
 * a table of mean +- std over seeds of test WER (and dev WER, dev CER, sparsity) per arm; an
   experiment whose arms have a column label (T1) is pivoted to rows x columns;
 * its comparisons: the paired (same seed) difference ``a - b`` of test WER, mean +- std over
-  seeds, with a verdict from the paired t statistic (|t| >= 2 with n >= 2: the sign is read as an
-  effect; otherwise "within noise");
+  seeds, with a verdict from a two-sided paired t-test over seeds (p < 0.05: the sign is read as
+  an effect; otherwise "within noise"; with 2 seeds only |t| > 12.7 is an effect, with 3 |t| > 4.3);
 * its figures: ``wer_vs_sparsity`` (F1: test WER vs target sparsity per pattern, the dense
   reference as a line) and ``cost_vs_sparsity`` (F2: client bytes down / up, FLOPs per local step
   and training memory vs sparsity).
@@ -22,9 +22,12 @@ import pathlib
 import statistics
 from typing import Any
 
+from scipy import stats as scipy_stats
+
 from fedprune_jax import io_utils
 
 METRICS = ("test_wer", "dev_wer", "dev_cer", "sparsity")
+ALPHA = 0.05  # significance level of the paired comparisons
 
 
 def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
@@ -109,13 +112,15 @@ def paired(arms: dict, a: str, b: str, metric: str) -> dict[str, Any]:
   diffs = [sa[s][metric] - sb[s][metric] for s in sorted(set(sa) & set(sb))]
   mean, std, n = mean_std(diffs)
   t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else math.nan
+  # two-sided paired t-test with n - 1 degrees of freedom
+  p = 2.0 * float(scipy_stats.t.sf(abs(t), n - 1)) if not math.isnan(t) else math.nan
   if n < 2:
     verdict = "needs >= 2 seeds"
-  elif math.isnan(t) or abs(t) < 2:
-    verdict = "within noise"
+  elif math.isnan(p) or p >= ALPHA:
+    verdict = "within noise" if math.isnan(p) else f"within noise (p = {p:.2f})"
   else:
-    verdict = f"{a} {'higher' if mean > 0 else 'lower'} (|t| = {abs(t):.1f})"
-  return {"mean": mean, "std": std, "n": n, "t": t, "verdict": verdict}
+    verdict = f"{a} {'higher' if mean > 0 else 'lower'} (p = {p:.3f})"
+  return {"mean": mean, "std": std, "n": n, "t": t, "p": p, "verdict": verdict}
 
 
 def experiment_markdown(index: dict, arms: dict) -> str:

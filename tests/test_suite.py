@@ -193,8 +193,9 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
   # row@0.5: mean 0.42, sample std sqrt(((-.02)^2 + (-.01)^2 + .03^2) / 2) = 0.0264575
   assert "| row | 42.0 ± 2.6 |" in text
   assert "| column | 37.7 ± 1.5 |" in text
-  # paired column - row: (-.04, -.03, -.06): mean -0.04333, std 0.015275, t = -4.9
-  assert "| column - row | -4.3 ± 1.5 | 3 | column@0.5 lower (|t| = 4.9) |" in text
+  # paired column - row: (-.04, -.03, -.06): mean -0.04333, std 0.015275, t = -4.914; two-sided
+  # p with 2 degrees of freedom = 1 - |t| / sqrt(t^2 + 2) = 0.0390
+  assert "| column - row | -4.3 ± 1.5 | 3 | column@0.5 lower (p = 0.039) |" in text
   assert "9 runs done; their wall time adds up to 1.6 min." in text
   for fig in ("wer_vs_sparsity", "cost_vs_sparsity"):
     png = tmp_path / "report" / f"t1_pattern_{fig}.png"
@@ -208,7 +209,14 @@ def test_paired_verdicts():
     "b": {"seeds": {0: {"m": 1.1}, 1: {"m": 1.9}, 2: {"m": 3.0}}},
   }
   p = report.paired(arms, "a", "b", "m")
-  assert p["n"] == 3 and p["mean"] == pytest.approx(0.0) and p["verdict"] == "within noise"
+  assert p["n"] == 3 and p["mean"] == pytest.approx(0.0)
+  assert p["verdict"] == "within noise (p = 1.00)"  # diffs (-.1, .1, 0): t = 0
+  # 2 seeds: t = 9.0 (diffs .08, .10) is not an effect at 5% (1 degree of freedom: p = 0.070)
+  arms2 = {
+    "a": {"seeds": {0: {"m": 0.18}, 1: {"m": 0.2}}},
+    "b": {"seeds": {0: {"m": 0.1}, 1: {"m": 0.1}}},
+  }
+  assert report.paired(arms2, "a", "b", "m")["verdict"] == "within noise (p = 0.07)"
   arms["b"]["seeds"] = {0: {"m": 1.0}}
   assert report.paired(arms, "a", "b", "m")["verdict"] == "needs >= 2 seeds"
   assert math.isnan(report.mean_std([])[0])
