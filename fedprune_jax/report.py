@@ -119,7 +119,8 @@ def paired(arms: dict, a: str, b: str, metric: str) -> dict[str, Any]:
   elif math.isnan(p) or p >= ALPHA:
     verdict = "within noise" if math.isnan(p) else f"within noise (p = {p:.2f})"
   else:
-    verdict = f"{a} {'higher' if mean > 0 else 'lower'} (p = {p:.3f})"
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    verdict = f"{a} {'higher' if mean > 0 else 'lower'} ({shown})"
   return {"mean": mean, "std": std, "n": n, "t": t, "p": p, "verdict": verdict}
 
 

@@ -217,6 +217,11 @@ def test_paired_verdicts():
     "b": {"seeds": {0: {"m": 0.1}, 1: {"m": 0.1}}},
   }
   assert report.paired(arms2, "a", "b", "m")["verdict"] == "within noise (p = 0.07)"
+  arms2["a"]["seeds"][2] = {"m": 0.19}  # diffs .08, .10, .09: t = 15.6, p = 0.0041
+  arms2["b"]["seeds"][2] = {"m": 0.1}
+  assert report.paired(arms2, "a", "b", "m")["verdict"] == "a higher (p = 0.004)"
+  arms2["a"]["seeds"] = {0: {"m": 0.2}, 1: {"m": 0.201}, 2: {"m": 0.199}}  # t = 173
+  assert report.paired(arms2, "a", "b", "m")["verdict"] == "a higher (p < 0.001)"
   arms["b"]["seeds"] = {0: {"m": 1.0}}
   assert report.paired(arms, "a", "b", "m")["verdict"] == "needs >= 2 seeds"
   assert math.isnan(report.mean_std([])[0])
