@@ -24,7 +24,9 @@ def get_experiment(setting: str = "small") -> suite.Experiment:
     row_title="pattern",
     col_title="target sparsity",
     comparisons=(
-      suite.Comparison("column - row at 70% (negative: column better)", "column@0.7", "row@0.7"),
+      suite.Comparison("column - row at 50% (negative: column better)", "column@0.5", "row@0.5"),
+      suite.Comparison("column - row at 70%", "column@0.7", "row@0.7"),
+      suite.Comparison("half-column - half-row at 50%", "half_column@0.5", "half_row@0.5"),
       suite.Comparison("half-column - half-row at 70%", "half_column@0.7", "half_row@0.7"),
       suite.Comparison(
         "unstructured 80% - 50% (positive: WER rises with sparsity)",
