@@ -36,9 +36,12 @@ def config_key(*sections: Any) -> str:
   return json.dumps(sections, sort_keys=True, default=repr)
 
 
-def shared(key: Hashable, build: Callable[[], T]) -> T:
+def shared(key: Hashable | None, build: Callable[[], T]) -> T:
   """The object ``build()`` made for an equal ``key`` in this process (least recently used first
-  out beyond ``MAX_ENTRIES``); builds and remembers it on first use."""
+  out beyond ``MAX_ENTRIES``); builds and remembers it on first use. ``key=None``: the object may
+  not be shared, so it is built and not remembered."""
+  if key is None:
+    return build()
   with _lock:
     if key in _cache:
       _cache.move_to_end(key)

@@ -79,6 +79,9 @@ def test_shared_returns_the_first_build_and_forgets_the_oldest():
     programs.shared(("other", i), object)
   assert programs.shared(("k", 1), object) is not first  # evicted, built anew
   assert programs.stats()["entries"] == programs.MAX_ENTRIES
+  unshared = programs.shared(None, object)
+  assert programs.shared(None, object) is not unshared  # key None: built every time
+  assert programs.stats()["entries"] == programs.MAX_ENTRIES  # and never remembered
 
 
 @pytest.mark.parametrize(

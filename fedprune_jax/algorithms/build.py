@@ -141,9 +141,10 @@ def _programs(
     ("algorithm", loss_fn, local, server, policy, mask),
     lambda: build_algorithm(cfg, loss_fn, policy, None, initial_mask),
   )
-  client = algorithm.client_key if algorithm.client_key is not None else object()
+  client = algorithm.client_key  # None: its client side is not interchangeable with any other
+  engine = programs.config_key(cfg["engine"])
   executor = programs.shared(
-    ("executor", loss_fn, local, programs.config_key(cfg["engine"]), client),
+    None if client is None else ("executor", loss_fn, local, engine, client),
     lambda: rounds.make_executor(cfg["engine"], algorithm.client_update, algorithm.reducers),
   )
   return algorithm, executor

@@ -85,12 +85,10 @@ def train(
   tx = pruning.masked_optimizer(optimizer, pruned="freeze")
   opt_state = tx.init(params)
   mask = policy.init_mask(params) if policy is not None else None
-  if optimizer_key is None:
-    step_fn = make_step(loss_fn, tx)
-  else:
-    step_fn = programs.shared(
-      ("centralized_step", loss_fn, optimizer_key), lambda: make_step(loss_fn, tx)
-    )
+  step_fn = programs.shared(
+    None if optimizer_key is None else ("centralized_step", loss_fn, optimizer_key),
+    lambda: make_step(loss_fn, tx),
+  )
   frames = np.array([e.features.shape[0] for e in examples])
   boundaries = batching.bucket_boundaries(frames, num_buckets)
   max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)
