@@ -6,10 +6,10 @@ import functools
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedprune_jax import metrics
+from fedprune_jax.models import ctc
 from fedprune_jax.data import batching
 from fedprune_jax.data import tokenizer
 
@@ -76,12 +76,11 @@ def evaluate(
   hyps: list[str] = [""] * len(refs)
   loss_sum, count = 0.0, 0.0
   for idx, batch in batches:
-    decoded = model.decode(params, batch)
-    for row, i in enumerate(idx):
-      hyps[i] = decoded[row]
-    per_example = np.asarray(_per_example_eval_loss(model, params, batch))
+    ids, lengths, per_example = _decode_with_loss(model, params, batch)
+    for row, text in zip(idx, ctc.ids_to_strings(ids, lengths)):
+      hyps[row] = text
     weights = batch["weights"]
-    loss_sum += float(np.sum(per_example * weights))
+    loss_sum += float(np.sum(np.asarray(per_example) * weights))
     count += float(np.sum(weights))
   return {
     "wer": metrics.wer(refs, hyps),
@@ -92,7 +91,6 @@ def evaluate(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_eval_loss(model: Any, params: Any, batch: dict) -> jax.Array:
-  """f32[B] loss without dropout; 0 for padding rows (their CTC loss may be inf)."""
-  loss, _ = model.per_example_loss(params, batch, None, False)
-  return jnp.where(batch["weights"] > 0, loss, 0.0)
+def _decode_with_loss(model: Any, params: Any, batch: dict) -> tuple[jax.Array, ...]:
+  """``model.decode_with_loss`` compiled once per (model, batch shape)."""
+  return model.decode_with_loss(params, batch)

@@ -24,7 +24,9 @@ experiment all`` runs every experiment for seed 0, then for seed 1, ...).
 from __future__ import annotations
 
 import copy
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -38,6 +40,7 @@ import ml_collections
 
 from fedprune_jax import config as config_lib
 from fedprune_jax import io_utils
+from fedprune_jax import workers as workers_lib
 from fedprune_jax.errors import ConfigError
 
 FEDERATED, BASELINE = "federated", "baseline"
@@ -341,16 +344,24 @@ def run_experiment(
   overrides: Sequence[str] = (),
   progress: bool = True,
   runner: Callable[[str, ml_collections.ConfigDict], dict] | None = None,
+  pool: workers_lib.RunPool | None = None,
   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict:
   """Runs (or resumes) every run of ``experiment``; returns its index.
 
+  Runs are started in order (seed-major) as ``pool`` has room: a run waits for the arms it
+  starts from (``From``), not for the runs before it.
+
   Args:
     runner: ``runner(kind, cfg) -> results`` (default: ``job.run`` / ``job.run_baseline``).
+    pool: where runs execute (default: this process, one after the other, with ``runner``);
+      a pool's own runner is used instead of ``runner``.
   """
   runs_dir = pathlib.Path(runs_dir).absolute()
   runs_dir.mkdir(parents=True, exist_ok=True)
-  runner = runner or _default_runner(progress)
+  own_pool = pool is None
+  if own_pool:
+    pool = workers_lib.RunPool(runner or functools.partial(default_runner, progress=progress))
   default = experiment.seeds[: 1 if quick else None]
   wanted = tuple(seeds) if seeds is not None else default
   # the index covers the experiment's seeds (and any asked for), runs only the wanted ones
@@ -358,47 +369,101 @@ def run_experiment(
   specs = expand(experiment, quick=quick, seeds=indexed, data_root=data_root, overrides=overrides)
   index_path = _index_path(runs_dir, experiment.name, quick)
   entries = [_entry(spec, runs_dir) for spec in specs]
-  todo = [i for i, spec in enumerate(specs) if spec.seed in wanted]
-  failed_keys: set[str] = set()
-  for n, i in enumerate(todo):
-    spec, entry = specs[i], entries[i]
-    workdir = runs_dir / spec.dirname
-    tag = f"[{experiment.name}{' quick' if quick else ''} {n + 1}/{len(todo)}]"
-    if entry["state"] == "done":
-      log(f"{tag} {spec.arm.name} seed {spec.seed}: cached ({spec.dirname})")
-      continue
-    blocked = [a for a in spec.arm.needs if _key_for(specs, spec.seed, a) in failed_keys]
-    if blocked:
-      entry.update(state="failed", error=f"needs arm {blocked[0]!r}, which failed")
-      failed_keys.add(spec.key)
-      _write_index(index_path, experiment, quick, entries)
-      continue
-    log(f"{tag} {spec.arm.name} seed {spec.seed}: running in {workdir}")
-    start = time.monotonic()
-    try:
-      cfg = materialize(spec, runs_dir)
-      workdir.mkdir(parents=True, exist_ok=True)
-      io_utils.write_json_atomic(
-        workdir / "suite.json",
-        {"experiment": spec.experiment, "arm": spec.arm.name, "seed": spec.seed, "key": spec.key},
+  key_of = {(s.seed, s.arm.name): s.key for s in specs}
+  state_of = {s.key: e["state"] for s, e in zip(specs, entries)}  # shared runs: one state
+  waiting = [i for i, spec in enumerate(specs) if spec.seed in wanted]
+  tags = {
+    i: f"[{experiment.name}{' quick' if quick else ''} {n + 1}/{len(waiting)}]"
+    for n, i in enumerate(waiting)
+  }
+  running: dict[concurrent.futures.Future, int] = {}
+  # a run whose warm start is not on disk yet trains it: the others that share it wait for it
+  warm_start_of = functools.partial(_warm_start_path, runs_dir=runs_dir)
+  warming = set()  # warm starts of the running runs
+  warmed = {None} | {p for p in map(warm_start_of, specs) if p and pathlib.Path(p).exists()}
+  start = time.monotonic()
+
+  def finish(i: int, future: concurrent.futures.Future) -> None:
+    spec, entry, tag = specs[i], entries[i], tags[i]
+    error = future.exception()
+    if error is not None:
+      entry.update(state="failed", error=f"{type(error).__name__}: {error}")
+      log(
+        f"{tag} {spec.arm.name} seed {spec.seed}: FAILED\n"
+        + "".join(traceback.format_exception(error))
       )
-      runner(spec.arm.kind, cfg)
-    except Exception as e:  # pylint: disable=broad-except  (one run never kills the suite)
-      entry.update(state="failed", error=f"{type(e).__name__}: {e}")
-      failed_keys.add(spec.key)
-      log(f"{tag} {spec.arm.name} seed {spec.seed}: FAILED\n{traceback.format_exc()}")
     else:
-      seconds = time.monotonic() - start
-      _record_seconds(workdir, seconds)
+      _record_seconds(runs_dir / spec.dirname, future.result())
       entry.update(_entry(spec, runs_dir))
-      log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {seconds:.0f} s")
+      log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s")
+    state_of[spec.key] = entry["state"]
+    warm_start = warm_start_of(spec)
+    warming.discard(warm_start)  # if the run did not leave it on disk, the next one trains it
+    if warm_start and pathlib.Path(warm_start).exists():
+      warmed.add(warm_start)
     _write_index(index_path, experiment, quick, entries)
-  _write_index(index_path, experiment, quick, entries)
+
+  try:
+    while waiting or running:
+      for i in list(waiting):
+        if len(running) >= pool.workers:
+          break
+        spec, entry = specs[i], entries[i]
+        needs = [state_of[key_of[(spec.seed, a)]] for a in spec.arm.needs]
+        if state_of[spec.key] == "done":
+          waiting.remove(i)
+          entry.update(_entry(spec, runs_dir))
+          log(f"{tags[i]} {spec.arm.name} seed {spec.seed}: cached ({spec.dirname})")
+        elif "failed" in needs:
+          waiting.remove(i)
+          blocked = spec.arm.needs[needs.index("failed")]
+          entry.update(state="failed", error=f"needs arm {blocked!r}, which failed")
+          state_of[spec.key] = "failed"
+          _write_index(index_path, experiment, quick, entries)
+        elif (
+          all(n == "done" for n in needs)
+          and state_of[spec.key] != "running"
+          and (warm_start_of(spec) in warmed or warm_start_of(spec) not in warming)
+        ):
+          waiting.remove(i)
+          warming.add(warm_start_of(spec))
+          state_of[spec.key] = "running"  # an arm shared by two cells runs once
+          log(f"{tags[i]} {spec.arm.name} seed {spec.seed}: running in {runs_dir / spec.dirname}")
+          running[_submit(pool, spec, runs_dir)] = i
+      if not running:
+        if waiting:  # cannot happen: an arm's needs come before it in its seed
+          raise RuntimeError(f"runs {[specs[i].arm.name for i in waiting]} wait on no run")
+      else:
+        done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+        for future in done:
+          finish(running.pop(future), future)
+  finally:
+    if own_pool:
+      pool.close()
+  _write_index(index_path, experiment, quick, entries, time.monotonic() - start, pool.workers)
   return json.loads(index_path.read_text(encoding="utf-8"))
 
 
-def _key_for(specs: list[RunSpec], seed: int, arm: str) -> str:
-  return next(s.key for s in specs if s.seed == seed and s.arm.name == arm)
+def _warm_start_path(spec: RunSpec, runs_dir: pathlib.Path) -> str | None:
+  path = spec.config.get("warm_start", {}).get("path")
+  return _under(runs_dir, path) if path else None
+
+
+def _submit(pool: workers_lib.RunPool, spec: RunSpec, runs_dir: pathlib.Path):
+  """Starts one run (its config errors come back through the future, like run errors)."""
+  try:
+    cfg = materialize(spec, runs_dir)
+    workdir = runs_dir / spec.dirname
+    workdir.mkdir(parents=True, exist_ok=True)
+    io_utils.write_json_atomic(
+      workdir / "suite.json",
+      {"experiment": spec.experiment, "arm": spec.arm.name, "seed": spec.seed, "key": spec.key},
+    )
+  except Exception as e:  # pylint: disable=broad-except  (one run never kills the suite)
+    future = concurrent.futures.Future()
+    future.set_exception(e)
+    return future
+  return pool.submit(spec.arm.kind, cfg)
 
 
 def _record_seconds(workdir: pathlib.Path, seconds: float) -> None:
@@ -428,10 +493,22 @@ def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:
   return entry
 
 
-def _write_index(path: pathlib.Path, experiment: Experiment, quick: bool, entries: list) -> None:
+def _write_index(
+  path: pathlib.Path,
+  experiment: Experiment,
+  quick: bool,
+  entries: list,
+  wall_seconds: float | None = None,
+  workers: int | None = None,
+) -> None:
+  """Rewrites the index; the last call of a ``run_experiment`` adds its wall time and workers."""
+  last = {}
+  if wall_seconds is not None:
+    last = {"last_invocation": {"wall_seconds": wall_seconds, "workers": workers}}
   io_utils.write_json_atomic(
     path,
     {
+      **last,
       "experiment": experiment.name,
       "title": experiment.title,
       "question": experiment.question,
@@ -445,12 +522,10 @@ def _write_index(path: pathlib.Path, experiment: Experiment, quick: bool, entrie
   )
 
 
-def _default_runner(progress: bool) -> Callable[[str, ml_collections.ConfigDict], dict]:
+def default_runner(kind: str, cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
+  """``job.run_baseline`` for baseline arms, ``job.run`` for federated ones."""
   from fedprune_jax import job  # pylint: disable=g-import-not-at-top
 
-  def run(kind: str, cfg: ml_collections.ConfigDict) -> dict:
-    if kind == BASELINE:
-      return job.run_baseline(cfg, progress=progress)
-    return job.run(cfg, progress=progress)
-
-  return run
+  if kind == BASELINE:
+    return job.run_baseline(cfg, progress=progress)
+  return job.run(cfg, progress=progress)

@@ -175,3 +175,19 @@ def test_vmapped_client_grads_match_single_grads():
   one = jax.jit(grad)(params, jax.tree_util.tree_map(lambda x: x[1], stacked), keys[1])
   for a, b in zip(jax.tree_util.tree_leaves(vg), jax.tree_util.tree_leaves(one)):
     np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["ctc", "rnnt"])
+def test_decode_with_loss_equals_decode_and_eval_loss(head):
+  """Evaluation's single encoder pass gives the ids of ``decode_ids`` and the eval-mode
+  ``per_example_loss``, with 0 (not inf or nan) for the zero-weight row."""
+  m = _model(head=head)
+  batch = _batch()
+  params = m.init(jax.random.PRNGKey(3), batch)
+  ids, lengths, loss = jax.jit(m.decode_with_loss)(params, batch)
+  ref_ids, ref_lengths = m.decode_ids(params, batch)
+  ref_loss, _ = m.per_example_loss(params, batch, None, False)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(lengths, ref_lengths)
+  np.testing.assert_allclose(loss[:2], ref_loss[:2], rtol=1e-5)
+  assert float(loss[2]) == 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import MICRO_MODEL
 from fedprune_jax import cli, report, suite
 from fedprune_jax.data import batching
+from fedprune_jax.errors import InputError
 
 # Shrinks the setting to the tiny test corpus (6 speakers: 4 train, 1 dev, 1 test).
 TEST_SETS = [
@@ -142,6 +144,72 @@ def test_cache_resume_and_failure_isolation(tmp_path):
   index = suite.run_experiment(experiment, tmp_path, seeds=[1], runner=runner, log=lambda s: None)
   assert len(index["runs"]) == 8 and {c[1] for c in calls} == {1}
   assert sum(r["state"] == "done" for r in index["runs"] if r["seed"] == 0) == 4
+
+
+def logging_runner(kind, cfg):
+  """A picklable fake run for worker processes: records its process, cores and times; trains
+  the warm start (a directory) if absent; the baseline of seed 1 fails."""
+  import os
+  import time
+
+  start = time.time()
+  warm = pathlib.Path(cfg.warm_start.path)
+  trained = not warm.exists()
+  if trained:
+    time.sleep(0.5)  # long enough for a second worker to start a run that would train it too
+    warm.mkdir(parents=True)
+  time.sleep(0.6)  # a spawned worker takes a second or two to start
+  if kind == suite.BASELINE and cfg.seed == 1:
+    raise RuntimeError("boom")
+  record = {
+    **_fake_results(0.5),
+    "pid": os.getpid(),
+    "cores": sorted(os.sched_getaffinity(0)),
+    "start": start,
+    "end": time.time(),
+    "trained_warm_start": trained,
+  }
+  (pathlib.Path(cfg.workdir) / "results.json").write_text(json.dumps(record))
+  return {}
+
+
+def test_workers_run_side_by_side_in_dependency_order(tmp_path, monkeypatch):
+  """Two pinned worker processes: runs spread over both, an arm starts only after the arm it
+  starts from has finished, the shared warm start is trained by one run only, and a failure
+  marks its dependents failed as in one process."""
+  from fedprune_jax import workers
+
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs 2 CPU cores")
+  arms = (
+    suite.Arm("dense", {"pruning": None}, row="dense"),
+    suite.Arm("central", {"pruning.target_sparsity": 0.6}, kind=suite.BASELINE, row="b"),
+    suite.Arm("after", {"pruning.mask_path": suite.From("central", "mask.npz")}, row="c"),
+    suite.Arm("p5", {"pruning.target_sparsity": 0.5}, row="p"),
+    suite.Arm("p7", {"pruning.target_sparsity": 0.7}, row="q"),
+  )
+  experiment = _experiment(arms, seeds=(0, 1))
+  with workers.RunPool(logging_runner, workers=2) as pool:
+    index = suite.run_experiment(experiment, tmp_path, pool=pool, log=lambda s: None)
+  runs = {(r["arm"], r["seed"]): r for r in index["runs"]}
+  assert index["last_invocation"]["workers"] == 2
+  assert runs[("central", 1)]["state"] == "failed" and "boom" in runs[("central", 1)]["error"]
+  assert "needs arm 'central'" in runs[("after", 1)]["error"]
+  done = {
+    k: json.loads((tmp_path / r["dir"] / "results.json").read_text())
+    for k, r in runs.items()
+    if r["state"] == "done"
+  }
+  assert len(done) == 8
+  assert len({d["pid"] for d in done.values()}) == 2  # both workers ran runs
+  a, b = {tuple(d["cores"]) for d in done.values()}  # one core set per worker, disjoint
+  assert not set(a) & set(b) and sorted(a + b) == sorted(os.sched_getaffinity(0))
+  assert sum(d["trained_warm_start"] for d in done.values()) == 1
+  first = min(done.values(), key=lambda d: d["start"])
+  assert all(d["start"] >= first["end"] for d in done.values() if d is not first)
+  assert done[("after", 0)]["start"] >= done[("central", 0)]["end"]
+  with pytest.raises(InputError, match="workers"):
+    workers.RunPool(logging_runner, workers=len(os.sched_getaffinity(0)) + 1)
 
 
 def test_report_numbers_against_hand_computed_values(tmp_path):

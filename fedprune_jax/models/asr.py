@@ -208,6 +208,20 @@ class AsrModel:
     enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
     return self.head.decode_ids(params[self.head.name], enc, enc_pad)
 
+  def decode_with_loss(self, params: Params, batch: Batch) -> tuple[Array, Array, Array]:
+    """One encoder pass for evaluation: greedy ids i32[B, N] (-1 padded), their lengths i32[B]
+    and the loss without dropout f32[B] (0 for zero-weight rows, whose CTC loss may be inf);
+    jit-able."""
+    _check_batch(batch, self.config, need_labels=True)
+    enc, enc_pad = self.apply_features(params, batch["features"], batch["feature_paddings"])
+    head_params = params[self.head.name]
+    ids, lengths = self.head.decode_ids(head_params, enc, enc_pad)
+    loss = self.head.per_example_loss(head_params, enc, enc_pad, batch, None, False)
+    weights = batch.get("weights")
+    if weights is not None:
+      loss = jnp.where(weights > 0, loss, 0.0)
+    return ids, lengths, loss
+
   def decode(self, params: Params, batch: Batch) -> list[str]:
     """Greedy transcripts (host side; the device part is jitted)."""
     ids, lengths = _decode_ids_jit(self, params, batch["features"], batch["feature_paddings"])

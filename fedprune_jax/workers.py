@@ -1,0 +1,111 @@
+"""Where the suite's runs execute: in this process, or in worker processes each pinned to its
+own CPU cores (``fedprune experiment --workers N``).
+
+On a CPU, XLA spreads one run over every core, but the tiny models of the small setting keep two
+cores busy only part of the time: two single-core runs side by side finish more runs per hour
+than one two-core run after the other (README, "Paper experiments"). A worker is a process that
+lives as long as the pool, so the runs it executes share their traced programs
+(``fedprune_jax.programs``) as they do in one process.
+
+XLA's CPU kernels split their work by the number of threads, so a run on one core and the same
+run on two may differ in the last bits of their floats (the same config and seed, on the same
+machine and worker count, give the same bits). A run's cache key does not hold the worker count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from fedprune_jax.errors import InputError
+
+Runner = Callable[[str, ml_collections.ConfigDict], Any]
+
+
+def core_groups(workers: int, cores: list[int] | None = None) -> list[list[int]]:
+  """The CPU cores of each worker: the available ones dealt out round-robin.
+
+  Raises:
+    InputError: fewer cores than workers, or ``workers < 1``.
+  """
+  cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+  if workers < 1:
+    raise InputError(f"--workers must be >= 1, got {workers}")
+  if workers > len(cores):
+    raise InputError(
+      f"--workers {workers}: each worker needs a CPU core of its own; this process may use "
+      f"{len(cores)}"
+    )
+  return [cores[i::workers] for i in range(workers)]
+
+
+def timed_run(runner: Runner, kind: str, config: dict) -> float:
+  """Runs ``runner(kind, ConfigDict(config))``; returns its wall seconds."""
+  start = time.monotonic()
+  runner(kind, ml_collections.ConfigDict(config))
+  return time.monotonic() - start
+
+
+def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool) -> None:
+  # before JAX creates its CPU client, which sizes its thread pool by the cores it may use
+  os.sched_setaffinity(0, cores.get())
+  if compilation_cache:
+    from fedprune_jax import cli  # pylint: disable=g-import-not-at-top
+
+    cli.enable_compilation_cache()
+
+
+class RunPool:
+  """Executes runs: ``submit(kind, config) -> Future`` of the run's wall seconds.
+
+  ``workers=1`` runs each run in this process when it is submitted (its future is done on
+  return); ``workers > 1`` starts that many processes (spawned, so no JAX state is forked), each
+  pinned to ``core_groups(workers)[i]``. ``runner`` must then be picklable (a module-level
+  function or a ``functools.partial`` of one).
+  """
+
+  def __init__(self, runner: Runner, workers: int = 1):
+    groups = core_groups(workers)
+    self.runner = runner
+    self.workers = workers
+    self._pool = None
+    if workers > 1:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      context = multiprocessing.get_context("spawn")
+      queue = context.Queue()
+      for group in groups:
+        queue.put(group)
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(queue, bool(jax.config.jax_compilation_cache_dir)),
+      )
+
+  def submit(self, kind: str, config: ml_collections.ConfigDict) -> concurrent.futures.Future:
+    plain = config.to_dict()
+    if self._pool is not None:
+      return self._pool.submit(timed_run, self.runner, kind, plain)
+    future = concurrent.futures.Future()
+    try:
+      future.set_result(timed_run(self.runner, kind, plain))
+    except Exception as e:  # pylint: disable=broad-except  (reported by the caller)
+      future.set_exception(e)
+    return future
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+
+  def __enter__(self) -> "RunPool":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
