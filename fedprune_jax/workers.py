@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -51,7 +52,15 @@ def timed_run(runner: Runner, kind: str, config: dict) -> float:
   return time.monotonic() - start
 
 
-def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool) -> None:
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+  """Ends this worker when its parent is gone (killed suites leave no run writing behind them)."""
+  while os.getppid() == parent:
+    time.sleep(every_s)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent: int) -> None:
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
   # before JAX creates its CPU client, which sizes its thread pool by the cores it may use
   os.sched_setaffinity(0, cores.get())
   if compilation_cache:
@@ -85,7 +94,7 @@ class RunPool:
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(queue, bool(jax.config.jax_compilation_cache_dir)),
+        initargs=(queue, bool(jax.config.jax_compilation_cache_dir), os.getpid()),
       )
 
   def submit(self, kind: str, config: ml_collections.ConfigDict) -> concurrent.futures.Future:

@@ -212,6 +212,54 @@ def test_workers_run_side_by_side_in_dependency_order(tmp_path, monkeypatch):
     workers.RunPool(logging_runner, workers=len(os.sched_getaffinity(0)) + 1)
 
 
+PARENT_SCRIPT = """
+import os, pathlib, sys, time
+from fedprune_jax import workers
+
+def sleeper(kind, cfg):
+  pathlib.Path(cfg["pid_file"]).write_text(str(os.getpid()))
+  time.sleep(120)
+
+if __name__ == "__main__":
+  pool = workers.RunPool(sleeper, workers=2)
+  pool.submit("federated", workers.ml_collections.ConfigDict({"pid_file": sys.argv[1]}))
+  time.sleep(120)
+"""
+
+
+def test_a_killed_suite_leaves_no_worker_running(tmp_path):
+  """SIGKILL of the suite's process ends its workers (and the runs they were writing)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs 2 CPU cores")
+  script, pid_file = tmp_path / "parent.py", tmp_path / "worker.pid"
+  script.write_text(PARENT_SCRIPT)
+  parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+  try:
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+      assert time.time() < deadline and parent.poll() is None, "the worker never started"
+      time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(worker, 0)  # running
+  finally:
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      os.kill(worker, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.2)
+  os.kill(worker, signal.SIGKILL)
+  pytest.fail("the worker outlived its killed parent by 10 s")
+
+
 def test_report_numbers_against_hand_computed_values(tmp_path):
   """Means, sample stds and paired differences in the markdown equal hand computation; the
   figures are written as PNG files."""
