@@ -155,7 +155,14 @@ def experiment_markdown(index: dict, arms: dict) -> str:
       lines.append(f"| {c['claim']} | {diff} | {p['n']} | {p['verdict']} |")
   total = sum(sum(a["seconds"]) for a in arms.values())
   runs = sum(len(a["seeds"]) for a in arms.values())
-  lines += ["", f"{runs} runs done; their wall time adds up to {total / 60:.1f} min.", ""]
+  timing = f"{runs} runs done; their wall time adds up to {total / 60:.1f} min"
+  last = index.get("last_invocation")
+  if last:  # runs side by side (--workers) take less wall time than their sum
+    timing += (
+      f"; the latest `fedprune experiment` of this table took {last['wall_seconds'] / 60:.1f} min"
+      f" with {last['workers']} worker{'s' if last['workers'] > 1 else ''}"
+    )
+  lines += ["", timing + ".", ""]
   return "\n".join(lines)
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-import threading
 import time
 from typing import Any, Callable
 
 import ml_collections
 
+from fedprune_jax.data import workers as process_hygiene
 from fedprune_jax.errors import InputError
 
 Runner = Callable[[str, ml_collections.ConfigDict], Any]
@@ -52,15 +52,9 @@ def timed_run(runner: Runner, kind: str, config: dict) -> float:
   return time.monotonic() - start
 
 
-def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
-  """Ends this worker when its parent is gone (killed suites leave no run writing behind them)."""
-  while os.getppid() == parent:
-    time.sleep(every_s)
-  os._exit(1)  # pylint: disable=protected-access
-
-
 def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent: int) -> None:
-  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+  # a killed suite leaves no worker writing into the run it had
+  process_hygiene.exit_with_parent(parent)
   # before JAX creates its CPU client, which sizes its thread pool by the cores it may use
   os.sched_setaffinity(0, cores.get())
   if compilation_cache:
