@@ -399,22 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def enable_compilation_cache() -> None:
-  """Persists XLA executables across runs (demo after test, repeated configs) unless disabled.
-
-  Set FEDPRUNE_JAX_CACHE to a directory to move it, or to an empty string to turn it off.
-  """
-  import os  # pylint: disable=g-import-not-at-top
-
-  cache_dir = os.environ.get("FEDPRUNE_JAX_CACHE", os.path.expanduser("~/.cache/fedprune_jax/xla"))
-  if not cache_dir:
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
 def error_line(exc: BaseException) -> str | None:
   """The one line a bad-input exception is reported as, or None for a bug (keeps its traceback).
 
@@ -468,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command not in ("corpus",):
-    enable_compilation_cache()
+    from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
+
+    programs.enable_compilation_cache()
   return run_command(args.func, args)
 
 

@@ -6,7 +6,8 @@ a second run with an equal config in the same process (the next arm or seed of a
 ``fedprune experiment`` suite) would trace and lower them again: tens of seconds per run on a CPU,
 of which XLA's persistent compilation cache saves only the compile. ``shared(key, build)`` returns
 the object that ``build()`` made for an equal ``key`` earlier in this process, so equal programs
-are traced and compiled once.
+are traced and compiled once. ``enable_compilation_cache`` keeps the compiled executables across
+processes too (XLA's persistent cache).
 
 A key must name every value the built object depends on (``config_key`` turns config sections
 into a hashable canonical string). ``tests/test_programs.py`` checks that runs give bit-identical
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 from typing import Any, Callable, Hashable, TypeVar
 
@@ -66,3 +68,18 @@ def stats() -> dict[str, int]:
   """{'hits', 'misses', 'entries'} since the process started."""
   with _lock:
     return {**_stats, "entries": len(_cache)}
+
+
+def enable_compilation_cache() -> None:
+  """Persists XLA executables across processes (demo after test, repeated configs, the suite's
+  workers) unless disabled.
+
+  Set FEDPRUNE_JAX_CACHE to a directory to move it, or to an empty string to turn it off.
+  """
+  cache_dir = os.environ.get("FEDPRUNE_JAX_CACHE", os.path.expanduser("~/.cache/fedprune_jax/xla"))
+  if not cache_dir:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

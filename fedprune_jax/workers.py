@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from fedprune_jax import programs
 from fedprune_jax.data import workers as process_hygiene
 from fedprune_jax.errors import InputError
 
@@ -58,9 +59,7 @@ def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent
   # before JAX creates its CPU client, which sizes its thread pool by the cores it may use
   os.sched_setaffinity(0, cores.get())
   if compilation_cache:
-    from fedprune_jax import cli  # pylint: disable=g-import-not-at-top
-
-    cli.enable_compilation_cache()
+    programs.enable_compilation_cache()
 
 
 class RunPool:

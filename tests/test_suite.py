@@ -313,14 +313,14 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
   # p with 2 degrees of freedom = 1 - |t| / sqrt(t^2 + 2) = 0.0390
   assert "| column - row | -4.3 ± 1.5 | 3 | column@0.5 lower (p = 0.039) |" in text
   assert "9 runs done; their wall time adds up to 1.6 min." in text
-  index["last_invocation"] = {"wall_seconds": 54.0, "workers": 2}
-  (tmp_path / "t1_pattern.json").write_text(json.dumps(index))
-  latest = "the latest `fedprune experiment` of this table took 0.9 min with 2 workers."
-  assert f"adds up to 1.6 min; {latest}" in report.render(tmp_path)
   for fig in ("wer_vs_sparsity", "cost_vs_sparsity"):
     png = tmp_path / "report" / f"t1_pattern_{fig}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
   assert (tmp_path / "report" / "report.md").read_text() == text
+  index["last_invocation"] = {"wall_seconds": 54.0, "workers": 2}
+  (tmp_path / "t1_pattern.json").write_text(json.dumps(index))
+  latest = "the latest `fedprune experiment` of this table took 0.9 min with 2 workers."
+  assert f"adds up to 1.6 min; {latest}" in report.render(tmp_path)
 
 
 def test_paired_verdicts():
