@@ -28,6 +28,9 @@ from fedprune_jax.errors import InputError
 
 Runner = Callable[[str, ml_collections.ConfigDict], Any]
 
+# Linux pins each worker to its cores; elsewhere (macOS) workers run unpinned
+PINNING = hasattr(os, "sched_setaffinity")
+
 
 def core_groups(workers: int, cores: list[int] | None = None) -> list[list[int]]:
   """The CPU cores of each worker: the available ones dealt out round-robin.
@@ -35,7 +38,8 @@ def core_groups(workers: int, cores: list[int] | None = None) -> list[list[int]]
   Raises:
     InputError: fewer cores than workers, or ``workers < 1``.
   """
-  cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+  if cores is None:
+    cores = sorted(os.sched_getaffinity(0)) if PINNING else list(range(os.cpu_count() or 1))
   if workers < 1:
     raise InputError(f"--workers must be >= 1, got {workers}")
   if workers > len(cores):
@@ -57,7 +61,9 @@ def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent
   # a killed suite leaves no worker writing into the run it had
   process_hygiene.exit_with_parent(parent)
   # before JAX creates its CPU client, which sizes its thread pool by the cores it may use
-  os.sched_setaffinity(0, cores.get())
+  group = cores.get()
+  if PINNING:
+    os.sched_setaffinity(0, group)
   if compilation_cache:
     programs.enable_compilation_cache()
 

@@ -173,6 +173,17 @@ def logging_runner(kind, cfg):
   return {}
 
 
+def test_core_groups_deal_cores_round_robin():
+  from fedprune_jax import workers
+
+  assert workers.core_groups(3, [0, 1, 2, 3, 4]) == [[0, 3], [1, 4], [2]]
+  assert workers.core_groups(1, [5, 7]) == [[5, 7]]
+  with pytest.raises(InputError, match="--workers 3: each worker needs a CPU core"):
+    workers.core_groups(3, [0, 1])
+  with pytest.raises(InputError, match="must be >= 1"):
+    workers.core_groups(0, [0, 1])
+
+
 def test_workers_run_side_by_side_in_dependency_order(tmp_path, monkeypatch):
   """Two pinned worker processes: runs spread over both, an arm starts only after the arm it
   starts from has finished, the shared warm start is trained by one run only, and a failure
