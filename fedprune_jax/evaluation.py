@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from fedprune_jax import metrics
-from fedprune_jax.models import ctc
 from fedprune_jax.data import batching
 from fedprune_jax.data import tokenizer
+from fedprune_jax.models import ctc
 
 
 def eval_batches(

@@ -23,8 +23,8 @@ experiment all`` runs every experiment for seed 0, then for seed 1, ...).
 
 from __future__ import annotations
 
-import copy
 import concurrent.futures
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -379,8 +379,7 @@ def run_experiment(
   running: dict[concurrent.futures.Future, int] = {}
   # a run whose warm start is not on disk yet trains it: the others that share it wait for it
   warm_start_of = functools.partial(_warm_start_path, runs_dir=runs_dir)
-  warming = set()  # warm starts of the running runs
-  warmed = {None} | {p for p in map(warm_start_of, specs) if p and pathlib.Path(p).exists()}
+  training = set()  # warm starts that a running run is training
   start = time.monotonic()
 
   def finish(i: int, future: concurrent.futures.Future) -> None:
@@ -397,10 +396,7 @@ def run_experiment(
       entry.update(_entry(spec, runs_dir))
       log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s")
     state_of[spec.key] = entry["state"]
-    warm_start = warm_start_of(spec)
-    warming.discard(warm_start)  # if the run did not leave it on disk, the next one trains it
-    if warm_start and pathlib.Path(warm_start).exists():
-      warmed.add(warm_start)
+    training.discard(warm_start_of(spec))  # if it is still not on disk, the next run trains it
     _write_index(index_path, experiment, quick, entries)
 
   try:
@@ -423,10 +419,12 @@ def run_experiment(
         elif (
           all(n == "done" for n in needs)
           and state_of[spec.key] != "running"
-          and (warm_start_of(spec) in warmed or warm_start_of(spec) not in warming)
+          and warm_start_of(spec) not in training
         ):
           waiting.remove(i)
-          warming.add(warm_start_of(spec))
+          warm_start = warm_start_of(spec)
+          if warm_start and not pathlib.Path(warm_start).exists():
+            training.add(warm_start)
           state_of[spec.key] = "running"  # an arm shared by two cells runs once
           log(f"{tags[i]} {spec.arm.name} seed {spec.seed}: running in {runs_dir / spec.dirname}")
           running[_submit(pool, spec, runs_dir)] = i
