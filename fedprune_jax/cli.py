@@ -33,7 +33,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None
     action="append",
     default=[],
     metavar="KEY=VALUE",
-    help="override a config field, e.g. --set train.steps=200 (repeatable)",
+    help="override a config field, e.g. --set train.steps=200 (repeatable; `fedprune fields` "
+    "lists every field with its default and allowed values)",
   )
   parser.add_argument(
     "--workdir", default=None, help="output directory (metrics.jsonl, checkpoints)"
@@ -165,6 +166,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
   from fedprune_jax.models import conformer
 
   print(conformer.param_table())
+  return 0
+
+
+def cmd_fields(args: argparse.Namespace) -> int:
+  from fedprune_jax import fields
+
+  print(fields.markdown_table() if args.markdown else fields.reference())
   return 0
 
 
@@ -342,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")
   presets_p.set_defaults(func=cmd_presets)
+
+  fields_p = sub.add_parser("fields", help="every config field: default, allowed values, meaning")
+  fields_p.add_argument("--markdown", action="store_true", help="the README's table")
+  fields_p.set_defaults(func=cmd_fields)
 
   demo_p = sub.add_parser("demo", help="synthesize the corpus, train, print the WER table")
   demo_p.add_argument("--data", default="data", help="where the corpus is written (default: data/)")

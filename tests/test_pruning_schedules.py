@@ -142,3 +142,19 @@ def test_mask_via_update_kwarg_and_mask_fn():
     assert zeros >= 2
   with pytest.raises(ValueError, match="needs params"):
     tx2.update(jax.grad(loss)(params), s2)
+
+
+@pytest.mark.parametrize("begin,every", [(0, 1), (2, 3)])
+def test_step_hold_initial_starts_at_initial_and_raises_one_interval_later(begin, every):
+  """0 -> 0.25 -> 0.5 from ``begin``: the held schedule is the default one shifted by ``every``
+  steps, with ``initial`` at ``begin`` (listed by hand for begin 0, every 1)."""
+  held = sched.Step(0.0, 0.5, 0.25, every, begin, hold_initial=True)
+  plain = sched.Step(0.0, 0.5, 0.25, every, begin)
+  steps = np.arange(0, 20)
+  expect = [float(plain(max(t - every, 0))) if t >= begin + every else 0.0 for t in steps]
+  np.testing.assert_allclose(np.asarray(held(steps)), expect)
+  assert held.end_step == plain.end_step + every
+  if (begin, every) == (0, 1):
+    np.testing.assert_allclose(np.asarray(held(np.arange(4))), [0.0, 0.25, 0.5, 0.5])
+  changed = np.flatnonzero(np.diff(np.asarray(held(steps))) > 1e-9) + 1
+  assert np.asarray(held.should_update(steps))[changed].all()

@@ -15,8 +15,22 @@ from fedprune_jax import validation as V
   "name",
   ["tiny_centralized", "tiny_federated", "fedprune_tiny", "demo", "paper_small", "paper_full"],
 )
-def test_shipped_configs_are_valid(name):
-  assert V.problems(config_lib.load_config(name, validate=False)) == []
+def test_shipped_configs_are_valid_and_set_only_fields_of_the_table(name):
+  cfg = config_lib.load_config(name, validate=False)
+  assert V.problems(cfg) == []
+  missing = [p for p in _leaves(cfg) if p not in V.FIELD_RULES]
+  assert not missing, f"{name}: fields not in fedprune_jax/fields.py: {missing}"
+
+
+def _leaves(node, prefix=""):
+  for key in node.keys():
+    value, path = node[key], f"{prefix}{key}"
+    if key == "overrides":  # free-form maps (model.overrides: ConformerConfig fields)
+      continue
+    if hasattr(value, "keys"):
+      yield from _leaves(value, path + ".")
+    else:
+      yield path
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import jax
 from absl import logging as absl_logging
 
-from fedprune_jax import io_utils
+from fedprune_jax import fields, io_utils
 from fedprune_jax import programs
 from fedprune_jax.algorithms import mask_policy
 from fedprune_jax.algorithms.fedavg import fedavg
@@ -30,25 +30,8 @@ from fedprune_jax.federated.server import ServerState, make_server_optimizer
 
 PyTree = Any
 
-PRUNING_DEFAULTS = {
-  "target_sparsity": 0.5,
-  "pattern": "unstructured",  # row | half_row | column | half_column | block:HxW | N:M | units
-  "score": "magnitude",  # random | saliency | update (the last two from clients' data)
-  "allocation": "uniform",  # global | adaptive | erk
-  "schedule": "polynomial",  # constant | step
-  "initial_sparsity": 0.0,
-  "begin_round": 0,
-  "update_every": 1,  # rounds between mask updates in the pruning phase
-  "step_delta": 0.1,  # 'step' schedule increment
-  "pruning_rounds": 10,
-  "refining_rounds": 0,
-  "refine_every": 1,
-  "refinement": "server",  # none | client
-  "client_aggregation": "mean",  # trimmed_mean | vote
-  "trim_fraction": 0.1,
-  # a mask.npz (e.g. of a `fedprune baseline` run): train that reduced model with the mask frozen
-  "mask_path": "",
-}
+# fields of the ``pruning`` section and their defaults (one table: ``fedprune_jax.fields``)
+PRUNING_DEFAULTS = fields.defaults("pruning")
 
 
 def resolve_pruning(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -77,6 +60,7 @@ def policy_from_config(
     begin=pcfg["begin_round"],
     every=pcfg["update_every"],
     step_delta=pcfg["step_delta"],
+    hold_initial=pcfg["step_hold_initial"],
   )
   return mask_policy.MaskPolicy(
     schedule=schedule,
@@ -151,10 +135,7 @@ def _programs(
 
 
 def make_sampler(cfg: Mapping[str, Any], store: ClientStore) -> CohortSampler:
-  if cfg["sampling"] not in ("uniform", "weighted"):
-    raise ValueError(
-      f"config field sampling must be 'uniform' or 'weighted', got {cfg['sampling']!r}"
-    )
+  fields.check("sampling", cfg["sampling"])
   cohort = cfg["cohort_size"]
   if cohort > store.num_clients:
     absl_logging.warning(

@@ -35,15 +35,14 @@ import jax.numpy as jnp
 
 from fedprune_jax import pruning
 from fedprune_jax.errors import ConfigError
+from fedprune_jax.fields import AGGREGATIONS, CLIENT_SCORES, REFINEMENTS, SERVER_SCORES  # noqa: F401
+from fedprune_jax.fields import check as check_field
+from fedprune_jax.fields import default
 from fedprune_jax.pruning import units as units_lib
 
 PyTree = Any
 Schedule = pruning.Constant | pruning.Step | pruning.Polynomial
 
-SERVER_SCORES = ("magnitude", "random")
-CLIENT_SCORES = ("saliency", "update")
-REFINEMENTS = ("none", "server", "client")
-AGGREGATIONS = ("mean", "trimmed_mean", "vote")
 PRUNING, REFINING, FINE_TUNING = 0, 1, 2
 PHASE_NAMES = ("pruning", "refining", "fine-tuning")
 
@@ -73,25 +72,20 @@ class MaskPolicy:
   pruning_steps: int
   refining_steps: int = 0
   refine_every: int = 1
-  pattern: str = "unstructured"
-  allocation: str = "uniform"
-  score: str = "magnitude"
-  refinement: str = "server"
-  client_aggregation: str = "mean"
-  trim_fraction: float = 0.1
+  pattern: str = default("pruning.pattern")
+  allocation: str = default("pruning.allocation")
+  score: str = default("pruning.score")
+  refinement: str = default("pruning.refinement")
+  client_aggregation: str = default("pruning.client_aggregation")
+  trim_fraction: float = default("pruning.trim_fraction")
   channels_per_group: int | None = None
   include: tuple[str, ...] = pruning.DEFAULT_INCLUDE
   exclude: tuple[str, ...] = pruning.DEFAULT_EXCLUDE
   frozen: bool = False
 
   def __post_init__(self):
-    def check(field, value, choices):
-      if value not in choices:
-        raise ConfigError(f"config field pruning.{field}={value!r}; expected one of {choices}")
-
-    check("score", self.score, SERVER_SCORES + CLIENT_SCORES)
-    check("refinement", self.refinement, REFINEMENTS)
-    check("client_aggregation", self.client_aggregation, AGGREGATIONS)
+    for name in ("score", "refinement", "client_aggregation", "trim_fraction"):
+      check_field(f"pruning.{name}", getattr(self, name))
     if self.pattern == "units":
       if self.channels_per_group is None:
         raise ConfigError("pruning.pattern='units' needs the model's conv channels per group")
@@ -109,8 +103,6 @@ class MaskPolicy:
         f"pruning phase (pruning_rounds={self.pruning_steps}): lengthen pruning_rounds or update "
         "more often"
       )
-    if not 0.0 <= self.trim_fraction < 0.5:
-      raise ConfigError(f"pruning.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
   # --- when -----------------------------------------------------------------------------------
 
@@ -254,18 +246,22 @@ def make_schedule(
   every: int = 1,
   step_delta: float = 0.1,
   power: float = 3.0,
+  hold_initial: bool = False,
 ) -> Schedule:
   """A schedule over the pruning phase ``[begin, pruning_steps)`` from config values.
 
   ``constant``: the target at ``begin`` (one-shot); ``step``: + ``step_delta`` every ``every``
-  steps; ``polynomial``: TFMOT cubic from ``initial`` to ``target``, reaching it at the last
+  steps, the first raise at ``begin`` (with ``hold_initial``: ``every`` steps after it, the value
+  at ``begin`` being ``initial``); ``polynomial``: TFMOT cubic from ``initial`` to ``target``, reaching it at the last
   pruning step, updating every ``every`` steps.
   """
   end = max(pruning_steps - 1, begin)
   if kind == "constant":
     return pruning.Constant(target, begin_step=begin)
   if kind == "step":
-    return pruning.Step(initial, target, step_delta, every=every, begin_step=begin)
+    return pruning.Step(
+      initial, target, step_delta, every=every, begin_step=begin, hold_initial=hold_initial
+    )
   if kind == "polynomial":
     return pruning.Polynomial(initial, target, begin, end, frequency=every, power=power)
   raise ConfigError(

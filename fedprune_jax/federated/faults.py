@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fedprune_jax.errors import ConfigError
+from fedprune_jax import fields
 from fedprune_jax.federated import client as client_lib
 from fedprune_jax.federated.client import ClientOutput
 
@@ -38,24 +38,16 @@ FAULT_STREAM = 0x0F4017
 class FaultConfig:
   """Fault rates (probabilities per sampled client) and server-side checks."""
 
-  dropout: float = 0.0
-  straggler: float = 0.0
-  corrupt: float = 0.0
-  corrupt_kind: str = "nan"
-  max_update_norm: float | None = None
-  clip_norm: float | None = None
+  dropout: float = fields.default("faults.dropout")
+  straggler: float = fields.default("faults.straggler")
+  corrupt: float = fields.default("faults.corrupt")
+  corrupt_kind: str = fields.default("faults.corrupt_kind")
+  max_update_norm: float | None = fields.default("faults.max_update_norm")
+  clip_norm: float | None = fields.default("faults.clip_norm")
 
   def __post_init__(self):
-    for name in ("dropout", "straggler", "corrupt"):
-      value = getattr(self, name)
-      if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"config field faults.{name}={value} must be in [0, 1]")
-    if self.corrupt_kind not in ("nan", "scale"):
-      raise ConfigError(f"config field faults.corrupt_kind={self.corrupt_kind!r}; 'nan' or 'scale'")
-    for name in ("max_update_norm", "clip_norm"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise ConfigError(f"config field faults.{name}={value} must be > 0 (or None)")
+    for field in dataclasses.fields(self):
+      fields.check(f"faults.{field.name}", getattr(self, field.name))
 
   @property
   def active(self) -> bool:

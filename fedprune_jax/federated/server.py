@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedprune_jax import fields
+
 PyTree = Any
 
 
@@ -44,11 +46,11 @@ class ServerState:
 
 def make_server_optimizer(
   name: str,
-  learning_rate: float = 1.0,
-  b1: float = 0.9,
-  b2: float = 0.99,
-  eps: float = 1e-3,
-  momentum: float | None = None,
+  learning_rate: float = fields.default("server.learning_rate"),
+  b1: float = fields.default("server.b1"),
+  b2: float = fields.default("server.b2"),
+  eps: float = fields.default("server.eps"),
+  momentum: float | None = fields.default("server.momentum"),
 ) -> optax.GradientTransformation:
   """Server optimizers by name.
 
@@ -58,16 +60,13 @@ def make_server_optimizer(
       pass ``eps`` explicitly otherwise.
     learning_rate: server learning rate.
   """
-  name = name.lower()
-  if name in ("fedavg", "sgd"):
+  fields.check("server.optimizer", name)
+  name = next(k for k, names in fields.SERVER_OPTIMIZERS.items() if name.lower() in names)
+  if name == "fedavg":
     return optax.sgd(learning_rate, momentum=momentum)
-  if name in ("fedadam", "adam"):
+  if name == "fedadam":
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-  if name in ("fedyogi", "yogi"):
-    return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
-  raise ValueError(
-    f"unknown config field server.optimizer={name!r}; expected 'fedavg', 'fedadam' or 'fedyogi'"
-  )
+  return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def server_init(

@@ -69,6 +69,10 @@ class Step(_Base):
   s(t) = initial for t < begin; min(final, initial + delta * (floor((t -
   begin) / every) + 1)) for t >= begin, so the first raise happens at
   ``begin_step``; ``end_step`` is the step that first reaches ``final``.
+  Example: initial 0, delta 0.25, final 0.5, begin 0 gives 0.25, 0.5, 0.5, ...
+
+  With ``hold_initial`` the value at ``begin_step`` is ``initial`` and the first raise
+  happens ``every`` steps later: the same example gives 0, 0.25, 0.5, 0.5, ...
   """
 
   initial: float
@@ -76,6 +80,7 @@ class Step(_Base):
   delta: float
   every: int = 1
   begin_step: int = 0
+  hold_initial: bool = False
 
   def __post_init__(self):
     if self.delta <= 0 or self.every < 1:
@@ -91,11 +96,11 @@ class Step(_Base):
   @property
   def end_step(self) -> int:
     raises = max(math.ceil((self.final - self.initial) / self.delta - 1e-9), 1)
-    return self.begin_step + (raises - 1) * self.every
+    return self.begin_step + (raises - 1 + self.hold_initial) * self.every
 
   def __call__(self, step):
     step = jnp.asarray(step)
-    k = jnp.floor_divide(step - self.begin_step, self.every) + 1
+    k = jnp.floor_divide(step - self.begin_step, self.every) + (not self.hold_initial)
     s = jnp.minimum(self.final, self.initial + self.delta * k)
     s = jnp.where(step >= self.end_step, self.final, s)
     return jnp.where(step >= self.begin_step, s, self.initial).astype(jnp.float32)
