@@ -4,6 +4,7 @@ federated pruning), the full setting's LibriSpeech wiring, and joined splits."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -146,31 +147,59 @@ def test_cache_resume_and_failure_isolation(tmp_path):
   assert sum(r["state"] == "done" for r in index["runs"] if r["seed"] == 0) == 4
 
 
-def logging_runner(kind, cfg):
-  """A picklable fake run for worker processes: records its process, cores and times; trains
-  the warm start (a directory) if absent; the baseline of seed 1 fails."""
-  import os
-  import time
+class ScriptedPool:
+  """A pool of ``workers`` slots in this process whose runs finish only when the scheduler waits,
+  oldest first: the scheduling rule is exercised without processes, clocks or the OS."""
 
-  start = time.time()
+  def __init__(self, runner, workers: int):
+    self.runner, self.workers = runner, workers
+    self.pending: list = []  # (future, kind, config) in submission order
+    self.events: list = []  # ("start" | "end", arm, seed, runs in flight after the event)
+
+  def _label(self, cfg):
+    meta = json.loads((pathlib.Path(cfg.workdir) / "suite.json").read_text())
+    return meta["arm"], meta["seed"]
+
+  def submit(self, kind, cfg):
+    future = concurrent.futures.Future()
+    self.pending.append((future, kind, cfg))
+    self.events.append(("start", *self._label(cfg), len(self.pending)))
+    return future
+
+  def wait(self, futures, return_when):
+    assert return_when == "FIRST_COMPLETED"
+    future, kind, cfg = self.pending.pop(0)
+    assert future in futures
+    try:
+      self.runner(kind, cfg)
+      future.set_result(0.0)
+    except Exception as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+    self.events.append(("end", *self._label(cfg), len(self.pending)))
+    return {future}, set(futures) - {future}
+
+  def close(self):
+    pass
+
+
+def warm_start_runner(kind, cfg):
+  """A fake run: trains the warm start (a directory) if absent; the baseline of seed 1 fails."""
   warm = pathlib.Path(cfg.warm_start.path)
   trained = not warm.exists()
-  if trained:
-    time.sleep(0.5)  # long enough for a second worker to start a run that would train it too
-    warm.mkdir(parents=True)
-  time.sleep(0.6)  # a spawned worker takes a second or two to start
+  warm.mkdir(parents=True, exist_ok=True)
   if kind == suite.BASELINE and cfg.seed == 1:
     raise RuntimeError("boom")
-  record = {
-    **_fake_results(0.5),
-    "pid": os.getpid(),
-    "cores": sorted(os.sched_getaffinity(0)),
-    "start": start,
-    "end": time.time(),
-    "trained_warm_start": trained,
-  }
+  record = {**_fake_results(0.5), "trained_warm_start": trained}
   (pathlib.Path(cfg.workdir) / "results.json").write_text(json.dumps(record))
   return {}
+
+
+def where_runner(kind, cfg):
+  """A picklable fake run for worker processes: writes its process id and CPU cores."""
+  import os
+
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  pathlib.Path(cfg.out).write_text(json.dumps({"pid": os.getpid(), "cores": cores}))
 
 
 def test_core_groups_deal_cores_round_robin():
@@ -184,14 +213,10 @@ def test_core_groups_deal_cores_round_robin():
     workers.core_groups(0, [0, 1])
 
 
-def test_workers_run_side_by_side_in_dependency_order(tmp_path, monkeypatch):
-  """Two pinned worker processes: runs spread over both, an arm starts only after the arm it
-  starts from has finished, the shared warm start is trained by one run only, and a failure
-  marks its dependents failed as in one process."""
-  from fedprune_jax import workers
-
-  if len(os.sched_getaffinity(0)) < 2:
-    pytest.skip("needs 2 CPU cores")
+def test_runs_go_side_by_side_in_dependency_order(tmp_path, monkeypatch):
+  """With room for two runs: the run that trains the shared warm start runs alone (trained
+  once), then two runs at a time, never more; an arm starts only after the arm it starts from
+  has finished; a failure marks its dependents failed, as with one worker."""
   arms = (
     suite.Arm("dense", {"pruning": None}, row="dense"),
     suite.Arm("central", {"pruning.target_sparsity": 0.6}, kind=suite.BASELINE, row="b"),
@@ -199,28 +224,65 @@ def test_workers_run_side_by_side_in_dependency_order(tmp_path, monkeypatch):
     suite.Arm("p5", {"pruning.target_sparsity": 0.5}, row="p"),
     suite.Arm("p7", {"pruning.target_sparsity": 0.7}, row="q"),
   )
-  experiment = _experiment(arms, seeds=(0, 1))
-  with workers.RunPool(logging_runner, workers=2) as pool:
-    index = suite.run_experiment(experiment, tmp_path, pool=pool, log=lambda s: None)
+  pool = ScriptedPool(warm_start_runner, workers=2)
+  monkeypatch.setattr(suite.concurrent.futures, "wait", pool.wait)
+  index = suite.run_experiment(_experiment(arms, seeds=(0, 1)), tmp_path, pool=pool, log=print)
   runs = {(r["arm"], r["seed"]): r for r in index["runs"]}
   assert index["last_invocation"]["workers"] == 2
   assert runs[("central", 1)]["state"] == "failed" and "boom" in runs[("central", 1)]["error"]
   assert "needs arm 'central'" in runs[("after", 1)]["error"]
-  done = {
-    k: json.loads((tmp_path / r["dir"] / "results.json").read_text())
-    for k, r in runs.items()
-    if r["state"] == "done"
-  }
+  done = {k for k, r in runs.items() if r["state"] == "done"}
   assert len(done) == 8
-  assert len({d["pid"] for d in done.values()}) == 2  # both workers ran runs
-  a, b = {tuple(d["cores"]) for d in done.values()}  # one core set per worker, disjoint
-  assert not set(a) & set(b) and sorted(a + b) == sorted(os.sched_getaffinity(0))
-  assert sum(d["trained_warm_start"] for d in done.values()) == 1
-  first = min(done.values(), key=lambda d: d["start"])
-  assert all(d["start"] >= first["end"] for d in done.values() if d is not first)
-  assert done[("after", 0)]["start"] >= done[("central", 0)]["end"]
+  trained = [
+    k
+    for k in done
+    if json.loads((tmp_path / runs[k]["dir"] / "results.json").read_text())["trained_warm_start"]
+  ]
+  assert trained == [("dense", 0)]  # the first run, and only it
+  # (event, arm, seed, runs in flight after it): the warm-start run alone, then two at a time
+  # in seed-major order, except that `after` waits for `central` (and p5 does not wait for it)
+  assert pool.events == [
+    ("start", "dense", 0, 1),
+    ("end", "dense", 0, 0),
+    ("start", "central", 0, 1),
+    ("start", "p5", 0, 2),
+    ("end", "central", 0, 1),
+    ("start", "after", 0, 2),
+    ("end", "p5", 0, 1),
+    ("start", "p7", 0, 2),
+    ("end", "after", 0, 1),
+    ("start", "dense", 1, 2),
+    ("end", "p7", 0, 1),
+    ("start", "central", 1, 2),
+    ("end", "dense", 1, 1),
+    ("start", "p5", 1, 2),
+    ("end", "central", 1, 1),  # failed: `after` of seed 1 never starts
+    ("start", "p7", 1, 2),
+    ("end", "p5", 1, 1),
+    ("end", "p7", 1, 0),
+  ]
+
+
+def test_worker_pool_runs_in_processes_pinned_to_their_cores(tmp_path):
+  """``RunPool(workers=2)`` executes runs in worker processes (not this one), each pinned to one
+  of ``core_groups(2)``; more workers than cores is an error."""
+  from fedprune_jax import workers
+
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs 2 CPU cores")
+  with workers.RunPool(where_runner, workers=2) as pool:
+    futures = [
+      pool.submit("federated", workers.ml_collections.ConfigDict({"out": str(tmp_path / f"{i}")}))
+      for i in range(4)
+    ]
+    for f in futures:
+      f.result()
+  groups = workers.core_groups(2)
+  for i in range(4):
+    record = json.loads((tmp_path / f"{i}").read_text())
+    assert record["pid"] != os.getpid() and record["cores"] in groups
   with pytest.raises(InputError, match="workers"):
-    workers.RunPool(logging_runner, workers=len(os.sched_getaffinity(0)) + 1)
+    workers.RunPool(where_runner, workers=len(os.sched_getaffinity(0)) + 1)
 
 
 PARENT_SCRIPT = """
