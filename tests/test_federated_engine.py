@@ -191,13 +191,24 @@ def test_mask_keeps_pruned_weights_at_zero():
   assert np.all(np.asarray(got.update["delta"]["hidden"]["kernel"])[~kmask] == 0.0)
 
 
-def test_client_rng_depends_on_id_not_position():
-  k = jax.random.key(7)
-  a = client.client_rng(k, 3, 11)
-  b = jax.random.fold_in(jax.random.fold_in(k, 3), 11)
-  np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
-
-
 def test_plan_chunks_pads_with_minus_one():
   plan = executor.plan_chunks(np.array([1, 0, 1, 1, 0]), np.array([10, 11, 12, 13, 14]), 2)
   assert [(b, c.tolist()) for b, c in plan] == [(0, [11, 14]), (1, [10, 12]), (1, [13, -1])]
+
+
+def test_float64_client_update_matches_brute_force():
+  """Under ``jax_enable_x64`` with float64 params and data, the client update runs (its loss and
+  example accumulators follow the loss dtype) and equals float64 SGD by hand."""
+  store = _store()
+  cid = int(np.argmax(store.num_examples()))
+  bucket = client_data.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
+  data = client_data.pack_client(store.examples(cid), bucket)
+  with jax.enable_x64(True):
+    as64 = lambda x: np.asarray(x, np.float64) if np.issubdtype(x.dtype, np.floating) else x
+    params = jax.tree.map(as64, _params(1))
+    data = {k: as64(v) for k, v in data.items()}
+    cu = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3), num_epochs=2))
+    out = cu(params, data, jax.random.key(0))
+    assert out.update["delta"]["hidden"]["kernel"].dtype == np.float64
+    assert out.metrics["loss"].dtype == np.float64
+    _leaves_close(out.update["delta"], _sgd_brute_force(params, data, 0.3, 2), 1e-12)

@@ -96,7 +96,6 @@ def test_counts_and_sparsity():
   assert pruning.count_total(m) == 10
   assert int(pruning.count_kept(m)) == 7
   assert float(pruning.sparsity(m)) == pytest.approx(0.3)
-  assert pruning.layer_sparsity(m) == {"a/kernel": 0.75, "b/kernel": 0.0}
   params = {
     "a": {"kernel": jnp.ones((2, 2))},
     "b": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
@@ -156,21 +155,6 @@ def test_random_scores_seeded():
   )
 
 
-def test_aggregate_scores_weighted_mean():
-  s1 = {"w": jnp.array([1.0, 2.0]), "b": None}
-  s2 = {"w": jnp.array([3.0, 6.0]), "b": None}
-  out = scores_lib.aggregate_scores([s1, s2], [1.0, 3.0])
-  np.testing.assert_allclose(out["w"], [2.5, 5.0])
-  assert out["b"] is None
-  stacked = {"w": jnp.stack([s1["w"], s2["w"]]), "b": None}
-  np.testing.assert_allclose(
-    scores_lib.aggregate_scores(stacked, jnp.array([1.0, 3.0]))["w"], [2.5, 5.0]
-  )
-  np.testing.assert_allclose(scores_lib.aggregate_scores([s1, s2])["w"], [2.0, 4.0])
-  with pytest.raises(ValueError, match="weights shape"):
-    scores_lib.aggregate_scores([s1, s2], [1.0])
-
-
 def test_bench_mask_rows_and_tables():
   from fedprune_jax.bench import prune as bench
 
@@ -182,3 +166,17 @@ def test_bench_mask_rows_and_tables():
   assert rows[0]["sparsity"] == pytest.approx(round(0.5 * n) / n)
   table = bench.format_tables(rows)
   assert table.startswith("### mask") and "| unstructured |" in table
+
+
+def test_dense_mask_sparsity_is_exactly_zero():
+  """Beyond 2**24 entries a float32 count rounds: the sparsity of a dense mask (and of the
+  federated pruning metrics' kept/total) is still exactly 0, and one pruned entry is 1/n."""
+  from fedprune_jax.algorithms import fedprune
+
+  mask = {"a": jnp.ones((2**24 + 1,), bool), "b": None, "c": jnp.ones((2**25 + 7, 1), bool)}
+  n = 3 * 2**24 + 8
+  assert float(jax.jit(pruning.sparsity)(mask)) == 0.0
+  kept, total = jax.jit(fedprune.mask_stats)(mask)
+  assert float(jax.jit(lambda k, t: 1.0 - k / t)(kept, total)) == 0.0
+  one = {**mask, "a": mask["a"].at[0].set(False)}
+  assert float(pruning.sparsity(one)) == pytest.approx(1 / n, rel=1e-6)

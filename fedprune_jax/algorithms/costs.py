@@ -27,9 +27,9 @@ import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from fedprune_jax import pruning
 from fedprune_jax.algorithms.mask_policy import MaskPolicy
 from fedprune_jax.federated.server import ServerState
 
@@ -49,10 +49,7 @@ def activation_bytes(loss_fn: Callable, params: PyTree, batch: dict) -> float | 
 def _counts(params: PyTree, mask: PyTree) -> tuple[int, int, int]:
   """(total, prunable, kept) entries."""
   total = sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(params))
-  leaves = [m for m in jax.tree.leaves(mask) if m is not None]
-  prunable = sum(int(m.size) for m in leaves)
-  kept = int(sum(int(jnp.sum(m)) for m in leaves))
-  return total, prunable, kept
+  return total, pruning.count_total(mask), int(pruning.count_kept(mask))
 
 
 def make_round_costs(

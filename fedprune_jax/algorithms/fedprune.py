@@ -37,11 +37,9 @@ PyTree = Any
 
 
 def mask_stats(mask: PyTree) -> tuple[jax.Array, jax.Array]:
-  """(kept, total) prunable entries of ``mask`` as float32 scalars."""
-  leaves = [m for m in jax.tree.leaves(mask) if m is not None]
-  kept = sum(jnp.sum(m, dtype=jnp.float32) for m in leaves)
-  total = float(sum(m.size for m in leaves))
-  return kept, jnp.float32(total)
+  """(kept, total) prunable entries of ``mask`` as float32 scalars (counted exactly by
+  ``pruning.count_kept``, so a dense mask has kept == total)."""
+  return pruning.count_kept(mask).astype(jnp.float32), jnp.float32(pruning.count_total(mask))
 
 
 def federated_pruning(

@@ -10,11 +10,10 @@ importer of fedjax is ``fedjax_compat``). Algorithms live in
 ``fedprune_jax.algorithms``.
 """
 
-from fedprune_jax.federated.client import ClientOutput, apply_mask, client_rng, make_client_update
+from fedprune_jax.federated.client import ClientOutput, apply_mask, make_client_update
 from fedprune_jax.federated.client_data import (
   Bucket,
   ClientStore,
-  FunctionClientStore,
   InMemoryClientStore,
   SyntheticClientStore,
   make_buckets,

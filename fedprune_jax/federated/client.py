@@ -121,10 +121,11 @@ def make_client_update(
       live = n > 0
       p = tree_select(live, new_p, p)
       opt_state = tree_select(live, new_opt_state, opt_state)
-      loss_sum = loss_sum + jnp.where(live, loss * n, 0.0)
+      loss_sum = loss_sum + jnp.where(live, loss * n, 0.0).astype(loss_sum.dtype)
       if grad_stats:
         gabs = jax.tree.map(lambda a, g: a + jnp.where(live, jnp.abs(g), 0.0), gabs, raw_grads)
-      return (p, opt_state, loss_sum, n_sum + n, steps + live.astype(jnp.float32), gabs), None
+      n_sum = n_sum + n.astype(n_sum.dtype)
+      return (p, opt_state, loss_sum, n_sum, steps + live.astype(jnp.float32), gabs), None
 
     def epoch(carry, e):
       ekey = jax.random.fold_in(rng, e)
@@ -137,9 +138,14 @@ def make_client_update(
         offset += size
       return carry, None
 
-    zero = jnp.zeros((), jnp.float32)
+    # the loss and example sums in the dtype the loss is computed in: that of the float inputs
+    # (float32 usually, float64 under jax_enable_x64 with float64 params or data)
+    floats = [
+      x for x in jax.tree.leaves((params_start, segments)) if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    zero = jnp.zeros((), jnp.result_type(jnp.float32, *floats))
     gabs0 = jax.tree.map(jnp.zeros_like, params_start) if grad_stats else ()
-    init = (params_start, optimizer.init(params_start), zero, zero, zero, gabs0)
+    init = (params_start, optimizer.init(params_start), zero, zero, zero.astype(jnp.float32), gabs0)
     (p_end, _, loss_sum, n_sum, steps, gabs), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
     loss = loss_sum / jnp.maximum(n_sum, 1e-12)
     ok = client_finite(loss, (p_end, gabs))
@@ -182,14 +188,3 @@ def client_finite(loss: jax.Array, params: PyTree) -> jax.Array:
   for leaf in jax.tree_util.tree_leaves(params):
     total = total + jnp.sum(leaf, dtype=jnp.float32)
   return jnp.isfinite(total)
-
-
-def client_rng(
-  seed_key: jax.Array, round_num: int | jax.Array, client_id: int | jax.Array
-) -> jax.Array:
-  """The client's key: ``fold_in(fold_in(seed_key, round), client_id)``.
-
-  ``seed_key`` is ``jax.random.key(seed)`` (or a PRNGKey); the key depends on
-  the client id, never on its position in the cohort or chunk.
-  """
-  return jax.random.fold_in(jax.random.fold_in(seed_key, round_num), client_id)

@@ -32,7 +32,6 @@ from fedprune_jax.pruning.masks import (
   flatten_with_paths,
   init_mask,
   is_prunable,
-  layer_sparsity,
   load_mask,
   mask_from_flat,
   mask_to_flat,
@@ -56,7 +55,6 @@ from fedprune_jax.pruning.patterns import (
 )
 from fedprune_jax.pruning.schedules import Constant, Polynomial, Step
 from fedprune_jax.pruning.scores import (
-  aggregate_scores,
   magnitude,
   movement,
   random_scores,

@@ -143,18 +143,15 @@ def count_total(mask: PyTree) -> int:
 
 
 def sparsity(mask: PyTree) -> jax.Array:
-  """Global sparsity: pruned / total over the prunable (non-None) leaves."""
+  """Global sparsity: pruned / total over the prunable (non-None) leaves (float32 scalar).
+
+  The pruned count is an exact integer, so a dense mask has sparsity exactly 0 (``1 - kept /
+  total`` in float32 is not: kept summed in float32 rounds beyond 2**24 entries).
+  """
   total = count_total(mask)
   if total == 0:
     return jnp.float32(0.0)
-  return 1.0 - count_kept(mask).astype(jnp.float32) / total
-
-
-def layer_sparsity(mask: PyTree) -> dict[str, float]:
-  """Per-layer sparsity ``{path: pruned fraction}`` for non-None leaves (host)."""
-  return {
-    p: float(1.0 - np.mean(np.asarray(m))) for p, m in flatten_with_paths(mask) if m is not None
-  }
+  return (total - count_kept(mask)).astype(jnp.float32) / jnp.float32(total)
 
 
 def param_count(params: PyTree, mask: PyTree | None = None) -> int:

@@ -14,13 +14,10 @@
   for the entries that regrow (mask 0 -> 1), so a regrown weight starts with
   fresh moments.
 
-Where the mask comes from:
-
-* ``mask_fn(params) -> mask`` given: recomputed from the params at every
-  update (e.g. a fixed structural rule);
-* otherwise the state holds it: ``initial_mask`` at init (all-kept if None),
-  replaced either by ``update_mask(state, new_mask)`` (server-side mask
-  update between rounds) or by passing ``mask=new_mask`` to ``update``.
+Where the mask comes from: the state holds it, ``initial_mask`` at init
+(all-kept if None), replaced either by ``update_mask(state, new_mask)``
+(server-side mask update between rounds) or by passing ``mask=new_mask`` to
+``update``.
 
 Masks may contain ``None`` leaves (never pruned); the state stores a dense
 bool mask (None -> all True) so its structure stays fixed under jit/scan.
@@ -71,7 +68,6 @@ def reset_params_like(state: Any, like: PyTree, fn: Callable[..., Any], *rest: P
 
 def masked_optimizer(
   inner: optax.GradientTransformation,
-  mask_fn: Callable[[PyTree], PyTree] | None = None,
   initial_mask: PyTree | None = None,
   pruned: str = "zero",
 ) -> optax.GradientTransformationExtraArgs:
@@ -81,19 +77,13 @@ def masked_optimizer(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    if mask_fn is not None:
-      m = mask_fn(params)
-    else:
-      m = initial_mask
-    return MaskedState(inner.init(params), masks_lib.dense_mask(m, params))
+    return MaskedState(inner.init(params), masks_lib.dense_mask(initial_mask, params))
 
   def update_fn(updates, state, params=None, *, mask=None, **extra):
     if params is None:
       raise ValueError(
         "masked_optimizer: update() needs params (to keep pruned weights at exactly zero)"
       )
-    if mask is None and mask_fn is not None:
-      mask = mask_fn(params)
     if mask is not None:
       state = _set_mask(state, mask)
     m = state.mask

@@ -18,13 +18,12 @@ Score kinds:
   saliency when delta ~ -lr * g.
 * ``movement``: w * delta (signed): large when training pushes w away from
   zero, negative when it pulls w toward zero (movement pruning).
-* client-supplied: any pytree of scores the caller builds; ``aggregate_scores``
-  combines many (e.g. one per client) into their weighted mean.
+* client-supplied: any pytree of scores the caller builds (federated pruning aggregates
+  clients' scores with the executor's reducers, ``federated/aggregation.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -75,38 +74,3 @@ def taylor(params: PyTree, delta: PyTree) -> PyTree:
 def movement(params: PyTree, delta: PyTree) -> PyTree:
   """w * delta per entry (signed; > 0 when w moves away from zero)."""
   return _map(lambda w, d: w * d, params, delta)
-
-
-def aggregate_scores(
-  scores: Sequence[PyTree] | PyTree,
-  weights: Sequence[float] | jax.Array | None = None,
-  stacked: bool | None = None,
-) -> PyTree:
-  """Weighted mean of score pytrees.
-
-  Args:
-    scores: a list of score pytrees (one per client), or one pytree whose
-      leaves carry a leading client axis [C, ...] (``stacked=True``; inferred
-      when ``scores`` is not a list/tuple).
-    weights: float [C] client weights (e.g. example counts); None = equal.
-      Weights are normalised by their sum; all-zero weights give zeros.
-  Returns:
-    a score pytree without the client axis.
-  """
-  if stacked is None:
-    stacked = not isinstance(scores, (list, tuple))
-  if not stacked:
-    if len(scores) == 0:
-      raise ValueError("aggregate_scores: empty list of scores")
-    scores = jax.tree.map(
-      lambda *xs: None if xs[0] is None else jnp.stack(xs), *scores, is_leaf=lambda x: x is None
-    )
-  leaves = [x for x in jax.tree.leaves(scores)]
-  if not leaves:
-    return scores
-  c = leaves[0].shape[0]
-  w = jnp.ones((c,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-  if w.shape != (c,):
-    raise ValueError(f"aggregate_scores: weights shape {w.shape} != ({c},) clients")
-  w = w / jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
-  return _map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1), scores)
