@@ -223,7 +223,11 @@ S = Spec
 FIELDS: dict[str, Spec] = {
   "seed": S(count(0), 0, "the run's seed (params, sampling, client keys)"),
   "workdir": S(Field("str", check=_workdir_error), help="output directory (also `--workdir`)"),
-  "tensorboard": S(BOOL, True, "also write TensorBoard scalars (needs the `tensorboard` extra)"),
+  "tensorboard": S(
+    BOOL,
+    True,
+    "also write TensorBoard scalars to WORKDIR/tensorboard (if the `tensorboard` extra is installed)",
+  ),
   # data
   "data.root": S(STRING, help="corpus root directory (also `--data`)"),
   "data.source": S(one_of("librispeech_dir", "tfds"), help="LibriSpeech layout on disk or TFDS"),
@@ -274,6 +278,7 @@ FIELDS: dict[str, Spec] = {
   "sampling": S(one_of(*SAMPLINGS), "uniform", "cohort sampling: uniform or by #examples"),
   "eval_every": S(count(0), 0, "dev evaluation every k rounds (0 = none)"),
   "log_path": S(Field("str", optional=True), None, "JSONL metrics, one line per round"),
+  "tensorboard_dir": S(Field("str", optional=True), None, "TensorBoard scalars of each round"),
   "checkpoint_dir": S(Field("str", optional=True), None, "orbax round checkpoints (None = none)"),
   "checkpoint_every": S(count(0), 10, "rounds between round checkpoints (and one at the end)"),
   "keep_checkpoints": S(count(1), 2, "round checkpoints kept"),
@@ -367,6 +372,7 @@ ENGINE_FIELDS = (
   "sampling",
   "eval_every",
   "log_path",
+  "tensorboard_dir",
   "checkpoint_dir",
   "checkpoint_every",
   "keep_checkpoints",

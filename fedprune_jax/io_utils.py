@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from fedprune_jax import scalars
 from fedprune_jax.errors import InputError
 
 
@@ -116,29 +117,14 @@ class JsonlLogger:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
     self._step_key = step_key
-    self._tb = None
-    if tensorboard_dir is not None:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        SummaryWriter = None  # TensorBoard output is a convenience, JSONL is the record.
-      if SummaryWriter is not None:
-        self._tb = SummaryWriter(str(tensorboard_dir))
+    self._tb = scalars.open_sink(tensorboard_dir)
 
   def log(self, **record: Any) -> None:
     record.setdefault("time", time.time())
     self._file.write(json.dumps(record, sort_keys=True, default=_to_json) + "\n")
     self._file.flush()
     if self._tb is not None and self._step_key in record:
-      step = int(record[self._step_key])
-      for key, value in record.items():
-        if (
-          key not in (self._step_key, "time")
-          and isinstance(value, (int, float))
-          and not isinstance(value, bool)
-        ):
-          self._tb.add_scalar(key, value, step)
-      self._tb.flush()
+      self._tb.write(record, int(record[self._step_key]), skip=(self._step_key, "time"))
 
   def close(self) -> None:
     self._file.close()

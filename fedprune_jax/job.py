@@ -5,6 +5,7 @@ algorithm (``algorithms.build``) and the run's workdir::
 
   workdir/config.json        the resolved config (``fedprune eval`` reads it)
   workdir/metrics.jsonl      one line per round (+ eval metrics on eval rounds)
+  workdir/tensorboard/       the same numbers as TensorBoard scalars (``tensorboard=True``)
   workdir/rounds/            orbax round checkpoints (whole server state + metrics); a re-run of
                              the same command resumes from the latest one
   workdir/results.json       final dev/test WER, sparsity, costs, params/mask sha256
@@ -149,7 +150,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   and dev/test at the end. ``fresh`` discards the workdir's checkpoints and log first."""
   workdir = pathlib.Path(cfg.workdir)
   if fresh:
-    for name in ("rounds", "metrics.jsonl", "results.json", "checkpoint"):
+    for name in ("rounds", "metrics.jsonl", "tensorboard", "results.json", "checkpoint"):
       target = workdir / name
       if target.is_dir():
         shutil.rmtree(target)
@@ -170,6 +171,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   engine.update(
     log_path=str(workdir / "metrics.jsonl"),
     checkpoint_dir=str(workdir / "rounds"),
+    tensorboard_dir=str(workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
   )
   pcfg = build.resolve_pruning(raw.get("pruning"))
   policy, round_costs, initial_mask = None, None, None
@@ -181,7 +183,9 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   log = workdir / "metrics.jsonl"
   if cfg.eval_every and not (workdir / "rounds").exists():
     # the starting point, so the log shows what the rounds changed
-    with io_utils.JsonlLogger(log) as logger:
+    with io_utils.JsonlLogger(
+      log, engine["tensorboard_dir"], step_key="rounds_completed"
+    ) as logger:
       start = eval_fn(params, 0)
       logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
   state, history = build.run_federated(

@@ -66,3 +66,23 @@ def toy_store(num_clients: int, seed: int = 0, min_examples: int = 2, **kw):
     seed=seed,
   )
   return client_data.SyntheticClientStore(num_clients, **{**args, **kw})
+
+
+def read_scalars(logdir) -> dict[str, dict[int, float]]:
+  """TensorBoard scalars of every event file in ``logdir``: {tag: {step: value}} (a later event
+  of the same tag and step wins). Reads the TFRecord framing (length, crc, event, crc) itself."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, {})[event.step] = value.simple_value
+  return out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import MINI_MODEL
+import pytest
+
+from conftest import MINI_MODEL, read_scalars
 from fedprune_jax import cli
 from fedprune_jax.io_utils import read_jsonl
 
@@ -58,3 +60,8 @@ def test_federated_rounds_lower_dev_wer(small_vocab_corpus, tmp_path, capsys):
   assert abs(result["final"]["dev"]["wer"] - wer[-1]) < 1e-6  # final eval = last periodic eval
   assert result["final"]["test"]["wer"] < 0.9
   assert (workdir / "checkpoint").is_dir()
+  # the dev WER curve as TensorBoard scalars at step = rounds completed (tensorboard=True default)
+  scalars = read_scalars(workdir / "tensorboard")
+  assert [
+    scalars["eval_dev_wer"][e.get("rounds_completed", e.get("round", -1) + 1)] for e in evals
+  ] == (pytest.approx(wer, rel=1e-6))

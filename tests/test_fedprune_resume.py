@@ -9,6 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from conftest import read_scalars
+
 SCRIPT = textwrap.dedent(
   """
   import json, os, signal, sys
@@ -33,6 +37,7 @@ SCRIPT = textwrap.dedent(
     "seed": 5, "rounds": 8, "cohort_size": 6, "checkpoint_every": 2,
     "checkpoint_dir": os.path.join(workdir, "rounds"),
     "log_path": os.path.join(workdir, "metrics.jsonl"),
+    "tensorboard_dir": os.path.join(workdir, "tensorboard"),
     "client": {"learning_rate": 0.3}, "server": {"optimizer": "fedadam", "learning_rate": 0.05},
     "engine": {"chunk_size": 2},
     "pruning": {"target_sparsity": 0.5, "pruning_rounds": 4, "refining_rounds": 2,
@@ -86,3 +91,17 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
   assert a["history"] == b["history"]
   log = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in log] == list(range(8))
+  _tensorboard_matches_the_log(straight)
+
+
+def _tensorboard_matches_the_log(workdir):
+  """Every numeric field of every round's metrics.jsonl row is a TensorBoard scalar at step
+  round + 1 (float32 in the event file), among them the pruning phase and sparsity."""
+  pytest.importorskip("tensorboardX")
+  scalars = read_scalars(workdir / "tensorboard")
+  log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {"sparsity", "phase", "target_sparsity", "train_loss"} <= set(scalars)
+  for row in log:
+    for key, value in row.items():
+      if key != "round" and isinstance(value, (int, float)):
+        assert scalars[key][row["round"] + 1] == pytest.approx(value, rel=1e-6, abs=1e-30), key

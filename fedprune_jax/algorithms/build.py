@@ -228,6 +228,7 @@ def run_federated(
     eval_every=cfg["eval_every"],
     log_path=cfg["log_path"],
     progress=progress,
+    tensorboard_dir=cfg["tensorboard_dir"],
     checkpointer=checkpointer,
     history=history,
   )

@@ -3,7 +3,7 @@
 ``run_rounds`` is algorithm-agnostic (see ``algorithm.py`` for one round top to bottom);
 ``algorithms.build.run_federated(config, ...)`` builds an algorithm from a config and calls it.
 Engine config: a dict or an ml_collections ConfigDict with the top-level fields ``seed``,
-``rounds``, ``cohort_size``, ``sampling``, ``eval_every``, ``log_path``, ``checkpoint_dir``,
+``rounds``, ``cohort_size``, ``sampling``, ``eval_every``, ``log_path``, ``tensorboard_dir``, ``checkpoint_dir``,
 ``checkpoint_every``, ``keep_checkpoints`` and the sections ``client``, ``server``, ``faults``,
 ``engine``; every key is optional. Defaults and allowed values: ``fedprune_jax/fields.py``
 (``fedprune fields`` prints them).
@@ -20,7 +20,7 @@ from absl import logging as absl_logging
 import jax
 import optax
 
-from fedprune_jax import fields
+from fedprune_jax import fields, scalars
 from fedprune_jax.errors import ConfigError
 from fedprune_jax.federated import multihost
 from fedprune_jax.federated.algorithm import FederatedAlgorithm
@@ -117,6 +117,7 @@ def run_rounds(
   eval_every: int = 0,
   log_path: str | None = None,
   progress: bool = True,
+  tensorboard_dir: str | None = None,
   on_round: Callable[[ServerState, dict], None] | None = None,
   checkpointer: RoundCheckpointer | None = None,
   history: list[dict] | None = None,
@@ -133,6 +134,8 @@ def run_rounds(
     history: metrics of the rounds before ``state.round`` (resume); they are kept in the returned
       history and in checkpoints.
     checkpointer: saves ``(state, history)`` every k rounds.
+    tensorboard_dir: each round's numeric metrics also go there as TensorBoard scalars at step
+      ``round + 1`` (if tensorboardX is installed).
 
   Returns:
     (final state, history) with one metrics dict per round: round, train_loss, num_clients,
@@ -147,6 +150,7 @@ def run_rounds(
   if log_path and is_main:
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log = open(log_path, "a", encoding="utf-8")
+  sink = scalars.open_sink(tensorboard_dir) if is_main else None
   bar = None
   if progress and is_main:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -186,6 +190,8 @@ def run_rounds(
       if log is not None:
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+      if sink is not None:
+        sink.write(metrics, r + 1, skip=("round",))
       if checkpointer is not None:
         checkpointer.save(state, history)
       if bar is not None:
@@ -198,4 +204,6 @@ def run_rounds(
       bar.close()
     if log is not None:
       log.close()
+    if sink is not None:
+      sink.close()
   return state, history
