@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedprune_jax.algorithms import build
-from fedprune_jax.federated import client_data, rounds, sampling, toy
+from fedprune_jax.federated import client_data, packing, rounds, sampling, toy
 
 
 # ---------------------------------------------------------------- sampling
@@ -66,8 +66,8 @@ def _examples(rng, n, max_t, feat=3):
 def test_pack_client_layout():
   rng = np.random.default_rng(0)
   exs = _examples(rng, 5, 6)
-  bucket = client_data.Bucket(3, 2, {"features": (6, 3), "labels": (4,)})
-  d = client_data.pack_client(exs, bucket)
+  bucket = packing.Bucket(3, 2, {"features": (6, 3), "labels": (4,)})
+  d = packing.pack_client(exs, bucket)
   assert d["features"].shape == (3, 2, 6, 3)
   assert d["labels"].dtype == np.int32
   np.testing.assert_array_equal(d["weights"].ravel(), [1, 1, 1, 1, 1, 0])
@@ -81,11 +81,9 @@ def test_pack_client_layout():
     np.testing.assert_array_equal(d["label_paddings"][s, b], [0] * l + [1] * (4 - l))
   assert d["feature_paddings"][2, 1].all()
   with pytest.raises(ValueError, match="spk7.*'features'"):
-    client_data.pack_client(
-      [{"features": np.zeros((9, 3)), "labels": np.ones(2)}], bucket, name="spk7"
-    )
+    packing.pack_client([{"features": np.zeros((9, 3)), "labels": np.ones(2)}], bucket, name="spk7")
   with pytest.raises(ValueError, match="exceed"):
-    client_data.pack_client(exs * 2, bucket)
+    packing.pack_client(exs * 2, bucket)
 
 
 def test_buckets_cut_padding_and_store_roundtrip():
@@ -131,7 +129,7 @@ def test_synthetic_store_is_lazy_and_deterministic():
   # the vectorised generator packs exactly like pack_client(examples)
   bucket = a.buckets[1]
   for j, cid in enumerate(ids):
-    ref = client_data.pack_client(a.examples(int(cid)), bucket)
+    ref = packing.pack_client(a.examples(int(cid)), bucket)
     for k in ref:
       np.testing.assert_array_equal(ca[k][j], ref[k])
   mem = a.materialize(ids)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedprune_jax.federated import client, client_data, executor, server, toy
+from fedprune_jax.federated import client, client_data, executor, packing, server, toy
 
 F, K = 4, 3
 
@@ -146,10 +146,10 @@ def test_client_update_matches_brute_force_and_padding_steps_are_noops():
   store = _store()
   cid = int(np.argmax(store.num_examples()))
   exs = store.examples(cid)
-  small = client_data.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
-  big = client_data.Bucket(7, 3, {"features": (9, F), "labels": (4,)})
-  d_small = client_data.pack_client(exs, small)
-  d_big = client_data.pack_client(exs, big)
+  small = packing.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
+  big = packing.Bucket(7, 3, {"features": (9, F), "labels": (4,)})
+  d_small = packing.pack_client(exs, small)
+  d_big = packing.pack_client(exs, big)
   params = _params(1)
   cu = jax.jit(client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3), num_epochs=2))
   out = cu(params, d_small, jax.random.key(0))
@@ -201,8 +201,8 @@ def test_float64_client_update_matches_brute_force():
   example accumulators follow the loss dtype) and equals float64 SGD by hand."""
   store = _store()
   cid = int(np.argmax(store.num_examples()))
-  bucket = client_data.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
-  data = client_data.pack_client(store.examples(cid), bucket)
+  bucket = packing.Bucket(3, 3, {"features": (5, F), "labels": (2,)})
+  data = packing.pack_client(store.examples(cid), bucket)
   with jax.enable_x64(True):
     as64 = lambda x: np.asarray(x, np.float64) if np.issubdtype(x.dtype, np.floating) else x
     params = jax.tree.map(as64, _params(1))

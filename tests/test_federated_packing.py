@@ -10,7 +10,8 @@ import pytest
 
 from conftest import MICRO_MODEL
 from fedprune_jax.data import batching
-from fedprune_jax.federated import client, client_data, speakers
+from fedprune_jax.federated import buckets as buckets_lib
+from fedprune_jax.federated import client, speakers
 
 
 def _feature_set(seed=0, num_speakers=5, max_utts=23):
@@ -36,20 +37,20 @@ def _slots(shape):
 def test_shape_groups_merge_cheapest_pairs():
   # 5 clients each of three shapes (S, T); two groups: merging the two short ones is cheapest
   shapes = np.array([(1, 10)] * 5 + [(1, 11)] * 5 + [(4, 100)] * 5)
-  g = client_data.shape_groups(shapes, 2)
+  g = buckets_lib.shape_groups(shapes, 2)
   assert len(np.unique(g)) == 2
   assert len(np.unique(g[:10])) == 1 and g[10] != g[0] and len(np.unique(g[10:])) == 1
   # enough groups: every group holds one shape, i.e. no padding from grouping
   rng = np.random.default_rng(0)
   shapes = rng.integers(1, 4, size=(40, 4))
-  g = client_data.shape_groups(shapes, 100)
+  g = buckets_lib.shape_groups(shapes, 100)
   for k in np.unique(g):
     assert len(np.unique(shapes[g == k], axis=0)) == 1
   # the greedy merge never adds more padding than the equal-cost cuts of 'cost'
   lengths = np.stack([rng.integers(1, 60, 200), rng.integers(20, 400, 200), np.ones(200)], 1)
   slots = {}
   for method in ("cost", "shape"):
-    buckets, bucket_of = client_data.make_buckets(lengths, 8, 4, 80, 16, method=method)
+    buckets, bucket_of = buckets_lib.make_buckets(lengths, 8, 4, 80, 16, method=method)
     assert len(buckets) <= 4
     slots[method] = sum(buckets[b].slots * buckets[b].shapes["features"][0] for b in bucket_of)
   assert slots["shape"] <= slots["cost"]

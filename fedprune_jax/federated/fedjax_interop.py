@@ -19,26 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedprune_jax.federated.client_data import Bucket, InMemoryClientStore
+from fedprune_jax.federated.client_data import InMemoryClientStore
+from fedprune_jax.federated.packing import Bucket, pack_client
 from fedprune_jax.federated.fedjax_compat import fedjax  # noqa: F401
 from fedprune_jax.federated.fedjax_compat import for_each_client_lib
 
 PyTree = Any
 
 
-def pack_arrays(examples: dict[str, np.ndarray], bucket: Bucket) -> dict[str, np.ndarray]:
-  """Packs fixed-shape examples ``{key: [n, ...]}`` into ``[S, B, ...]``."""
-  out = bucket.zeros()
-  n = len(next(iter(examples.values())))
-  if n > bucket.slots:
-    raise ValueError(f"{n} examples exceed bucket capacity {bucket.slots}")
-  for key, value in out.items():
-    flat = value.reshape((bucket.slots,) + value.shape[2:])
-    if key == "weights":
-      flat[:n] = np.asarray(examples.get("weights", np.ones(n)), np.float32)
-    else:
-      flat[:n] = examples[key]
-  return out
+def _rows(columns: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Per-example dicts (``pack_client``'s input) of fixed-shape columns ``{key: [n, ...]}``; a
+  ``weights`` column becomes each example's ``weight``."""
+  n = len(next(iter(columns.values())))
+  weights = columns.get("weights", np.ones(n, np.float32))
+  keys = [k for k in columns if k != "weights"]
+  return [{**{k: columns[k][i] for k in keys}, "weight": weights[i]} for i in range(n)]
 
 
 def store_from_fedjax(fd, batch_size: int, num_buckets: int = 4) -> InMemoryClientStore:
@@ -70,7 +65,7 @@ def store_from_fedjax(fd, batch_size: int, num_buckets: int = 4) -> InMemoryClie
           f"fedjax client {name!r}: field {k!r} missing or of "
           f"shape {None if k not in ex else ex[k].shape}"
         )
-    packed.append(pack_arrays(ex, buckets[b]))
+    packed.append(pack_client(_rows(ex), buckets[b], name=f"fedjax client {name!r}"))
   return InMemoryClientStore(packed, buckets, bucket_of, names)
 
 

@@ -22,14 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from fedprune_jax.federated.client_data import (
-  Bucket,
-  ClientArrays,
-  ClientStore,
-  chunk_bucket,
-  make_buckets,
-  shape_groups,
-)
+from fedprune_jax.federated.buckets import make_buckets, shape_groups
+from fedprune_jax.federated.client_data import ClientStore, chunk_bucket
+from fedprune_jax.federated.packing import Bucket, ClientArrays
 
 
 class SpeakerClientStore(ClientStore):
@@ -46,7 +41,7 @@ class SpeakerClientStore(ClientStore):
     speakers: optional subset / order of speaker ids (default: sorted).
     max_frames: optional cap on T: longer utterances are left out (counted in
       ``num_dropped``).
-    packing: how speakers are grouped into buckets (``client_data.make_buckets``
+    packing: how speakers are grouped into buckets (``buckets.make_buckets``
       ``method``): ``'cost'`` (equal-cost cuts, before issue 14) or ``'shape'``
       (greedy merging of equal (S, T) groups; ignored with ``segments > 1``,
       which always groups by shape).
