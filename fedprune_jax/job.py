@@ -37,11 +37,11 @@ from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
-from fedprune_jax.bench import flops as flops_lib
 from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
+from fedprune_jax.models import flops as flops_lib
 
 PyTree = Any
 

@@ -9,7 +9,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from fedprune_jax.bench import flops as flops_lib
+from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.bench import peak as peak_lib
 from fedprune_jax.bench import step as step_lib
 from fedprune_jax.models import asr

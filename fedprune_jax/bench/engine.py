@@ -63,7 +63,7 @@ def build(
       toy.flops_per_example(feat, num_frames, hidden, classes),
     )
   if model == "conformer-tiny":
-    from fedprune_jax.bench import flops as flops_lib  # pylint: disable=g-import-not-at-top
+    from fedprune_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
     from fedprune_jax.models import asr  # pylint: disable=g-import-not-at-top
 
     m = asr.make_asr_model("tiny")

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from fedprune_jax import io_utils
-from fedprune_jax.bench import flops as flops_lib
+from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.bench import peak as peak_lib
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer

@@ -101,7 +101,35 @@ def _client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.maximum(ids, 0))
 
 
-class ChunkedExecutor:
+class _Executor:
+  """What every executor holds: the client update, the client weighting, the per-key reducers
+  and the shapes of one client's output (for the zero accumulator)."""
+
+  def __init__(
+    self,
+    client_update: ClientUpdate,
+    weighting: str = "num_examples",
+    reducers: Mapping[str, agg.Reducer] | None = None,
+  ):
+    self.client_update = client_update
+    self.weighting = weighting
+    self.reducers = dict(reducers or {})
+    self._shapes = _UpdateShapes(client_update)
+
+  def _accumulate(self, client_input: PyTree, groups, add) -> tuple[agg.Aggregate, dict]:
+    """Folds ``acc = add(acc, data, ids)`` over ``groups`` of ``(ids, data)`` from the zero
+    accumulator; returns the finalized aggregate."""
+    acc = None
+    for ids, data in groups:
+      if acc is None:
+        acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
+      acc = add(acc, data, ids)
+    if acc is None:
+      raise ValueError("empty cohort")
+    return agg.finalize(acc, self.reducers)
+
+
+class ChunkedExecutor(_Executor):
   """vmap over chunks of C clients, a host loop over chunks, optional mesh."""
 
   def __init__(
@@ -142,12 +170,11 @@ class ChunkedExecutor:
       )
     if vmap_size is not None and not 1 <= vmap_size <= chunk_size:
       raise ValueError(f"vmap_size must be in [1, chunk_size={chunk_size}], got {vmap_size}")
+    super().__init__(client_update, weighting, reducers)
     self.chunk_size = chunk_size
     self.mesh = mesh
     self.max_in_flight = max_in_flight
     self.device_loop = device_loop
-    self.reducers = dict(reducers or {})
-    self._shapes = _UpdateShapes(client_update)
     reducers = self.reducers
 
     def chunk_step(acc, client_input, data, ids, round_key):
@@ -227,7 +254,7 @@ class ChunkedExecutor:
     return agg.finalize(acc, self.reducers)
 
 
-class SequentialExecutor:
+class SequentialExecutor(_Executor):
   """Reference: one jitted client update per client, added in cohort order."""
 
   def __init__(
@@ -236,9 +263,8 @@ class SequentialExecutor:
     weighting: str = "num_examples",
     reducers: Mapping[str, agg.Reducer] | None = None,
   ):
+    super().__init__(client_update, weighting, reducers)
     self.update = jax.jit(client_update)
-    self.reducers = dict(reducers or {})
-    self._shapes = _UpdateShapes(client_update)
     reducers = self.reducers
 
     def add(acc, out):
@@ -250,19 +276,15 @@ class SequentialExecutor:
     self._add = jax.jit(add)
 
   def __call__(self, client_input, store, client_ids, round_key):
-    acc = None
-    for cid in np.asarray(client_ids, np.int64):
-      data = store.get(np.array([cid]))
-      if acc is None:
-        acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
+    def add(acc, data, cid):
       one = jax.tree.map(lambda v: v[0], data)
-      acc = self._add(acc, self.update(client_input, one, jax.random.fold_in(round_key, cid)))
-    if acc is None:
-      raise ValueError("empty cohort")
-    return agg.finalize(acc, self.reducers)
+      return self._add(acc, self.update(client_input, one, jax.random.fold_in(round_key, cid)))
+
+    ids = np.asarray(client_ids, np.int64)
+    return self._accumulate(client_input, ((c, store.get(np.array([c]))) for c in ids), add)
 
 
-class DrjaxExecutor:
+class DrjaxExecutor(_Executor):
   """Whole-cohort ``drjax.map_fn`` per bucket (memory grows with the cohort)."""
 
   def __init__(
@@ -271,10 +293,7 @@ class DrjaxExecutor:
     weighting: str = "num_examples",
     reducers: Mapping[str, agg.Reducer] | None = None,
   ):
-    self.client_update = client_update
-    self.weighting = weighting
-    self.reducers = dict(reducers or {})
-    self._shapes = _UpdateShapes(client_update)
+    super().__init__(client_update, weighting, reducers)
     self._cache = {}
 
   def _program(self, n: int):
@@ -296,24 +315,19 @@ class DrjaxExecutor:
     return run
 
   def __call__(self, client_input, store, client_ids, round_key):
-    client_ids = np.asarray(client_ids, np.int64)
-    bucket_of = store.bucket_of(client_ids)
-    acc = None
-    for b in np.unique(bucket_of):
-      ids = client_ids[bucket_of == b]
-      data = store.get(ids)
-      if acc is None:
-        acc = self._shapes.zero_accumulator(client_input, data, self.reducers)
+    def add(acc, data, ids):
       # DrJAX logs a warning per primitive when no 'clients' mesh is set
       verbosity = absl_logging.get_verbosity()
       absl_logging.set_verbosity(absl_logging.ERROR)
       try:
-        acc = self._program(len(ids))(acc, client_input, data, ids, round_key)
+        return self._program(len(ids))(acc, client_input, data, ids, round_key)
       finally:
         absl_logging.set_verbosity(verbosity)
-    if acc is None:
-      raise ValueError("empty cohort")
-    return agg.finalize(acc, self.reducers)
+
+    client_ids = np.asarray(client_ids, np.int64)
+    bucket_of = store.bucket_of(client_ids)
+    groups = (client_ids[bucket_of == b] for b in np.unique(bucket_of))
+    return self._accumulate(client_input, ((ids, store.get(ids)) for ids in groups), add)
 
 
 def timed(executor, *args, **kwargs):
