@@ -100,7 +100,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   pending: list[dict] = []  # device metrics not yet fetched (fetching blocks, so it is batched)
   loss_window: list[float] = []  # fetched losses since the last log record
   examples_seen = 0
-  log = io_utils.JsonlLogger(workdir / "metrics.jsonl", tensorboard_dir=workdir / "tensorboard")
+  tensorboard = workdir / "tensorboard" if cfg.get("tensorboard", True) else None
+  log = io_utils.JsonlLogger(workdir / "metrics.jsonl", tensorboard_dir=tensorboard)
   bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not progress)
   batches = epoch_batches(epoch)
   stop_reason = "steps"
