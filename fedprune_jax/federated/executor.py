@@ -115,6 +115,10 @@ class _Executor:
     self.weighting = weighting
     self.reducers = dict(reducers or {})
     self._shapes = _UpdateShapes(client_update)
+    self._setup()
+
+  def _setup(self) -> None:
+    """Builds what the executor's ``__call__`` uses (its jitted programs)."""
 
   def _accumulate(self, client_input: PyTree, groups, add) -> tuple[agg.Aggregate, dict]:
     """Folds ``acc = add(acc, data, ids)`` over ``groups`` of ``(ids, data)`` from the zero
@@ -257,15 +261,9 @@ class ChunkedExecutor(_Executor):
 class SequentialExecutor(_Executor):
   """Reference: one jitted client update per client, added in cohort order."""
 
-  def __init__(
-    self,
-    client_update: ClientUpdate,
-    weighting: str = "num_examples",
-    reducers: Mapping[str, agg.Reducer] | None = None,
-  ):
-    super().__init__(client_update, weighting, reducers)
-    self.update = jax.jit(client_update)
-    reducers = self.reducers
+  def _setup(self) -> None:
+    self.update = jax.jit(self.client_update)
+    reducers, weighting = self.reducers, self.weighting
 
     def add(acc, out):
       one = lambda x: jnp.asarray(x)[None]  # noqa: E731
@@ -287,13 +285,7 @@ class SequentialExecutor(_Executor):
 class DrjaxExecutor(_Executor):
   """Whole-cohort ``drjax.map_fn`` per bucket (memory grows with the cohort)."""
 
-  def __init__(
-    self,
-    client_update: ClientUpdate,
-    weighting: str = "num_examples",
-    reducers: Mapping[str, agg.Reducer] | None = None,
-  ):
-    super().__init__(client_update, weighting, reducers)
+  def _setup(self) -> None:
     self._cache = {}
 
   def _program(self, n: int):
