@@ -23,6 +23,7 @@ from fedprune_jax import cli
     ["eval"],
     ["federated"],
     ["presets"],
+    ["fields"],
     ["demo"],
     ["bench"],
   ],

@@ -68,3 +68,11 @@ def test_cli_prints_the_table(capsys):
   assert (
     "pruning.step_hold_initial = False" in out and "one of 'mean', 'trimmed_mean', 'vote'" in out
   )
+
+
+def test_set_help_points_at_the_field_list(capsys):
+  from fedprune_jax import cli
+
+  with pytest.raises(SystemExit):
+    cli.main(["federated", "--help"])
+  assert "`fedprune fields` lists every field" in " ".join(capsys.readouterr().out.split())
