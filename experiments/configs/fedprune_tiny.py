@@ -4,8 +4,8 @@ Run: fedprune federated --config fedprune_tiny --data DIR [--set pruning.pattern
 The server holds 16 speakers (disjoint from the clients) for a short centralized warm start, as a
 federated deployment would start from a server-trained model; the clients then prune it over
 `pruning.pruning_rounds` rounds (cubic schedule to the target), refine the mask, and fine-tune.
-Fields of `pruning`: see fedprune_jax/algorithms/build.py (PRUNING_DEFAULTS) and
-fedprune_jax/algorithms/mask_policy.py.
+Fields of `pruning`, their defaults and allowed values: `fedprune fields` (fedprune_jax/fields.py);
+what they do: fedprune_jax/algorithms/mask_policy.py.
 """
 
 import ml_collections
