@@ -167,6 +167,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   return records
 
 
+def file_sha256(path: str | os.PathLike) -> str | None:
+  """sha256 of a file's bytes, or None if it cannot be read."""
+  try:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+  except OSError:
+    return None
+
+
 def tree_sha256(tree: Any) -> str:
   """sha256 of a pytree's arrays (flatten order, raw bytes); None leaves are skipped."""
   h = hashlib.sha256()

@@ -250,6 +250,7 @@ FIELD_RULES: dict[str, Field] = {
   "warm_start.batch_size": count(1),
   "warm_start.seed": count(0, optional=True),
   "warm_start.eval_every": count(0),
+  "warm_start.train_if_missing": BOOL,
   "data.split_seed": count(0, optional=True),
   "baseline.data": one_of("server", "pooled"),
   "baseline.steps_per_round": count(0),

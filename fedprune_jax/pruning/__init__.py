@@ -34,6 +34,7 @@ from fedprune_jax.pruning.masks import (
   is_prunable,
   layer_sparsity,
   load_mask,
+  load_mask_checked,
   mask_from_flat,
   mask_to_flat,
   matches,
