@@ -10,8 +10,11 @@ import argparse
 import functools
 import json
 import logging
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -481,7 +484,35 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
       logger.removeFilter(log_filter)
 
 
+def _exit_on_interrupt(signum, frame) -> None:
+  """SIGINT handler: one line and exit 130, wherever the process is (a KeyboardInterrupt raised
+  inside a library's callback, e.g. JAX's garbage-collection hook, would be swallowed there).
+  Files are written atomically and the workdir lock dies with the process."""
+  del signum, frame
+  sys.stderr.write(INTERRUPTED + "\n")
+  sys.stderr.flush()
+  os._exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt)
+  try:
+    code = _main(argv)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGINT, previous)
+  if code and argv is None:
+    # the program ends here: what background threads of a failed write (orbax after a full
+    # disk) still print while the process exits would follow the one error line; drop it
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
   try:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from fedprune_jax import errors
+from fedprune_jax import io_utils
 from fedprune_jax.data import alignable
 from fedprune_jax.data import batching
 from fedprune_jax.data import features as features_lib
@@ -155,9 +157,11 @@ def save_params(path: pathlib.Path, params: Params) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path).absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params, force=True)
-  checkpointer.wait_until_finished()
+  # a failed write on a full disk is one CLI line: orbax's background noise about it is dropped
+  with io_utils.stderr_held(drop_if=lambda e: errors.environment_failure(e) is not None):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, params, force=True)
+    checkpointer.wait_until_finished()
 
 
 def restore_params(path: pathlib.Path, like: Params) -> Params:

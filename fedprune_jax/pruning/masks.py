@@ -216,7 +216,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 
   try:
     with open(path, "rb") as f:
-      if f.read(4) != b"PK\x03\x04":
+      if f.read(2) != b"PK":  # a zip archive (an empty one starts PK\x05\x06)
         raise ValueError("not an .npz file (a mask is the mask.npz a run writes)")
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
