@@ -66,3 +66,18 @@ def toy_store(num_clients: int, seed: int = 0, min_examples: int = 2, **kw):
     seed=seed,
   )
   return client_data.SyntheticClientStore(num_clients, **{**args, **kw})
+
+
+def write_finished_run(workdir, results: dict) -> None:
+  """What a finished run leaves for the suite and the report (for tests' fake runners):
+  ``results.json``, the final checkpoint's metadata and the completion marker."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  from fedprune_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  (workdir / "checkpoint").mkdir(parents=True, exist_ok=True)
+  (workdir / "checkpoint" / "_CHECKPOINT_METADATA").write_text("{}")
+  (workdir / "results.json").write_text(json.dumps(results))
+  workdir_lib.mark_done(workdir)

@@ -424,7 +424,6 @@ def kill_experiment(corpus: str):
       {
         "warm_start.path": suite.From("a", "checkpoint"),
         "pruning.mask_path": suite.From("a", "mask.npz"),
-        "rounds": 1,
       },
     ),
   )
@@ -460,7 +459,7 @@ def test_killed_between_checkpoint_and_marker_then_suite_rerun(trained, tmp_path
   killed = json.loads((a / "results.json").read_text())["train"]["params_sha256"]
   index = suite.run_experiment(kill_experiment(str(corpus)), runs, progress=False)
   capsys.readouterr()
-  assert [r["state"] for r in index["runs"]] == ["done", "done"]
+  assert [r["state"] for r in index["runs"]] == ["done", "done"], index["runs"]
   assert [r["round"] for r in read_jsonl(a / "metrics.jsonl") if "round" in r] == [0, 1]
   assert json.loads((a / "results.json").read_text())["train"]["params_sha256"] == killed
   b = json.loads((runs / "runs" / b_key / "results.json").read_text())["train"]
