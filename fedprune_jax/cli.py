@@ -10,10 +10,22 @@ import argparse
 import functools
 import json
 import logging
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Sequence
+
+
+def _add_fresh_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+    "--fresh",
+    action="store_true",
+    help="start over: discard the workdir's run state (checkpoints, log, results); needed to "
+    "rerun a workdir with a different config (default: resume a run of the same config)",
+  )
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
@@ -109,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
   from fedprune_jax.train import centralized
 
   cfg = _load(args)
-  result = centralized.train_and_evaluate(cfg)
+  result = centralized.train_and_evaluate(cfg, fresh=args.fresh)
   print(json.dumps(result["final"], indent=2, sort_keys=True))
   return 0
 
@@ -157,7 +169,7 @@ def cmd_federated(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
   from fedprune_jax import job
 
-  result = job.run_baseline(_load(args))
+  result = job.run_baseline(_load(args), fresh=args.fresh)
   print(json.dumps(result["final"], indent=2, sort_keys=True))
   return 0
 
@@ -188,6 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
   cfg.data.root = str(_embedded_corpus(cfg.data, args.data))
   workdir = pathlib.Path(args.workdir)
   cfg.warm_start.path = str(workdir / "warm_start")
+  cfg.warm_start.train_if_missing = True  # the first run trains it, the second reuses it
   results = {}
   for name in ("dense", "pruned"):
     run_cfg = cfg.copy_and_resolve_references()
@@ -195,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if name == "dense":
       run_cfg.pruning = None
     print(f"\n== {name}: {run_cfg.rounds} federated rounds ==", file=sys.stderr)
-    results[name] = job.run(run_cfg)
+    results[name] = job.run(run_cfg, fresh=args.fresh)
   print()
   print(job.format_comparison(results))
   return 0
@@ -227,16 +240,27 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
   names = suite.EXPERIMENTS if args.names == ["all"] else args.names
   experiments = [suite.load_experiment(n, args.setting) for n in names]
-  data_root = args.data
-  base = experiments[0].base
-  root_set = any(o.startswith("data.root=") for o in args.overrides)
-  if "synth_vocab_size" in base.data and not root_set:
-    # the small setting's corpus is the embedded one: synthesized under --data if absent
-    data_root = str(_embedded_corpus(base.data, args.data or "data"))
-  if args.seeds:
-    seeds = [int(s) for s in args.seeds.split(",")]
+  if args.seeds is not None:
+    seeds = _parse_seeds(args.seeds)
   else:
     seeds = sorted({s for e in experiments for s in e.seeds[: 1 if args.quick else None]})
+  base = experiments[0].base
+  root_set = any(o.startswith("data.root=") for o in args.overrides)
+  embedded = "synth_vocab_size" in base.data and not root_set
+  for experiment in experiments:  # every run's config (and the corpus) checked before any run
+    suite.check_experiment(
+      experiment,
+      args.runs,
+      quick=args.quick,
+      seeds=[s for s in seeds if s in experiment.seeds or args.seeds],
+      data_root=args.data,
+      overrides=args.overrides,
+      check_data=not embedded,
+    )
+  data_root = args.data
+  if embedded:
+    # the small setting's corpus is the embedded one: synthesized under --data if absent
+    data_root = str(_embedded_corpus(base.data, args.data or "data"))
   # seed-major: every table gets its first seed before any gets a second (one table: all its
   # seeds in one call, so workers never wait for a seed to finish)
   seed_groups = [seeds] if len(experiments) == 1 else [[s] for s in seeds]
@@ -268,6 +292,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
   if failed:
     print(f"{failed} run(s) failed: see 'error' in {args.runs}/<experiment>.json", file=sys.stderr)
   return 1 if failed else 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+  """``--seeds 0,1,2`` -> [0, 1, 2]; InputError for anything but non-negative integers."""
+  from fedprune_jax.errors import InputError
+
+  parts = [p.strip() for p in text.split(",")]
+  if not all(p.isdigit() for p in parts):
+    raise InputError(f"--seeds {text!r}: expected comma-separated integers >= 0, e.g. 0,1,2")
+  return list(dict.fromkeys(int(p) for p in parts))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -325,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   train_p = sub.add_parser("train", help="centralized training + dev/test evaluation")
   _add_config_args(train_p, "tiny_centralized")
+  _add_fresh_arg(train_p)
   train_p.set_defaults(func=cmd_train)
 
   eval_p = sub.add_parser("eval", help="evaluate a checkpoint (WER/CER)")
@@ -335,17 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   fed_p = sub.add_parser("federated", help="federated training rounds (vmap executor)")
   _add_config_args(fed_p, "tiny_federated")
-  fed_p.add_argument(
-    "--fresh",
-    action="store_true",
-    help="start over: discard the workdir's round checkpoints and log (default: resume)",
-  )
+  _add_fresh_arg(fed_p)
   fed_p.set_defaults(func=cmd_federated)
 
   base_p = sub.add_parser(
     "baseline", help="centralized pruning with a federated pruning config's policy (by steps)"
   )
   _add_config_args(base_p, "fedprune_tiny")
+  _add_fresh_arg(base_p)
   base_p.set_defaults(func=cmd_baseline)
 
   presets_p = sub.add_parser("presets", help="print Conformer presets and their parameter counts")
@@ -359,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo_p.add_argument("--data", default="data", help="where the corpus is written (default: data/)")
   demo_p.add_argument("--workdir", default="runs/demo")
   demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  _add_fresh_arg(demo_p)
   demo_p.set_defaults(func=cmd_demo)
 
   exp_p = sub.add_parser(
@@ -438,6 +471,9 @@ class _ReportedByMain(logging.Filter):
     return exc is None or error_line(exc) is None
 
 
+INTERRUPTED = "fedprune: interrupted"
+
+
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
   """Runs a command; bad input becomes one ``fedprune: error:`` line and exit code 2."""
   log_filter = _ReportedByMain()
@@ -447,7 +483,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
   try:
     return func(args)
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+    print(INTERRUPTED, file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
     line = error_line(e)
@@ -460,14 +496,46 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
       logger.removeFilter(log_filter)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.command not in ("corpus",):
-    from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
+def _exit_on_interrupt(signum, frame) -> None:
+  """SIGINT handler: one line and exit 130, wherever the process is (a KeyboardInterrupt raised
+  inside a library's callback, e.g. JAX's garbage-collection hook, would be swallowed there).
+  Files are written atomically and the workdir lock dies with the process."""
+  del signum, frame
+  sys.stderr.write(INTERRUPTED + "\n")
+  sys.stderr.flush()
+  os._exit(130)
 
-    programs.enable_compilation_cache()
-  return run_command(args.func, args)
+
+def main(argv: Sequence[str] | None = None) -> int:
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGINT, _exit_on_interrupt)
+  try:
+    code = _main(argv)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGINT, previous)
+  if code and argv is None:
+    # the program ends here: what background threads of a failed write (orbax after a full
+    # disk) still print while the process exits would follow the one error line; drop it
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  try:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in ("corpus",):
+      from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
+
+      programs.enable_compilation_cache()
+    return run_command(args.func, args)
+  except KeyboardInterrupt:  # Ctrl-C before the command runs (e.g. while JAX is imported)
+    print(INTERRUPTED, file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -314,6 +314,9 @@ FIELDS: dict[str, Spec] = {
   "warm_start.seed": S(count(0, optional=True), help="seed of the warm start (None = seed)"),
   "warm_start.eval_every": S(count(0), help="dev WER every k warm-start steps"),
   "warm_start.path": S(STRING, help="the warm start's checkpoint (shared by runs that name it)"),
+  "warm_start.train_if_missing": S(
+    BOOL, False, "train the warm start at warm_start.path when it is not there (else an error)"
+  ),
   "baseline.data": S(one_of("server", "pooled"), help="centralized baseline's data"),
   "baseline.steps_per_round": S(count(0), help="baseline steps a round (0 = a round's)"),
   "baseline.batch_size": S(count(1), help="batch size of the centralized baseline"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -51,6 +53,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   finally:
     if tmp_path.exists():
       tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def stderr_held(drop_if: "Callable[[BaseException], bool]") -> Iterator[None]:
+  """Holds what Python writes to ``sys.stderr`` (any thread) during the block; replays it after,
+  unless the block raised an exception for which ``drop_if`` is true.
+
+  orbax's background writers print tracebacks of their closed event loop when a save fails on
+  a full disk; the failure itself is reported as one line by the CLI.
+  """
+  real, held = sys.stderr, io.StringIO()
+  sys.stderr = held
+  try:
+    yield
+  except BaseException as e:
+    sys.stderr = real
+    if not drop_if(e):
+      real.write(held.getvalue())
+    raise
+  sys.stderr = real
+  real.write(held.getvalue())
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> pathlib.Path:
@@ -151,6 +174,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       except json.JSONDecodeError:
         break
   return records
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+  """sha256 of a file's bytes, or None if it cannot be read."""
+  try:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+  except OSError:
+    return None
 
 
 def tree_sha256(tree: Any) -> str:

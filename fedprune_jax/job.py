@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -32,13 +31,16 @@ import numpy as np
 from fedprune_jax import io_utils
 from fedprune_jax import programs
 from fedprune_jax import pruning
+from fedprune_jax import run_inputs
 from fedprune_jax import task
+from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
 from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
+from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
 from fedprune_jax.models import flops as flops_lib
@@ -91,9 +93,13 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
     return params, None
   if not server_speakers:
     raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
-  path = pathlib.Path(ws.get("path") or workdir / "warm_start").absolute()
+  path = run_inputs.warm_start_path(cfg, workdir)
   if path.exists():
-    return task.restore_params(path, params), str(path)
+    run_inputs.check_warm_start_record(path, cfg)
+    try:
+      return task.restore_params(path, params), str(path)
+    except Exception as e:  # pylint: disable=broad-except  (any orbax failure: not this model's)
+      raise run_inputs.restore_error(path, e) from e
   seed = cfg.seed if ws.get("seed") is None else ws.seed
   if seed != cfg.seed:  # a warm start shared by runs of several seeds starts from its own
     params = model.init(jax.random.key(seed))
@@ -117,16 +123,20 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
     eval_every=ws.get("eval_every", 0),
   )
   task.save_params(path, params)
-  io_utils.write_json_atomic(path.with_name(path.name + ".json"), {"history": history})
+  io_utils.write_json_atomic(
+    path.with_name(path.name + ".json"),
+    {"history": history, "inputs": run_inputs.warm_start_inputs(cfg)},
+  )
   return params, str(path)
 
 
 def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   """What the federated job and its centralized baseline share: workdir, model, loss, the train
   split, its server/client speaker split and the (cached) warm start."""
-  workdir = task.prepare_workdir(cfg)
+  workdir = pathlib.Path(cfg.workdir)
   model = task.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
+  _check_inputs(cfg, model, params, workdir)
   specaug = dict(cfg.specaug) if cfg.get("specaug") else None
   # one loss function object per (model, SpecAugment), so later runs of this process reuse the
   # programs traced from it (``programs.shared``)
@@ -134,7 +144,7 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
     ("training_loss", model, programs.config_key(specaug)),
     lambda: task.make_training_loss(model, specaug),
   )
-  train_fs = task.load_split(cfg, cfg.data.train_split)
+  train_fs = task.load_train_split(cfg)
   split_seed = cfg.data.get("split_seed")
   server_speakers, client_speakers = split_speakers(
     train_fs, cfg.data.get("server_speakers", 0), cfg.seed if split_seed is None else split_seed
@@ -145,17 +155,20 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   return workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path
 
 
-def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = False) -> dict:
+def _check_inputs(cfg, model, params, workdir: pathlib.Path) -> None:
+  """Pattern, mask file and warm-start path checked against the model before data loads."""
+  pcfg = build.resolve_pruning(cfg.to_dict().get("pruning"))
+  if pcfg is not None:
+    policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
+    run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
+  run_inputs.warm_start_path(cfg, workdir)
+
+
+@workdir_lib.claimed
+def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
-  and dev/test at the end. ``fresh`` discards the workdir's checkpoints and log first."""
-  workdir = pathlib.Path(cfg.workdir)
-  if fresh:
-    for name in ("rounds", "metrics.jsonl", "tensorboard", "results.json", "checkpoint"):
-      target = workdir / name
-      if target.is_dir():
-        shutil.rmtree(target)
-      elif target.exists():
-        target.unlink()
+  and dev/test at the end. ``fresh=True`` discards the workdir's run state first
+  (``workdir.claimed``: the workdir is locked and must hold a run of this config)."""
   workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
     cfg, progress
   )
@@ -178,10 +191,11 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   if pcfg is not None:
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
-    if pcfg["mask_path"]:
-      initial_mask = pruning.load_mask(pcfg["mask_path"], policy.init_mask(params))
+    initial_mask = run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
   log = workdir / "metrics.jsonl"
-  if cfg.eval_every and not (workdir / "rounds").exists():
+  if not saved_rounds(workdir / "rounds"):
+    log.unlink(missing_ok=True)  # no checkpoint to resume: the log starts afresh
+  if cfg.eval_every and not log.exists():
     # the starting point, so the log shows what the rounds changed
     with io_utils.JsonlLogger(
       log, engine["tensorboard_dir"], step_key="rounds_completed"
@@ -225,11 +239,10 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
       summary[f"last_{key}"] = history[-1].get(key) if history else None
     pruning.save_mask(workdir / "mask.npz", state.mask)
   result = {"final": final, "train": summary, "history": history}
-  io_utils.write_json_atomic(workdir / "results.json", result)
-  task.save_params(workdir / "checkpoint", algorithm_params)
-  return result
+  return finish(workdir, result, algorithm_params)
 
 
+@workdir_lib.claimed
 def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """The centralized pruning baseline of a federated pruning config (``fedprune baseline``).
 
@@ -286,8 +299,16 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   }
   result = {"final": final, "train": summary, "history": history}
   pruning.save_mask(workdir / "mask.npz", mask)
-  io_utils.write_json_atomic(workdir / "results.json", result)
+  return finish(workdir, result, model_params)
+
+
+def finish(workdir: pathlib.Path, result: dict, model_params) -> dict:
+  """The run's last writes, in this order: the final checkpoint, ``results.json``, then the
+  completion marker (``workdir.mark_done``), so a run killed (or out of disk) between any two is
+  not taken for a finished one."""
   task.save_params(workdir / "checkpoint", model_params)
+  io_utils.write_json_atomic(workdir / "results.json", result)
+  workdir_lib.mark_done(workdir)
   return result
 
 

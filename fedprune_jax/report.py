@@ -25,22 +25,50 @@ from typing import Any
 from scipy import stats as scipy_stats
 
 from fedprune_jax import io_utils
+from fedprune_jax import workdir as workdir_lib
+from fedprune_jax.errors import InputError
 
 METRICS = ("test_wer", "dev_wer", "dev_cer", "sparsity")
 ALPHA = 0.05  # significance level of the paired comparisons
 
 
 def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
-  """The experiment indexes in ``runs_dir`` (sorted by name)."""
+  """The experiment indexes in ``runs_dir`` (sorted by name).
+
+  Other ``*.json`` files are skipped; InputError names an index (a file named after an
+  experiment, ``t1_pattern[_quick].json``) that does not parse or lacks its fields.
+  """
   indexes = []
   for path in sorted(runs_dir.glob("*.json")):
     try:
       data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: not a readable experiment index ({e})") from e
-    if isinstance(data, dict) and "experiment" in data and "runs" in data:
+    except (OSError, ValueError) as e:
+      data, problem = None, f"does not parse ({e})"
+    else:
+      problem = "is not an experiment index (no 'experiment' and 'runs')"
+    if _is_index(data):
       indexes.append(data)
+    elif path.stem.removesuffix("_quick") in _experiment_names():
+      raise InputError(
+        f"{path}: experiment index {problem}; delete it and rerun `fedprune experiment` to "
+        "rewrite it"
+      )
   return indexes
+
+
+def _is_index(data: Any) -> bool:
+  return (
+    isinstance(data, dict)
+    and isinstance(data.get("experiment"), str)
+    and isinstance(data.get("runs"), list)
+    and all(isinstance(r, dict) and {"arm", "seed", "dir", "state"} <= set(r) for r in data["runs"])
+  )
+
+
+def _experiment_names() -> tuple[str, ...]:
+  from fedprune_jax import suite  # pylint: disable=g-import-not-at-top
+
+  return suite.EXPERIMENTS
 
 
 def run_metrics(results: dict) -> dict[str, float]:
@@ -78,11 +106,15 @@ def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
         "seconds": [],
       },
     )
-    path = runs_dir / entry["dir"] / "results.json"
-    if entry["state"] != "done" and not path.exists():
+    workdir = runs_dir / entry["dir"]
+    if workdir_lib.incomplete(workdir):  # pending, running, or killed before it finished
       continue
-    results = json.loads(path.read_text(encoding="utf-8"))
-    arm["seeds"][entry["seed"]] = run_metrics(results)
+    path = workdir / "results.json"
+    try:
+      metrics = run_metrics(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise InputError(f"{path}: unreadable run results ({type(e).__name__}: {e})") from e
+    arm["seeds"][entry["seed"]] = metrics
     if entry.get("seconds") is not None:
       arm["seconds"].append(entry["seconds"])
   return arms

@@ -11,7 +11,8 @@ and its seeds. ``run_experiment`` runs every (arm, seed) as a federated job
   (the dense reference, the default pruning arm) is computed once, and a finished run is never
   redone; a changed config is a new run;
 * a killed run resumes from its round checkpoints (``job.run``); the suite goes on from the first
-  run without ``results.json``;
+  run that is not complete (``workdir.incomplete``: completion marker, ``results.json`` and
+  final checkpoint all present and readable); a missing file of a dependency is an error;
 * a failed run is recorded (``error`` in the index) and the suite goes on with the next one;
 * ``RUNS/<experiment>.json`` indexes the experiment's runs (arm, seed, key, wall seconds,
   state), rewritten atomically after each run, so ``fedprune report`` can render partial tables
@@ -40,8 +41,9 @@ import ml_collections
 
 from fedprune_jax import config as config_lib
 from fedprune_jax import io_utils
+from fedprune_jax import workdir as workdir_lib
 from fedprune_jax import workers as workers_lib
-from fedprune_jax.errors import ConfigError
+from fedprune_jax.errors import ConfigError, InputError
 
 FEDERATED, BASELINE = "federated", "baseline"
 
@@ -248,7 +250,24 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     raise ConfigError(f"experiment override {dotted!r}: {'.'.join(parents)} is not a section")
 
 
+# Fields added after runs were cached, left out of the key while they hold these values (or
+# always, for ``warm_start.train_if_missing``: where a warm start comes from, not what it is), so
+# finished runs keep their keys.
+_KEY_OMITTED = {**workdir_lib.ADDED_DEFAULTS, "warm_start.train_if_missing": None}
+
+
+def _key_config(config: Mapping[str, Any]) -> dict:
+  config = copy.deepcopy(dict(config))
+  for dotted, default in _KEY_OMITTED.items():
+    section, leaf = dotted.split(".")
+    node = config.get(section)
+    if isinstance(node, dict) and leaf in node and (default is None or node[leaf] == default):
+      del node[leaf]
+  return config
+
+
 def _key_of(config: Mapping[str, Any], kind: str) -> str:
+  config = _key_config(config)
   blob = json.dumps({"kind": kind, "config": config}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -256,7 +275,8 @@ def _key_of(config: Mapping[str, Any], kind: str) -> str:
 def warm_start_key(cfg: ml_collections.ConfigDict) -> str:
   """What the shared warm start depends on: corpus, split, model, loss and its own fields."""
   d = cfg.to_dict()
-  ws = {k: v for k, v in d.get("warm_start", {}).items() if k not in ("path", "eval_every")}
+  ignored = ("path", "eval_every", "train_if_missing")
+  ws = {k: v for k, v in d.get("warm_start", {}).items() if k not in ignored}
   data = {k: d["data"].get(k) for k in ("root", "source", "train_split", "server_speakers")}
   data["split_seed"] = d["data"].get("split_seed")
   data["num_buckets"] = d["data"].get("num_buckets")
@@ -301,6 +321,7 @@ def expand(
         _set(cfg, k, fn(cfg))
       if cfg.get("warm_start") and cfg.warm_start.steps and not cfg.warm_start.get("path"):
         cfg.warm_start.path = f"warm_start/{warm_start_key(cfg)}"
+        cfg.warm_start.train_if_missing = True  # the first run that needs it trains it
       cfg.workdir = ""
       key = _key_of(cfg.to_dict(), arm.kind)
       keys[arm.name] = key
@@ -320,6 +341,33 @@ def materialize(spec: RunSpec, runs_dir: pathlib.Path) -> ml_collections.ConfigD
     cfg.pruning.mask_path = _under(runs_dir, cfg.pruning.mask_path)
   validation.validate(cfg)
   return cfg
+
+
+def check_experiment(
+  experiment: Experiment,
+  runs_dir: str | pathlib.Path,
+  *,
+  quick: bool = False,
+  seeds: Sequence[int] | None = None,
+  data_root: str | None = None,
+  overrides: Sequence[str] = (),
+  check_data: bool = True,
+) -> None:
+  """Every run's config validated (and with ``check_data`` the corpus's train split found)
+  before any run starts, so a bad ``--set``, seed or data root is one error, not a failed run
+  each."""
+  runs_dir = pathlib.Path(runs_dir).absolute()
+  specs = expand(experiment, quick=quick, seeds=seeds, data_root=data_root, overrides=overrides)
+  for spec in specs:
+    cfg = materialize(spec, runs_dir)
+  if check_data and specs and cfg.data.get("source", "librispeech_dir") == "librispeech_dir":
+    root = pathlib.Path(cfg.data.root)
+    for split in cfg.data.train_split.split("+"):
+      if not (root / split).is_dir():
+        raise ConfigError(
+          f"data.root={str(root)!r} has no split directory {split!r} (the {experiment.name} "
+          "runs read it; pass the corpus root with --data)"
+        )
 
 
 def _under(runs_dir: pathlib.Path, path: str) -> str:
@@ -451,6 +499,7 @@ def _submit(pool: workers_lib.RunPool, spec: RunSpec, runs_dir: pathlib.Path):
   """Starts one run (its config errors come back through the future, like run errors)."""
   try:
     cfg = materialize(spec, runs_dir)
+    _check_needs(spec, runs_dir)
     workdir = runs_dir / spec.dirname
     workdir.mkdir(parents=True, exist_ok=True)
     io_utils.write_json_atomic(
@@ -464,12 +513,40 @@ def _submit(pool: workers_lib.RunPool, spec: RunSpec, runs_dir: pathlib.Path):
   return pool.submit(spec.arm.kind, cfg)
 
 
+def _check_needs(spec: RunSpec, runs_dir: pathlib.Path) -> None:
+  """InputError naming the run if a file it starts from (``From``) is missing: a finished
+  dependency's artefact is never silently replaced (e.g. by training a new warm start)."""
+  for field, value in spec.arm.overrides.items():
+    if isinstance(value, From):
+      path = runs_dir / _get(spec.config, field)
+      if not path.exists():
+        raise InputError(
+          f"run {spec.dirname} ({spec.experiment} arm {spec.arm.name!r} seed {spec.seed}) needs "
+          f"{path} ({field}) of arm {value.arm!r}, which is missing; remove that run's directory "
+          "to redo it"
+        )
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _read_record(workdir: pathlib.Path) -> dict:
+  """``suite.json`` of a run ({} if absent or unreadable: it is rewritten when the run starts)."""
+  try:
+    record = json.loads((workdir / "suite.json").read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 def _record_seconds(workdir: pathlib.Path, seconds: float) -> None:
   """The wall time of the attempt that finished the run, in ``suite.json`` (earlier attempts
   killed mid-run cannot record theirs)."""
-  path = workdir / "suite.json"
-  record = json.loads(path.read_text(encoding="utf-8"))
-  io_utils.write_json_atomic(path, {**record, "seconds": seconds})
+  io_utils.write_json_atomic(workdir / "suite.json", {**_read_record(workdir), "seconds": seconds})
 
 
 def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:
@@ -483,11 +560,10 @@ def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:
     "col": spec.arm.col,
     "report": spec.arm.report,
     "dir": spec.dirname,
-    "state": "done" if (workdir / "results.json").exists() else "pending",
+    "state": "pending" if workdir_lib.incomplete(workdir) else "done",
   }
-  suite_json = workdir / "suite.json"
-  if suite_json.exists():
-    entry["seconds"] = json.loads(suite_json.read_text(encoding="utf-8")).get("seconds")
+  if (workdir / "suite.json").exists():
+    entry["seconds"] = _read_record(workdir).get("seconds")
   return entry
 
 

@@ -17,7 +17,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from fedprune_jax import errors
 from fedprune_jax import io_utils
+from fedprune_jax.data import alignable
 from fedprune_jax.data import batching
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.models import asr
@@ -50,6 +52,14 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSe
     )
   cache_dir = cfg.data.cache_dir or str(root / ".features")
   return batching.cached_features(str(split_dir), cache_dir)
+
+
+def load_train_split(cfg: ml_collections.ConfigDict, strict: bool = True) -> batching.FeatureSet:
+  """The training split, checked for utterances too short for their transcript under the
+  model's head (``data.alignable``): an error naming the file (``strict``) or skipped."""
+  split = cfg.data.train_split
+  where = f"tfds:{split}" if cfg.data.source == "tfds" else pathlib.Path(cfg.data.root) / split
+  return alignable.check_alignable(load_split(cfg, split), cfg.model.head, where, strict=strict)
 
 
 def zip_featurized(utterances):
@@ -106,14 +116,6 @@ def make_training_loss(model: asr.AsrModel, specaug: dict | None) -> Callable:
   return loss_fn
 
 
-def prepare_workdir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-  """Creates ``cfg.workdir`` and records the resolved config in it (``config.json``)."""
-  workdir = pathlib.Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  io_utils.write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
-  return workdir
-
-
 class EvalSplits:
   """The dev and test splits with their fixed-shape eval batches, padded once and reused."""
 
@@ -155,9 +157,11 @@ def save_params(path: pathlib.Path, params: Params) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path).absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, params, force=True)
-  checkpointer.wait_until_finished()
+  # a failed write on a full disk is one CLI line: orbax's background noise about it is dropped
+  with io_utils.stderr_held(drop_if=lambda e: errors.environment_failure(e) is not None):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, params, force=True)
+    checkpointer.wait_until_finished()
 
 
 def restore_params(path: pathlib.Path, like: Params) -> Params:

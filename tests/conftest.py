@@ -86,3 +86,18 @@ def read_scalars(logdir) -> dict[str, dict[int, float]]:
       for value in event.summary.value:
         out.setdefault(value.tag, {})[event.step] = value.simple_value
   return out
+
+
+def write_finished_run(workdir, results: dict) -> None:
+  """What a finished run leaves for the suite and the report (for tests' fake runners):
+  ``results.json``, the final checkpoint's metadata and the completion marker."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+
+  from fedprune_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  (workdir / "checkpoint").mkdir(parents=True, exist_ok=True)
+  (workdir / "checkpoint" / "_CHECKPOINT_METADATA").write_text("{}")
+  (workdir / "results.json").write_text(json.dumps(results))
+  workdir_lib.mark_done(workdir)

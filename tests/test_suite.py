@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, write_finished_run
 from fedprune_jax import cli, report, suite
 from fedprune_jax.data import batching
 from fedprune_jax.errors import InputError
@@ -117,7 +117,7 @@ def test_cache_resume_and_failure_isolation(tmp_path):
     if kind == suite.BASELINE and cfg.seed == 1:
       raise RuntimeError("boom")
     out = pathlib.Path(cfg.workdir)
-    (out / "results.json").write_text(json.dumps(_fake_results(0.5 - 0.1 * cfg.seed)))
+    write_finished_run(out, _fake_results(0.5 - 0.1 * cfg.seed))
     return {}
 
   index = suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
@@ -190,7 +190,7 @@ def warm_start_runner(kind, cfg):
   if kind == suite.BASELINE and cfg.seed == 1:
     raise RuntimeError("boom")
   record = {**_fake_results(0.5), "trained_warm_start": trained}
-  (pathlib.Path(cfg.workdir) / "results.json").write_text(json.dumps(record))
+  write_finished_run(cfg.workdir, record)
   return {}
 
 
@@ -352,7 +352,7 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
       results["history"] = [
         {"client_flops_per_step_sparse": 4e9, "client_flops_per_step_dense": 8e9}
       ]
-      (d / "results.json").write_text(json.dumps(results))
+      write_finished_run(d, results)
       pattern = arm.split("@")[0]
       runs.append(
         dict(

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.steps = 400  # centralized steps on the server-side speakers (0 = from scratch)
   c.warm_start.batch_size = 16
-  c.warm_start.path = ""  # reuse a saved warm start (default: WORKDIR/warm_start)
+  c.warm_start.path = ""  # a saved warm start (must exist; default: WORKDIR/warm_start)
+  c.warm_start.train_if_missing = False  # train one at a given warm_start.path that is absent
   c.warm_start.seed = None  # its init and batch seed (None = the run's seed)
   c.warm_start.eval_every = 0  # dev WER every k steps and at the end, in PATH.json (0 = none)
   c.warm_start.optim = config_lib.load_config("tiny_centralized").optim
@@ -51,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pruning.refinement = "server"
   c.pruning.client_aggregation = "mean"
   c.pruning.trim_fraction = 0.1
+  c.pruning.mask_path = ""  # a mask.npz to train with, frozen (e.g. a baseline run's)
 
   # The centralized pruning baseline (`fedprune baseline`): same policy, keyed by steps.
   c.baseline = ml_collections.ConfigDict()

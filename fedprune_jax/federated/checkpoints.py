@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import sys
 from typing import Any
 
 import jax
 
+from fedprune_jax.errors import InputError
+
 PyTree = Any
+
+
+def saved_rounds(directory: str | os.PathLike) -> list[int]:
+  """The rounds with a (complete-looking) checkpoint in ``directory``, ascending; orbax names a
+  finished checkpoint by its step and an unfinished one ``<step>.orbax-checkpoint-tmp-*``."""
+  path = pathlib.Path(directory)
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+  text = " ".join(str(exc).split())
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RoundCheckpointer:
@@ -38,10 +56,38 @@ class RoundCheckpointer:
     return self._manager.latest_step()
 
   def restore(self, like: PyTree) -> tuple[PyTree, list[dict]] | None:
-    """The latest ``(state, history)``, shaped like ``like``; None if there is none."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
+    """The newest ``(state, history)`` that restores, shaped like ``like``; None if none is saved.
+
+    A checkpoint that does not restore (a truncated or deleted file) is reported on stderr and
+    removed, and the one before it is tried; if none restores, InputError names the directory
+    and suggests ``--fresh``.
+    """
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._restore_step(step, like)
+      except Exception as e:  # pylint: disable=broad-except  (any orbax/JSON failure)
+        failures.append(f"round {step}: {type(e).__name__}: {_first_line(e)}")
+        continue
+      if failures:
+        print(
+          f"fedprune: resuming from the checkpoint after round {step}: newer ones do not "
+          f"restore ({'; '.join(failures)}); removed",
+          file=sys.stderr,
+        )
+        for bad in self._manager.all_steps():
+          if bad > step:
+            shutil.rmtree(self.directory / str(bad), ignore_errors=True)
+        self._manager.reload()
+      return restored
+    if failures:
+      raise InputError(
+        f"no round checkpoint in {self.directory} restores ({'; '.join(failures)}); "
+        "rerun with --fresh to start over"
+      )
+    return None
+
+  def _restore_step(self, step: int, like: PyTree) -> tuple[PyTree, list[dict]]:
     ocp = self._ocp
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = self._manager.restore(

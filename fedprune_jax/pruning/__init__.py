@@ -33,6 +33,7 @@ from fedprune_jax.pruning.masks import (
   init_mask,
   is_prunable,
   load_mask,
+  load_mask_checked,
   mask_from_flat,
   mask_to_flat,
   matches,

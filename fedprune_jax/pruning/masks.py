@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedprune_jax import io_utils
+from fedprune_jax.errors import InputError
 
 PyTree = Any
 
@@ -206,12 +207,57 @@ def save_mask(path: str | os.PathLike, mask: PyTree) -> None:
   io_utils.save_npz_atomic(path, mask_to_flat(mask))
 
 
-def load_mask(path: str | os.PathLike, like: PyTree) -> PyTree:
-  """Reads a mask written by ``save_mask`` into ``like``'s structure."""
-  path = os.fspath(path)
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an ``.npz`` file; InputError naming the file if it is not one."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+
   try:
+    with open(path, "rb") as f:
+      if f.read(2) != b"PK":  # a zip archive (an empty one starts PK\x05\x06)
+        raise ValueError("not an .npz file (a mask is the mask.npz a run writes)")
     with np.load(path, allow_pickle=False) as data:
-      flat = {k: data[k] for k in data.files}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: cannot read mask file ({e})") from e
-  return mask_from_flat(flat, like, source=path)
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise InputError(f"{path}: cannot read mask file ({e})") from e
+
+
+def load_mask(path: str | os.PathLike, like: PyTree) -> PyTree:
+  """Reads a mask written by ``save_mask`` into ``like``'s structure (absent paths: None)."""
+  path = os.fspath(path)
+  return mask_from_flat(_read_npz(path), like, source=path)
+
+
+def load_mask_checked(path: str | os.PathLike, like_mask: PyTree) -> PyTree:
+  """Reads a mask for a model whose all-kept mask is ``like_mask`` (None = never pruned), checked.
+
+  Every prunable leaf must be in the file, as a bool array of the param's shape, with no entry
+  the model lacks, and the mask must keep at least one weight (like ``target_sparsity < 1``), so
+  the mask a run trains with is the file's and its sparsity counts every prunable weight.
+  Raises InputError naming the file and the first bad entry.
+  """
+  path = os.fspath(path)
+  flat = _read_npz(path)
+  prunable = {p: leaf for p, leaf in flatten_with_paths(like_mask) if leaf is not None}
+  missing = sorted(set(prunable) - set(flat))
+  unknown = sorted(set(flat) - set(prunable))
+  if unknown:
+    raise InputError(
+      f"{path}: mask entries the model has no prunable param for: {unknown[:3]}"
+      f"{' ...' if len(unknown) > 3 else ''} (a mask of another model?)"
+    )
+  if missing:
+    raise InputError(
+      f"{path}: mask has no entry for {len(missing)} of the model's {len(prunable)} prunable "
+      f"params, e.g. {missing[0]!r} (a mask of another model?)"
+    )
+  for name, leaf in prunable.items():
+    arr = flat[name]
+    if arr.dtype != np.bool_:
+      raise InputError(f"{path}: mask entry {name!r} has dtype {arr.dtype}, expected bool")
+    if tuple(arr.shape) != tuple(np.shape(leaf)):
+      raise InputError(
+        f"{path}: mask entry {name!r} has shape {arr.shape}, expected {tuple(np.shape(leaf))}"
+      )
+  if not any(flat[name].any() for name in prunable):
+    raise InputError(f"{path}: the mask prunes every weight (sparsity 1.0 is not trainable)")
+  return mask_from_flat(flat, like_mask, source=path)

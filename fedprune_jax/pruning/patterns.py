@@ -41,6 +41,13 @@ class Block:
   bh: Dim = 1
   bw: Dim = 1
 
+  def __post_init__(self):
+    for d in (self.bh, self.bw):
+      if d not in ("full", "half") and not (
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+      ):
+        raise ValueError(f"block dim must be a positive int, 'full' or 'half'; got {d!r}")
+
   def resolve(self, shape2d: tuple[int, int]) -> tuple[int, int]:
     """Concrete ``(bh, bw)`` for a ``[H, W]`` view."""
     return (_resolve_dim(self.bh, shape2d[0]), _resolve_dim(self.bw, shape2d[1]))
@@ -190,6 +197,20 @@ def expand_groups(gmask: jax.Array, shape: tuple[int, ...], block: Block) -> jax
   return full.reshape(shape)
 
 
+def check_fits(pattern: Pattern, shape: tuple[int, ...], path: str = "<param>") -> None:
+  """Raises ``ValueError`` naming ``path`` if ``pattern`` cannot tile a param of ``shape``:
+  an N:M pattern needs its grouped axis (of the 2-D view) divisible by ``m``; blocks always fit
+  (ragged edge groups)."""
+  if isinstance(pattern, NM):
+    h, w = view_shape(tuple(shape))
+    rows = h if pattern.axis == "in" else w
+    if rows % pattern.m:
+      raise ValueError(
+        f"{path}: N:M pattern {pattern.n}:{pattern.m} along "
+        f"'{pattern.axis}' needs that dim ({rows}) divisible by {pattern.m}"
+      )
+
+
 def nm_mask(scores: jax.Array, pattern: NM, path: str = "<param>") -> jax.Array:
   """Keeps the ``n`` highest-scoring of every ``m`` consecutive entries.
 
@@ -201,16 +222,12 @@ def nm_mask(scores: jax.Array, pattern: NM, path: str = "<param>") -> jax.Array:
   Returns:
     bool [*shape] with exactly ``n`` True per group of ``m``.
   """
+  check_fits(pattern, scores.shape, path)
   h, w = view_shape(scores.shape)
   x = jnp.asarray(scores, jnp.float32).reshape(h, w)
   if pattern.axis == "out":
     x = x.T
   rows, cols = x.shape
-  if rows % pattern.m:
-    raise ValueError(
-      f"{path}: N:M pattern {pattern.n}:{pattern.m} along "
-      f"'{pattern.axis}' needs that dim ({rows}) divisible by {pattern.m}"
-    )
   x = x.reshape(rows // pattern.m, pattern.m, cols)
   # Rank within each group, descending score, stable -> lower index wins ties.
   order = jnp.argsort(-x, axis=1, stable=True)

@@ -8,6 +8,7 @@ pruning baseline, ``algorithms.centralized``, uses it). Data, model, loss and ev
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 from typing import Any, Callable
@@ -19,6 +20,7 @@ import optax
 
 from fedprune_jax import io_utils
 from fedprune_jax import task
+from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.data import batching
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
@@ -54,6 +56,7 @@ def make_train_step(
 # --- the loop -----------------------------------------------------------------------------------
 
 
+@workdir_lib.claimed
 def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """Trains ``cfg.model`` on ``cfg.data.train_split``; evaluates dev during and dev/test after.
 
@@ -65,9 +68,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  workdir = task.prepare_workdir(cfg)
+  workdir = pathlib.Path(cfg.workdir)
+  (workdir / "metrics.jsonl").unlink(missing_ok=True)  # every run trains from step 0
 
-  train_fs = task.load_split(cfg, cfg.data.train_split)
+  train_fs = task.load_train_split(cfg)
   evals = task.EvalSplits(cfg)
 
   model = task.make_model(cfg)
@@ -119,7 +123,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
     step += 1
     bar.update(1)
     at_log = step % cfg.train.log_every == 0
-    at_eval = step % cfg.train.eval_every == 0
+    at_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0  # 0 = never
     if at_log or at_eval or step == cfg.train.steps or step % 10 == 0:
       fetched = jax.device_get(pending)  # blocks, so the time below counts finished steps
       pending = []
@@ -172,9 +176,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   log.log(step=step, **{f"{s}_{k}": v for s, r in final.items() for k, v in r.items()})
   log.close()
   result = {"final": final, "train": train_info, "history": history}
-  io_utils.write_json_atomic(workdir / "results.json", result)
   if cfg.train.checkpoint:
     task.save_params(workdir / "checkpoint", params)
+  io_utils.write_json_atomic(workdir / "results.json", result)
+  workdir_lib.mark_done(workdir)
   return result
 
 
