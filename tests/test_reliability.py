@@ -408,7 +408,8 @@ def test_disk_full_during_the_final_save_is_one_line(trained, tmp_path):
 
 _KILLED_SUITE = """
 import sys
-from fedprune_jax import suite
+from fedprune_jax import programs, suite
+programs.enable_compilation_cache()  # as `fedprune experiment` does: the test's programs are there
 sys.path.insert(0, sys.argv[3])
 from test_reliability import kill_experiment
 suite.run_experiment(kill_experiment(sys.argv[1]), sys.argv[2], progress=False)
