@@ -3,7 +3,9 @@
 Glue between the config, the task (``fedprune_jax.task``: data, model, loss, evaluation), the
 algorithm (``algorithms.build``) and the run's workdir::
 
-  workdir/config.json        the resolved config (``fedprune eval`` reads it)
+  workdir/config.json        the resolved config (``fedprune eval`` reads it; a rerun with another
+                             config is refused: ``workdir.py``)
+  workdir/.lock              held by the process running in the workdir
   workdir/metrics.jsonl      one line per round (+ eval metrics on eval rounds)
   workdir/tensorboard/       the same numbers as TensorBoard scalars (``tensorboard=True``)
   workdir/rounds/            orbax round checkpoints (whole server state + metrics); a re-run of
@@ -11,6 +13,7 @@ algorithm (``algorithms.build``) and the run's workdir::
   workdir/results.json       final dev/test WER, sparsity, costs, params/mask sha256
   workdir/checkpoint/        the final model (masked params), for ``fedprune eval``
   workdir/mask.npz           the final mask (pruning runs)
+  workdir/done.json          the completion marker, written last (``finish``)
 
 Speakers of the train split are split once (seeded by ``data.split_seed``, default the run's
 seed) into ``data.server_speakers`` server-side speakers (the optional centralized warm start and

@@ -90,7 +90,8 @@ def read_scalars(logdir) -> dict[str, dict[int, float]]:
 
 def write_finished_run(workdir, results: dict) -> None:
   """What a finished run leaves for the suite and the report (for tests' fake runners):
-  ``results.json``, the final checkpoint's metadata and the completion marker."""
+  ``results.json``, the final checkpoint's metadata, a (placeholder) ``mask.npz`` that other
+  arms may start from, and the completion marker."""
   import json  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
 
@@ -99,5 +100,6 @@ def write_finished_run(workdir, results: dict) -> None:
   workdir = pathlib.Path(workdir)
   (workdir / "checkpoint").mkdir(parents=True, exist_ok=True)
   (workdir / "checkpoint" / "_CHECKPOINT_METADATA").write_text("{}")
+  (workdir / "mask.npz").write_bytes(b"")
   (workdir / "results.json").write_text(json.dumps(results))
   workdir_lib.mark_done(workdir)

@@ -191,7 +191,7 @@ def test_disk_full_inside_a_library_is_one_line(tmp_path, capsys, monkeypatch):
 
   checkpoint = tmp_path / "w" / "checkpoint"
 
-  def full_disk(cfg):
+  def full_disk(cfg, **kwargs):
     try:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checkpoint))
     except OSError as e:
@@ -207,7 +207,7 @@ def test_disk_full_inside_a_library_is_one_line(tmp_path, capsys, monkeypatch):
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
   from fedprune_jax.train import centralized  # pylint: disable=g-import-not-at-top
 
-  def bug(cfg):
+  def bug(cfg, **kwargs):
     raise ValueError("an internal invariant broke")
 
   monkeypatch.setattr(centralized, "train_and_evaluate", bug)
