@@ -36,6 +36,17 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
   r"(^|/)embed[^/]*/",
   r"norm[^/]*/",
 )
+# Structured pruning (whole rows / columns) leaves out, besides DEFAULT_EXCLUDE, the layers where
+# removing a row or column cuts the model's width: the subsampling convs and the input projection
+# (``encoder/subsample/...``) and every matrix that writes into the d_model residual stream (the
+# feed-forward modules' ``dense_out``, attention's ``out``, the conv module's ``pointwise_out``).
+# T1's structured arms use it (``pruning.exclude``).
+STRUCTURED_EXCLUDE: tuple[str, ...] = DEFAULT_EXCLUDE + (
+  r"(^|/)subsample/",
+  r"(^|/)dense_out/",
+  r"(^|/)mhsa/out/",
+  r"(^|/)pointwise_out/",
+)
 
 
 def _key_str(k: Any) -> str:

@@ -1,0 +1,157 @@
+"""The paper's experiment designs, asserted from their resolved run configs: T2 without the
+refinement confound, T1's structured include list, T6's equal budgets and its accent-shifted,
+reproducible, disjoint server split."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from fedprune_jax import job, pruning, suite, task
+from fedprune_jax.algorithms import build
+from fedprune_jax.errors import ConfigError
+
+
+def _by_arm(name: str, quick: bool = False) -> dict:
+  specs = suite.expand(suite.load_experiment(name), quick=quick, seeds=[0], splits=[0])
+  return {s.arm.name: s.config for s in specs}
+
+
+def test_t2_scores_resolve_to_no_refinement():
+  arms = _by_arm("t2_score")
+  for score in ("magnitude", "random", "saliency", "update"):
+    p = build.resolve_pruning(arms[score].pruning)
+    assert p["score"] == score and p["refinement"] == "none" and p["target_sparsity"] == 0.7
+  # the sub-comparison: each score also refines (random has no refinement of its own)
+  refined = {n: build.resolve_pruning(c.pruning) for n, c in arms.items() if "+refine" in n}
+  assert {n: (p["score"], p["refinement"]) for n, p in refined.items()} == {
+    "magnitude+refine": ("magnitude", "server"),
+    "saliency+refine": ("saliency", "client"),
+    "update+refine": ("update", "client"),
+  }
+
+
+def test_t1_structured_arms_prune_the_documented_kernels():
+  arms = _by_arm("t1_pattern", quick=True)
+  cfg = arms["column@0.5"]
+  params = task.make_model(cfg).init(jax.random.key(0))
+  structured = {
+    name
+    for name, c in arms.items()
+    if c.get("pruning") is not None
+    and tuple(build.resolve_pruning(c.pruning)["exclude"]) == pruning.STRUCTURED_EXCLUDE
+  }
+  assert structured == {
+    f"{p}@{s}" for p in ("row", "half_row", "column", "half_column") for s in (0.5, 0.7, 0.8)
+  }
+  policy = build.policy_from_config(build.resolve_pruning(cfg.pruning))
+  kept = {p for p, m in pruning.flatten_with_paths(policy.init_mask(params)) if m is not None}
+  for path in kept:  # no subsampling, input projection or residual-stream writer
+    assert "subsample/" not in path
+    assert not any(w in path for w in ("dense_out/", "mhsa/out/", "pointwise_out/")), path
+  expected = {
+    "ffn1/dense_in",
+    "ffn2/dense_in",
+    "mhsa/query",
+    "mhsa/key",
+    "mhsa/value",
+    "mhsa/pos",
+    "conv/pointwise_in",
+    "conv/depthwise",
+  }
+  assert {"/".join(p.split("/")[2:4]) for p in kept} == expected
+  # unstructured keeps the default list: the input projection is pruned there
+  policy = build.policy_from_config(build.resolve_pruning(arms["unstructured@0.5"].pruning))
+  kept = {p for p, m in pruning.flatten_with_paths(policy.init_mask(params)) if m is not None}
+  assert "encoder/subsample/proj/kernel" in kept
+  assert arms["units@0.5"].pruning.pattern == "units"
+
+
+def test_t6_arms_have_equal_budgets_and_schedules():
+  for quick in (False, True):
+    arms = _by_arm("t6_data", quick=quick)
+    fed = {n: c for n, c in arms.items() if n in ("dense", "federated", "federated_saliency")}
+    central = {n: c for n, c in arms.items() if n.startswith("central_")}
+    assert len(fed) == 3 and len(central) == 2
+    budget = {
+      (c.rounds, c.cohort_size, c.data.max_steps, c.data.batch_size, c.client.num_epochs)
+      for c in fed.values()
+    }
+    assert len(budget) == 1  # same client examples; one server update a round
+    (rounds, cohort, steps, batch, _) = budget.pop()
+    for c in central.values():  # as many examples, the same schedule keyed by rounds
+      per_round = c.baseline.steps_per_round or c.cohort_size * c.data.max_steps
+      assert (c.rounds, per_round, c.baseline.batch_size) == (rounds, cohort * steps, batch)
+    schedules = set()
+    for c in [*central.values(), fed["federated"], fed["federated_saliency"]]:
+      p = build.resolve_pruning(c.pruning)
+      schedules.add(
+        tuple(
+          p[k]
+          for k in (
+            "target_sparsity",
+            "schedule",
+            "pruning_rounds",
+            "update_every",
+            "refining_rounds",
+            "refinement",
+            "begin_round",
+            "mask_path",
+          )
+        )
+      )
+    assert len(schedules) == 1 and schedules.pop()[5] == "none"
+    assert build.resolve_pruning(fed["federated_saliency"].pruning)["score"] == "saliency"
+    # one warm start on the server's (scarce, accent-shifted) data
+    assert len({c.warm_start.path for c in arms.values()}) == 1
+    assert all(c.data.server_accents == ("en-us", "en-us-nyc") for c in arms.values())
+
+
+SPEAKERS_TXT = """\
+; synthetic
+;ID  |SEX| SUBSET           |MINUTES| NAME
+1000 | F | train            |  1.61 | espeak en+f1 rate=142 pitch=38 range=64 clean
+1001 | F | train            |  1.30 | espeak en-us-nyc+f4 rate=191 pitch=40 range=67 snr=29dB
+1002 | M | train            |  1.63 | espeak en-us+m1 rate=148 pitch=54 range=66 snr=17dB
+1003 | M | train            |  1.66 | espeak en-gb-x-gbcwmd+m1 rate=140 pitch=35 range=45 clean
+1004 | M | dev              |  1.73 | espeak en-029+m4 rate=155 pitch=74 range=35 clean
+1005 | M | train            |  1.63 | espeak en-us+m2 rate=148 pitch=54 range=66 clean
+1006 | F | train            |  1.63 | espeak en-us+f2 rate=148 pitch=54 range=66 clean
+1007 | F | train            |  1.63 | espeak en+f3 rate=148 pitch=54 range=66 clean
+"""
+
+
+def test_accent_shifted_server_split_is_reproducible_and_disjoint(tmp_path):
+  (tmp_path / "SPEAKERS.TXT").write_text(SPEAKERS_TXT)
+  cfg = suite.load_experiment("t6_data").base
+  cfg.data.root = str(tmp_path)
+  eligible = job.server_eligible(cfg)
+  assert eligible == ["1001", "1002", "1005", "1006"]  # en-us and en-us-nyc voices
+
+  class FS:
+    def speaker_indices(self):
+      return {
+        s: np.array([i])
+        for i, s in enumerate(["1000", "1001", "1002", "1003", "1005", "1006", "1007"])
+      }
+
+  servers = set()
+  for seed in range(6):
+    server, clients = job.split_speakers(FS(), 2, seed, eligible)
+    assert (server, clients) == job.split_speakers(FS(), 2, seed, eligible)  # reproducible
+    assert len(server) == 2 and set(server) <= set(eligible)
+    assert not set(server) & set(clients)
+    assert sorted(server + clients) == sorted(FS().speaker_indices())
+    servers.add(tuple(server))
+  assert len(servers) > 1  # the split seed draws different server speakers
+  with pytest.raises(ConfigError, match="4 of the server's accents"):
+    job.split_speakers(FS(), 5, 0, eligible)
+  cfg.data.server_accents = ("en-xx",)
+  with pytest.raises(ConfigError, match="'en-xx' is no accent of the corpus"):
+    job.server_eligible(cfg)
+  (tmp_path / "SPEAKERS.TXT").write_text(
+    ";ID|SEX|SUBSET|MINUTES|NAME\n19 | F | train | 1.0 | Ann\n"
+  )
+  with pytest.raises(Exception, match="no synthetic voices"):
+    job.server_eligible(cfg)
