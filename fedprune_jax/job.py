@@ -55,7 +55,7 @@ def split_speakers(
   """(server-side speakers, client speakers): a seeded split of the train split's speakers.
 
   Args:
-    eligible: the speakers the server's may be drawn from (e.g. those of a few accents:
+    eligible: the speakers the server's speakers are drawn from (e.g. those of a few accents:
       ``data.server_accents``); None = all. The clients are every other speaker.
   """
   names = sorted(train_fs.speaker_indices())

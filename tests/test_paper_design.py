@@ -155,3 +155,32 @@ def test_accent_shifted_server_split_is_reproducible_and_disjoint(tmp_path):
   )
   with pytest.raises(Exception, match="no synthetic voices"):
     job.server_eligible(cfg)
+
+
+def test_warm_start_dev_wer_is_read_or_evaluated_once(tmp_path):
+  """The regime gate's warm start WER: from the warm start's own final evaluation if it has one,
+  else evaluated once and recorded beside it."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def evaluate():
+    calls.append(1)
+    return {"dev_wer": 0.6, "dev_cer": 0.3}
+
+  ws = tmp_path / "warm_start"
+  history = [{"step": 100, "loss": 2.0, "dev_wer": 0.8, "dev_cer": 0.4}, {"step": 200, "loss": 1.0}]
+  (tmp_path / "warm_start.json").write_text(json.dumps({"history": history}))
+  assert job.warm_start_dev(str(ws), evaluate) == {
+    "dev_wer": 0.6,
+    "dev_cer": 0.3,
+  }  # step 100 is stale
+  assert job.warm_start_dev(str(ws), evaluate)["dev_wer"] == 0.6 and len(calls) == 1  # recorded
+  history[-1].update(dev_wer=0.5, dev_cer=0.2)
+  (tmp_path / "warm_start.json").write_text(json.dumps({"history": history}))
+  assert job.warm_start_dev(str(ws), evaluate) == {"dev_wer": 0.5, "dev_cer": 0.2}
+  assert len(calls) == 1
+  assert job.warm_start_dev(None, evaluate) is None
+  # another run's checkpoint as the warm start: evaluated, nothing written beside it
+  assert job.warm_start_dev(str(tmp_path / "checkpoint"), evaluate)["dev_wer"] == 0.6
+  assert not (tmp_path / "checkpoint.json").exists()
