@@ -184,3 +184,34 @@ def test_warm_start_dev_wer_is_read_or_evaluated_once(tmp_path):
   # another run's checkpoint as the warm start: evaluated, nothing written beside it
   assert job.warm_start_dev(str(tmp_path / "checkpoint"), evaluate)["dev_wer"] == 0.6
   assert not (tmp_path / "checkpoint.json").exists()
+
+
+def test_t1_structured_and_units_arms_run_and_spare_the_excluded_kernels(tiny_corpus, tmp_path):
+  """Quick column@0.5 and units@0.5 of T1 through the real job: the column arm's mask prunes
+  only the structured include list's kernels, whole columns of them."""
+  from test_suite import TEST_SETS  # pylint: disable=g-import-not-at-top
+
+  t1 = suite.load_experiment("t1_pattern")
+  arms = tuple(a for a in t1.arms if a.name in ("column@0.5", "units@0.5"))
+  experiment = suite.Experiment(
+    name="t1_check", title="t1", question="?", base=t1.base, arms=arms, reference="column@0.5"
+  )
+  index = suite.run_experiment(
+    experiment,
+    tmp_path,
+    quick=True,
+    overrides=TEST_SETS + [f"data.root={tiny_corpus}"],
+    progress=False,
+    log=lambda s: None,
+  )
+  assert [r["state"] for r in index["runs"]] == ["done", "done"], index["runs"]
+  column = tmp_path / index["runs"][0]["dir"]
+  with np.load(column / "mask.npz") as flat:
+    masks = {k: flat[k] for k in flat.files}
+  pruned = {k for k, m in masks.items() if not m.all()}
+  assert pruned and not any(
+    w in k for k in pruned for w in ("subsample/", "dense_out/", "mhsa/out/", "pointwise_out/")
+  )
+  for k in pruned:  # whole columns (an output neuron's fan-in) of the [prod(in), out] view
+    m = masks[k].reshape(-1, masks[k].shape[-1])
+    assert (m.all(axis=0) | ~m.any(axis=0)).all(), k
