@@ -411,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   exp_p.add_argument("--setting", default="small", choices=["small", "full"])
   exp_p.add_argument("--quick", action="store_true", help="1 seed, 4 rounds, short warm start")
-  exp_p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+  exp_p.add_argument(
+    "--seeds",
+    default=None,
+    help="comma-separated seeds (default: the experiment's seeds and, for the claims' arms, its "
+    "claim seeds; every split replicate)",
+  )
   exp_p.add_argument(
     "--workers",
     type=int,

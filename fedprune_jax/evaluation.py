@@ -68,7 +68,8 @@ def evaluate(
     batches: precomputed ``eval_batches`` (reuse across evaluations to avoid re-padding).
 
   Returns:
-    {'wer', 'cer', 'loss', 'num_utterances'}.
+    {'wer', 'cer', 'loss', 'num_utterances', 'speakers'}; ``speakers`` maps each speaker to
+    ``[word edits, reference words]`` (for speaker-level bootstrap intervals of WER differences).
   """
   if batches is None:
     batches = eval_batches(feature_set, batch_size, num_buckets)
@@ -87,7 +88,24 @@ def evaluate(
     "cer": metrics.cer(refs, hyps),
     "loss": loss_sum / max(count, 1.0),
     "num_utterances": len(refs),
+    "speakers": speaker_word_errors(refs, hyps, feature_set.speaker_ids),
   }
+
+
+def speaker_word_errors(
+  refs: Sequence[str], hyps: Sequence[str], speakers: Sequence[str]
+) -> dict[str, list[int]]:
+  """``{speaker: [word edits, reference words]}`` over the utterances of each speaker.
+
+  Args:
+    refs, hyps: transcripts, one per utterance.
+    speakers: the speaker of each utterance (same length).
+  """
+  rows: dict[str, list[int]] = {}
+  for spk in sorted({str(s) for s in speakers}):
+    idx = [i for i, s in enumerate(speakers) if str(s) == spk]
+    rows[spk] = list(metrics.corpus_error_counts([refs[i] for i in idx], [hyps[i] for i in idx]))
+  return rows
 
 
 @functools.partial(jax.jit, static_argnums=0)

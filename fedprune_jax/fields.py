@@ -30,7 +30,8 @@ class Field:
   """What one config field may hold.
 
   Attributes:
-    kind: "int", "float" (ints accepted; NaN and infinities never), "bool" or "str".
+    kind: "int", "float" (ints accepted; NaN and infinities never), "bool", "str" or "strs" (a
+      list of strings).
     lo, hi: inclusive bounds for numbers (None = unbounded).
     lo_open: the lower bound itself is excluded (``> lo``).
     hi_open: the upper bound itself is excluded (``< hi``).
@@ -57,7 +58,12 @@ class Field:
     if self.choices is not None:
       text = "one of " + ", ".join(repr(c) for c in sorted(_choices(self), key=str))
     else:
-      noun = {"int": "an integer", "float": "a finite number", "bool": "True or False"}
+      noun = {
+        "int": "an integer",
+        "float": "a finite number",
+        "bool": "True or False",
+        "strs": "a list of strings",
+      }
       text = noun.get(self.kind, "a string")
       if self.lo is not None and self.hi is not None:
         left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
@@ -104,6 +110,8 @@ def _has_kind(value: Any, kind: str) -> bool:
     return isinstance(value, bool)
   if kind == "str":
     return isinstance(value, str)
+  if kind == "strs":
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
   if isinstance(value, bool):
     return False
   if kind == "int":
@@ -172,6 +180,28 @@ def _pattern_error(value: str) -> str | None:
   if value.strip().lower() == "units":  # unit-structured masks (heads, FFN units, conv groups)
     return None
   return _parse_error(patterns.parse_pattern, value)
+
+
+def _regexes_error(values: Any) -> str | None:
+  import re  # pylint: disable=g-import-not-at-top
+
+  for pattern in values:
+    try:
+      re.compile(pattern[5:] if pattern.startswith("glob:") else pattern)
+    except re.error as e:
+      return f"{pattern!r} is not a regex ({e})"
+  return None
+
+
+# Params prunable by default (``pruning.include``/``exclude``, ``pruning.masks``): kernels of
+# Dense / Conv layers, except the output layer, embeddings and anything that is a norm.
+PRUNE_INCLUDE: tuple[str, ...] = (r"(^|/)kernel$",)
+PRUNE_EXCLUDE: tuple[str, ...] = (
+  r"(^|/)ctc_head/",
+  r"(^|/)output(_layer)?/",
+  r"(^|/)embed[^/]*/",
+  r"norm[^/]*/",
+)
 
 
 # --- allowed names (implementations import these) ------------------------------------------------
@@ -248,6 +278,9 @@ FIELDS: dict[str, Spec] = {
   "data.synth_utterances": S(count(1), help="utterances per speaker of a synthesized corpus"),
   "data.synth_seed": S(count(0), help="seed of a synthesized corpus"),
   "data.server_speakers": S(count(0), help="train speakers held by the server, not clients"),
+  "data.server_accents": S(
+    Field("strs", optional=True), help="accents the server's speakers are drawn from (None = all)"
+  ),
   "data.split_seed": S(
     count(0, optional=True), help="seed of the server/client split (None = seed)"
   ),
@@ -360,6 +393,14 @@ FIELDS: dict[str, Spec] = {
     Field("float", lo=0, hi=0.5, hi_open=True), 0.1, "trimmed_mean: cohort dropped at each end"
   ),
   "pruning.mask_path": S(STRING, "", "a mask.npz to train with, frozen, from round 0"),
+  "pruning.include": S(
+    Field("strs", check=_regexes_error), PRUNE_INCLUDE, "path regexes of the prunable params"
+  ),
+  "pruning.exclude": S(
+    Field("strs", check=_regexes_error),
+    PRUNE_EXCLUDE,
+    "path regexes left dense (e.g. pruning.STRUCTURED_EXCLUDE)",
+  ),
 }
 # the warm start's optimizer: the fields of ``optim``
 FIELDS.update({f"warm_start.{p}": s for p, s in FIELDS.items() if p.startswith("optim.")})

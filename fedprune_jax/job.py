@@ -24,8 +24,9 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import ml_collections
@@ -51,17 +52,46 @@ from fedprune_jax.models import flops as flops_lib
 PyTree = Any
 
 
-def split_speakers(train_fs: batching.FeatureSet, num_server: int, seed: int):
-  """(server-side speakers, client speakers): a seeded split of the train split's speakers."""
+def split_speakers(
+  train_fs: batching.FeatureSet,
+  num_server: int,
+  seed: int,
+  eligible: Collection[str] | None = None,
+):
+  """(server-side speakers, client speakers): a seeded split of the train split's speakers.
+
+  Args:
+    eligible: the speakers the server's speakers are drawn from (e.g. those of a few accents:
+      ``data.server_accents``); None = all. The clients are every other speaker.
+  """
   names = sorted(train_fs.speaker_indices())
-  if not 0 <= num_server < len(names):
+  pool = names if eligible is None else [n for n in names if n in set(eligible)]
+  if not 0 <= num_server < len(names) or num_server > len(pool):
     raise ConfigError(
       f"config field data.server_speakers={num_server} must be in [0, {len(names) - 1}] "
-      f"(the train split has {len(names)} speakers)"
+      f"(the train split has {len(names)} speakers"
+      + (f", {len(pool)} of the server's accents)" if eligible is not None else ")")
     )
-  order = np.random.default_rng([seed, 7]).permutation(len(names))
-  server = sorted(names[i] for i in order[:num_server])
+  order = np.random.default_rng([seed, 7]).permutation(len(pool))
+  server = sorted(pool[i] for i in order[:num_server])
   return server, [n for n in names if n not in set(server)]
+
+
+def server_eligible(cfg: ml_collections.ConfigDict) -> list[str] | None:
+  """The speakers of ``data.server_accents`` (None: the field is absent or empty)."""
+  accents = cfg.data.get("server_accents")
+  if not accents:
+    return None
+  from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+
+  of = synth.speaker_accents(cfg.data.root)
+  unknown = sorted(set(accents) - set(of.values()))
+  if unknown:
+    raise ConfigError(
+      f"config field data.server_accents: {unknown[0]!r} is no accent of the corpus "
+      f"({', '.join(sorted(set(of.values())))})"
+    )
+  return sorted(spk for spk, accent in of.items() if accent in set(accents))
 
 
 def examples_of(fs: batching.FeatureSet, speakers: list[str]) -> list[batching.Example]:
@@ -133,6 +163,30 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   return params, str(path)
 
 
+def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
+  """The warm start's ``{dev_wer, ...}``: the last evaluated record of its ``PATH.json``
+  history, else ``evaluate_dev()`` (then recorded in ``PATH.json`` as ``dev``, so runs sharing
+  the warm start evaluate it once). None without a warm start."""
+  if not warm_path:
+    return None
+  record = pathlib.Path(warm_path)
+  record = record.with_name(record.name + ".json")
+  try:
+    data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+  except (OSError, ValueError):
+    data = None
+  if isinstance(data, dict):
+    if isinstance(data.get("dev"), dict):
+      return data["dev"]
+    evaluated = [h for h in data.get("history", []) if "dev_wer" in h]
+    if evaluated and evaluated[-1].get("step") == max(h.get("step", 0) for h in data["history"]):
+      return {k: v for k, v in evaluated[-1].items() if k.startswith("dev_")}
+  dev = evaluate_dev()
+  if isinstance(data, dict):  # a trained warm start's record (not another run's checkpoint)
+    io_utils.write_json_atomic(record, {**data, "dev": dev})
+  return dev
+
+
 def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   """What the federated job and its centralized baseline share: workdir, model, loss, the train
   split, its server/client speaker split and the (cached) warm start."""
@@ -150,7 +204,10 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   train_fs = task.load_train_split(cfg)
   split_seed = cfg.data.get("split_seed")
   server_speakers, client_speakers = split_speakers(
-    train_fs, cfg.data.get("server_speakers", 0), cfg.seed if split_seed is None else split_seed
+    train_fs,
+    cfg.data.get("server_speakers", 0),
+    cfg.seed if split_seed is None else split_seed,
+    server_eligible(cfg),
   )
   params, warm_path = warm_start(
     cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
@@ -177,6 +234,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   )
   store = make_store(cfg, train_fs, client_speakers)
   evals = task.EvalSplits(cfg)
+  warm_dev = warm_start_dev(warm_path, lambda: evals.dev_metrics(model, params))
 
   def eval_fn(model_params, round_index):
     del round_index
@@ -224,6 +282,8 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     "num_clients": store.num_clients,
     "server_speakers": len(server_speakers),
     "warm_start": warm_path,
+    # the starting point's dev WER: the report's regime gate compares the dense run with it
+    "warm_start_dev_wer": warm_dev and warm_dev["dev_wer"],
     "padding_fraction": store.padding_fraction(),
     "num_params": conformer.count_params(state.params),
     "nonzero_params": int(pruning.param_count(state.params, state.mask)),

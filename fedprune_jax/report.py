@@ -6,9 +6,12 @@ how many finished), and renders per experiment:
 
 * a table of mean +- std over seeds of test WER (and dev WER, dev CER, sparsity) per arm; an
   experiment whose arms have a column label (T1) is pivoted to rows x columns;
-* its comparisons: the paired (same seed) difference ``a - b`` of test WER, mean +- std over
-  seeds, with a verdict from a two-sided paired t-test over seeds (p < 0.05: the sign is read as
-  an effect; otherwise "within noise"; with 2 seeds only |t| > 12.7 is an effect, with 3 |t| > 4.3);
+* the regime gate (``fedprune_jax.statistics``): does dense federated training improve dev WER
+  over its warm start by >= 10 points, is the dense reference <= 35% dev WER, is any arm of a
+  comparison a broken model (>= 90% WER); a table out of regime reads "inconclusive";
+* its comparisons: the paired (same replicate: split and seed) difference ``a - b`` of test WER,
+  mean +- std, a speaker-level bootstrap interval, the paired t-test and the TOST equivalence test
+  (each Holm-corrected over the table's comparisons), and the reading of the paper's claim;
 * its figures: ``wer_vs_sparsity`` (F1: test WER vs target sparsity per pattern, the dense
   reference as a line) and ``cost_vs_sparsity`` (F2: client bytes down / up, FLOPs per local step
   and training memory vs sparsity).
@@ -22,14 +25,13 @@ import pathlib
 import statistics
 from typing import Any
 
-from scipy import stats as scipy_stats
 
 from fedprune_jax import io_utils
+from fedprune_jax import statistics as stats_lib
 from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.errors import InputError
 
 METRICS = ("test_wer", "dev_wer", "dev_cer", "sparsity")
-ALPHA = 0.05  # significance level of the paired comparisons
 
 
 def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
@@ -84,6 +86,8 @@ def run_metrics(results: dict) -> dict[str, float]:
     "sparsity": train.get("sparsity", 0.0),
     "nonzero_params": train.get("nonzero_params"),
     "num_params": train.get("num_params"),
+    "warm_start_dev_wer": train.get("warm_start_dev_wer"),
+    "test_speakers": final["test"].get("speakers"),
   }
   for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
     out[key] = train.get(f"last_{key}")
@@ -93,7 +97,8 @@ def run_metrics(results: dict) -> dict[str, float]:
 
 
 def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
-  """arm -> {row, col, report, seeds: {seed: metrics}, seconds: [...]} for the done runs."""
+  """arm -> {row, col, report, seeds: {(split, seed): metrics}, seconds: [...]} for the done
+  runs (a replicate is a warm start / speaker split and a seed)."""
   arms: dict[str, dict] = {}
   for entry in index["runs"]:
     arm = arms.setdefault(
@@ -114,7 +119,7 @@ def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
       metrics = run_metrics(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise InputError(f"{path}: unreadable run results ({type(e).__name__}: {e})") from e
-    arm["seeds"][entry["seed"]] = metrics
+    arm["seeds"][(entry.get("split", 0), entry["seed"])] = metrics
     if entry.get("seconds") is not None:
       arm["seconds"].append(entry["seconds"])
   return arms
@@ -138,35 +143,117 @@ def _fmt(values: list[float], percent: bool = True) -> str:
   return f"{mean * scale:.1f} ± {std * scale:.1f}"
 
 
-def paired(arms: dict, a: str, b: str, metric: str) -> dict[str, Any]:
-  """Paired-by-seed difference a - b: mean, std, n, t and a verdict."""
+def paired(arms: dict, a: str, b: str, metric: str, margin: float) -> dict[str, Any]:
+  """Paired-by-replicate difference a - b: mean, std, n, the t-test's and TOST's raw p-values
+  and the speaker-level bootstrap interval (test WER only)."""
   sa, sb = arms[a]["seeds"], arms[b]["seeds"]
-  diffs = [sa[s][metric] - sb[s][metric] for s in sorted(set(sa) & set(sb))]
+  common = sorted(set(sa) & set(sb))
+  diffs = [sa[r][metric] - sb[r][metric] for r in common]
   mean, std, n = mean_std(diffs)
-  t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else math.nan
-  # two-sided paired t-test with n - 1 degrees of freedom
-  p = 2.0 * float(scipy_stats.t.sf(abs(t), n - 1)) if not math.isnan(t) else math.nan
-  if n < 2:
-    verdict = "needs >= 2 seeds"
-  elif math.isnan(p) or p >= ALPHA:
-    verdict = "within noise" if math.isnan(p) else f"within noise (p = {p:.2f})"
-  else:
-    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-    verdict = f"{a} {'higher' if mean > 0 else 'lower'} ({shown})"
-  return {"mean": mean, "std": std, "n": n, "t": t, "p": p, "verdict": verdict}
+  t, p = stats_lib.paired_t(diffs)
+  interval = None
+  if metric == "test_wer":
+    interval = stats_lib.speaker_bootstrap(
+      [sa[r].get("test_speakers") for r in common], [sb[r].get("test_speakers") for r in common]
+    )
+  return {
+    "mean": mean,
+    "std": std,
+    "n": n,
+    "t": t,
+    "p": p,
+    "p_tost": stats_lib.tost(diffs, margin),
+    "interval": interval,
+  }
+
+
+def _mean_of(arm: dict | None, key: str) -> float:
+  values = [m.get(key) for m in (arm or {}).get("seeds", {}).values()]
+  if not values or any(v is None for v in values):
+    return math.nan
+  return mean_std(values)[0]
+
+
+def gate_values(index: dict, arms: dict) -> dict[str, Any]:
+  """The table's gate inputs (reference and warm start dev WER) and its (a)/(b) failures."""
+  ref = arms.get(index.get("reference", "dense"))
+  dev, warm = _mean_of(ref, "dev_wer"), _mean_of(ref, "warm_start_dev_wer")
+  failures = stats_lib.table_gate(
+    None if math.isnan(dev) else dev, None if math.isnan(warm) else warm
+  )
+  return {"reference_dev_wer": dev, "warm_start_dev_wer": warm, "failures": failures}
+
+
+def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]:
+  """Every comparison's paired statistics, Holm-adjusted p-values and reading."""
+  rows = []
+  for c in index.get("comparisons", []):
+    margin = c.get("margin", stats_lib.DEFAULT_MARGIN)
+    row = {**c, "margin": margin, **paired(arms, c["a"], c["b"], c["metric"], margin)}
+    broken = (
+      {} if c.get("broken_ok") else {k: _mean_of(arms.get(k), "test_wer") for k in (c["a"], c["b"])}
+    )
+    row["out_of_regime"] = gate["failures"] + stats_lib.broken_arms(broken)
+    rows.append(row)
+  for key in ("p", "p_tost"):
+    for row, adjusted in zip(rows, stats_lib.holm([r[key] for r in rows])):
+      row[f"{key}_holm"] = adjusted
+  for row in rows:
+    row["reading"] = stats_lib.reading(
+      row.get("expect", ""),
+      row["mean"],
+      row["n"],
+      row["p_holm"],
+      row["p_tost_holm"],
+      row["margin"],
+      row["out_of_regime"],
+      (row["a"], row["b"]),
+    )
+  return rows
+
+
+def _p(p: float) -> str:
+  if math.isnan(p):
+    return "-"
+  return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _gate_lines(gate: dict) -> list[str]:
+  g = stats_lib.GATE
+  dev, warm = gate["reference_dev_wer"], gate["warm_start_dev_wer"]
+  values = (
+    f"dense federated dev WER {_pct(dev)}, its warm start's {_pct(warm)}, improvement "
+    f"{'-' if math.isnan(dev) or math.isnan(warm) else f'{100 * (warm - dev):.1f} points'}"
+  )
+  need = (
+    f"(needs >= {100 * g.min_improvement:.0f} points improvement, <= "
+    f"{100 * g.max_reference_wer:.0f}% dev WER, no compared arm >= {100 * g.broken_wer:.0f}% WER)"
+  )
+  verdict = (
+    "passes (a), (b)" if not gate["failures"] else "OUT OF REGIME: " + "; ".join(gate["failures"])
+  )
+  return [f"Regime gate: {values} {need}: {verdict}.", ""]
+
+
+def _pct(x: float) -> str:
+  return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def experiment_markdown(index: dict, arms: dict) -> str:
   lines = [f"### {index['title']}{' (quick)' if index.get('quick') else ''}", ""]
   if index.get("question"):
     lines += [f"Question: {index['question']}", ""]
+  for note in index.get("notes", []):
+    lines += [note, ""]
+  gate = gate_values(index, arms)
+  lines += _gate_lines(gate)
   shown = {name: a for name, a in arms.items() if a["report"]}
   if any(a["col"] for a in shown.values()) and index.get("col_title"):
     lines += _pivot(index, shown)
   else:
     lines += [
       f"| {index.get('row_title') or 'arm'} | test WER % | dev WER % | dev CER % | sparsity % "
-      "| seeds | run wall time (s) |",
+      "| replicates | run wall time (s) |",
       "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for a in shown.values():
@@ -177,14 +264,25 @@ def experiment_markdown(index: dict, arms: dict) -> str:
         f"{'-' if math.isnan(secs) else f'{secs:.0f}'} |"
       )
   if index.get("comparisons"):
-    lines += ["", "| comparison (test WER, paired by seed) | a - b (points) | seeds | reading |"]
-    lines += ["|---|---:|---:|---|"]
-    for c in index["comparisons"]:
-      p = paired(arms, c["a"], c["b"], c["metric"])
-      diff = "-" if p["n"] == 0 else f"{p['mean'] * 100:+.1f}"
-      if p["n"] > 1:
-        diff += f" ± {p['std'] * 100:.1f}"
-      lines.append(f"| {c['claim']} | {diff} | {p['n']} | {p['verdict']} |")
+    lines += [
+      "",
+      "| comparison (test WER, paired by replicate) | a - b (points) | 95% speaker bootstrap | n "
+      "| p (t, Holm) | p (TOST, Holm) | reading |",
+      "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in comparison_rows(index, arms, gate):
+      diff = "-" if r["n"] == 0 else f"{r['mean'] * 100:+.1f}"
+      if r["n"] > 1:
+        diff += f" ± {r['std'] * 100:.1f}"
+      ci = (
+        "-"
+        if r["interval"] is None
+        else "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in r["interval"]))
+      )
+      tost = f"{_p(r['p_tost_holm'])} (±{100 * r['margin']:.1f})"
+      lines.append(
+        f"| {r['claim']} | {diff} | {ci} | {r['n']} | {_p(r['p_holm'])} | {tost} | {r['reading']} |"
+      )
   total = sum(sum(a["seconds"]) for a in arms.values())
   runs = sum(len(a["seeds"]) for a in arms.values())
   timing = f"{runs} runs done; their wall time adds up to {total / 60:.1f} min"
@@ -333,15 +431,30 @@ def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = No
       f"{runs_dir}: no experiment index (<experiment>.json); run `fedprune experiment` first"
     )
   parts = [f"## Results ({runs_dir})", ""]
+  closing = [
+    "### Tables: wall time and regime gate",
+    "",
+    "| table | runs done | their wall time (min) | dense federated dev WER | warm start dev WER "
+    "| gate (a), (b) |",
+    "|---|---:|---:|---:|---:|---|",
+  ]
   for index in indexes:
     arms = collect(runs_dir, index)
     parts.append(experiment_markdown(index, arms))
+    gate = gate_values(index, arms)
+    closing.append(
+      f"| {index['experiment']}{' (quick)' if index.get('quick') else ''} "
+      f"| {sum(len(a['seeds']) for a in arms.values())} "
+      f"| {sum(sum(a['seconds']) for a in arms.values()) / 60:.1f} "
+      f"| {_pct(gate['reference_dev_wer'])} | {_pct(gate['warm_start_dev_wer'])} "
+      f"| {'pass' if not gate['failures'] else '; '.join(gate['failures'])} |"
+    )
     stem = index["experiment"] + ("_quick" if index.get("quick") else "")
     for figure in index.get("figures", []):
       if any(a["seeds"] for a in arms.values()):
         png = out / f"{stem}_{figure}.png"
         FIGURES[figure](arms, png)
         parts.append(f"![{figure}]({png.name})\n")
-  text = "\n".join(parts)
+  text = "\n".join(parts + closing + [""])
   io_utils.write_text_atomic(out / "report.md", text)
   return text

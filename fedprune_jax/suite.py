@@ -1,10 +1,9 @@
 """The paper's experiments as a resumable, cached suite of runs (``fedprune experiment``).
 
-An experiment file (``experiments/configs/t1_pattern.py`` ...) defines
-``get_experiment(setting) -> Experiment``: a base config (the setting: ``paper_small`` on a CPU,
-``paper_full`` on LibriSpeech and accelerators), its arms (config overrides, one table cell each)
-and its seeds. ``run_experiment`` runs every (arm, seed) as a federated job
-(``job.run``) or a centralized baseline (``job.run_baseline``):
+An experiment (``fedprune_jax.experiments_def``: arms, comparisons, seeds and warm start / split
+replicates, defined per table in ``experiments/configs/t1_pattern.py`` ...) is run by
+``run_experiment``: every (arm, split, seed) as a federated job (``job.run``) or a centralized
+baseline (``job.run_baseline``):
 
 * runs are content-addressed: ``RUNS/runs/<key>/`` where ``key`` hashes the run's resolved
   config (paths written relative to RUNS, the workdir left out), so a run shared by several tables
@@ -18,7 +17,7 @@ and its seeds. ``run_experiment`` runs every (arm, seed) as a federated job
   state), rewritten atomically after each run, so ``fedprune report`` can render partial tables
   while the suite is still running.
 
-Seeds are the outer loop: a table is complete for seed 0 before seed 1 starts (``fedprune
+Seeds are the outer loop, splits the next: a table is complete for seed 0 before seed 1 starts (``fedprune
 experiment all`` runs every experiment for seed 0, then for seed 1, ...).
 """
 
@@ -29,7 +28,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -44,192 +42,34 @@ from fedprune_jax import io_utils
 from fedprune_jax import workdir as workdir_lib
 from fedprune_jax import workers as workers_lib
 from fedprune_jax.errors import ConfigError, InputError
-
-FEDERATED, BASELINE = "federated", "baseline"
-
-
-@dataclasses.dataclass(frozen=True)
-class From:
-  """A path inside another arm's run directory (same seed), e.g. its ``mask.npz``."""
-
-  arm: str
-  file: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-  """One cell of an experiment's table.
-
-  Attributes:
-    name: unique within the experiment (e.g. ``"row@0.7"``).
-    overrides: dotted config field -> value, a ``From`` (a file of another arm's run), or a
-      callable ``cfg -> value`` evaluated last, on the run's config with the other fields set.
-    kind: ``"federated"`` (``fedprune federated``) or ``"baseline"`` (``fedprune baseline``).
-    row, col: the cell's position in the report's table.
-    report: False for helper runs that other arms start from (not a table cell).
-  """
-
-  name: str
-  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  kind: str = FEDERATED
-  row: str = ""
-  col: str = ""
-  report: bool = True
-
-  @property
-  def needs(self) -> tuple[str, ...]:
-    return tuple(sorted({v.arm for v in self.overrides.values() if isinstance(v, From)}))
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-  """A claim as a difference of one metric between two arms, paired by seed (``a - b``)."""
-
-  claim: str
-  a: str
-  b: str
-  metric: str = "test_wer"
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-  """A table or figure of the paper: a setting, arms, seeds.
-
-  Attributes:
-    name: file-system name (``t1_pattern``).
-    title: heading in the report.
-    question: what the paper claims or asks.
-    base: the setting's config.
-    arms: the runs of one seed.
-    seeds: the seeds of the full run (``--quick`` uses the first).
-    quick: config overrides of ``--quick`` mode (few rounds, a short warm start).
-    row_title, col_title: table axes in the report.
-    comparisons: the claims, as paired differences.
-    figures: report figures drawn from this experiment (``wer_vs_sparsity``, ``cost_vs_sparsity``).
-  """
-
-  name: str
-  title: str
-  question: str
-  base: ml_collections.ConfigDict
-  arms: tuple[Arm, ...]
-  seeds: tuple[int, ...] = (0, 1, 2)
-  quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  row_title: str = ""
-  col_title: str = ""
-  comparisons: tuple[Comparison, ...] = ()
-  figures: tuple[str, ...] = ()
-
-  def __post_init__(self):
-    names = [a.name for a in self.arms]
-    if len(set(names)) != len(names):
-      raise ConfigError(f"experiment {self.name}: arm names repeat: {names}")
-    for arm in self.arms:
-      if arm.kind not in (FEDERATED, BASELINE):
-        raise ConfigError(f"experiment {self.name}, arm {arm.name}: unknown kind {arm.kind!r}")
-      for need in arm.needs:
-        if need not in names[: names.index(arm.name)]:
-          raise ConfigError(
-            f"experiment {self.name}, arm {arm.name} starts from arm {need!r}, "
-            "which must come before it"
-          )
-    for c in self.comparisons:
-      for name in (c.a, c.b):
-        if name not in names:
-          raise ConfigError(f"experiment {self.name}: comparison names unknown arm {name!r}")
-
-
-QUICK = {
-  # --quick: each table's whole pipeline in a few minutes, to check it end to end before the real
-  # run (its numbers mean nothing): 1 seed, 4 rounds, a micro Conformer, a short warm start,
-  # 96 evaluation utterances per split
-  "model.overrides": ml_collections.ConfigDict(
-    dict(d_model=32, num_layers=1, num_heads=2, conv_kernel=3, conv_groups=4, subsample_channels=8)
-  ),
-  "data.eval_max_utterances": 96,
-  "rounds": 4,
-  "cohort_size": 4,
-  "data.max_steps": 2,
-  "checkpoint_every": 2,
-  "warm_start.steps": 40,
-  "warm_start.eval_every": 0,
-  "warm_start.optim.warmup_steps": 10,
-  "pruning.pruning_rounds": 2,
-  "pruning.update_every": 1,
-  "pruning.refining_rounds": 1,
-  "pruning.refine_every": 1,
-}
-
-
-# --- experiments ----------------------------------------------------------------------------------
-
-
-def one_factor(
-  name: str,
-  title: str,
-  question: str,
-  setting: str,
-  field: str,
-  values: Sequence[str],
-  comparisons: Sequence[tuple[str, str, str]],
-  fixed: Mapping[str, Any] | None = None,
-  extra: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Experiment:
-  """An experiment that varies one config ``field`` over ``values`` (plus the dense reference).
-
-  Args:
-    fixed: overrides of every pruning arm (default: 70% target sparsity).
-    extra: per value, more overrides of that arm.
-    comparisons: ``(claim, a, b)`` triples (arms are named by their value).
-  """
-  fixed = {"pruning.target_sparsity": 0.7} if fixed is None else fixed
-  arms = [Arm("dense", {"pruning": None}, row="dense")]
-  for value in values:
-    overrides = {**fixed, field: value, **(extra or {}).get(value, {})}
-    arms.append(Arm(value, overrides, row=value))
-  return Experiment(
-    name=name,
-    title=title,
-    question=question,
-    base=setting_config(setting),
-    arms=tuple(arms),
-    row_title=field.split(".")[-1],
-    comparisons=tuple(Comparison(*c) for c in comparisons),
-  )
-
-
-def load_experiment(name: str, setting: str = "small") -> Experiment:
-  """``get_experiment(setting)`` of ``experiments/configs/<name>.py``."""
-  path = config_lib.resolve_config_path(name)
-  spec = importlib.util.spec_from_file_location(f"fedprune_experiment_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_experiment"):
-    raise ConfigError(f"{path}: defines no get_experiment() (not an experiment file)")
-  return module.get_experiment(setting)
-
-
-EXPERIMENTS = ("t1_pattern", "t2_score", "t3_schedule", "t4_allocation", "t5_refinement", "t6_data")
-
-
-def setting_config(setting: str) -> ml_collections.ConfigDict:
-  if setting not in ("small", "full"):
-    raise ConfigError(f"unknown setting {setting!r}; expected 'small' or 'full'")
-  return config_lib.load_config(f"paper_{setting}")
-
+from fedprune_jax.experiments_def import (  # noqa: F401  (the suite's names for experiment files)
+  BASELINE,
+  EXPERIMENTS,
+  FEDERATED,
+  PAPER_REPLICATES,
+  QUICK,
+  Arm,
+  Comparison,
+  Experiment,
+  From,
+  load_experiment,
+  one_factor,
+  setting_config,
+)
 
 # --- one run's config and key ---------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One (arm, seed) of an experiment, resolved."""
+  """One (arm, split, seed) of an experiment, resolved."""
 
   experiment: str
   arm: Arm
   seed: int
   config: ml_collections.ConfigDict  # paths relative to RUNS (the key is computed from it)
   key: str
+  split: int = 0
 
   @property
   def dirname(self) -> str:
@@ -278,6 +118,8 @@ def warm_start_key(cfg: ml_collections.ConfigDict) -> str:
   ignored = ("path", "eval_every", "train_if_missing")
   ws = {k: v for k, v in d.get("warm_start", {}).items() if k not in ignored}
   data = {k: d["data"].get(k) for k in ("root", "source", "train_split", "server_speakers")}
+  if d["data"].get("server_accents"):  # absent or empty: the key of the earlier warm starts
+    data["server_accents"] = list(d["data"]["server_accents"])
   data["split_seed"] = d["data"].get("split_seed")
   data["num_buckets"] = d["data"].get("num_buckets")
   return _key_of({"ws": ws, "data": data, "model": d["model"], "specaug": d.get("specaug")}, "ws")
@@ -288,45 +130,64 @@ def expand(
   *,
   quick: bool = False,
   seeds: Sequence[int] | None = None,
+  splits: Sequence[int] | None = None,
   data_root: str | None = None,
   overrides: Sequence[str] = (),
 ) -> list[RunSpec]:
-  """The experiment's runs in execution order (seed-major, arms in order).
+  """The experiment's runs in execution order (seed-major, then split, arms in order).
 
-  A run's config: the setting's, then ``--quick``'s ``QUICK`` fields, then the user's
-  ``overrides`` (``key=value``), then the seed, then the arm's overrides.
+  A seed outside ``experiment.seeds`` runs the claim arms only (``Experiment.runs_seed``). A
+  run's config: the setting's, then ``--quick``'s ``QUICK`` fields, then the split replicate
+  (``data.split_seed`` and ``warm_start.seed``), then the user's ``overrides`` (``key=value``),
+  then the seed, then the arm's overrides. Default seeds and splits: all (``--quick``: the first).
   """
-  seeds = tuple(seeds) if seeds is not None else experiment.seeds[: 1 if quick else None]
+  if seeds is None:
+    seeds = experiment.seeds[:1] if quick else experiment.all_seeds
+  if splits is None:
+    splits = experiment.splits[: 1 if quick else None]
   specs: list[RunSpec] = []
   for seed in seeds:
-    keys: dict[str, str] = {}
-    for arm in experiment.arms:
-      cfg = experiment.base.copy_and_resolve_references()
-      if data_root:
-        cfg.data.root = str(pathlib.Path(data_root).absolute())
-      if quick:
-        for k, v in {**QUICK, **experiment.quick}.items():
-          _set(cfg, k, copy.deepcopy(v))  # never a shared ConfigDict that --set would mutate
-      config_lib.apply_overrides(cfg, overrides, source="--set")
-      cfg.seed = seed
-      derived = {}
-      for k, v in arm.overrides.items():
-        if isinstance(v, From):
-          _set(cfg, k, f"runs/{keys[v.arm]}/{v.file}")
-        elif callable(v):
-          derived[k] = v
-        else:
-          _set(cfg, k, v)
-      for k, fn in derived.items():  # functions of the arm's other fields
-        _set(cfg, k, fn(cfg))
-      if cfg.get("warm_start") and cfg.warm_start.steps and not cfg.warm_start.get("path"):
-        cfg.warm_start.path = f"warm_start/{warm_start_key(cfg)}"
-        cfg.warm_start.train_if_missing = True  # the first run that needs it trains it
-      cfg.workdir = ""
-      key = _key_of(cfg.to_dict(), arm.kind)
-      keys[arm.name] = key
-      specs.append(RunSpec(experiment.name, arm, seed, cfg, key))
+    for split in splits:
+      keys: dict[str, str] = {}
+      for arm in experiment.arms:
+        if not experiment.runs_seed(arm, seed):
+          continue
+        cfg = _run_config(experiment, arm, seed, split, keys, quick, data_root, overrides)
+        key = _key_of(cfg.to_dict(), arm.kind)
+        keys[arm.name] = key
+        specs.append(RunSpec(experiment.name, arm, seed, cfg, key, split))
   return specs
+
+
+def _run_config(experiment, arm, seed, split, keys, quick, data_root, overrides):
+  """One run's config (``expand``); ``keys``: the run keys of the replicate's earlier arms."""
+  cfg = experiment.base.copy_and_resolve_references()
+  if data_root:
+    cfg.data.root = str(pathlib.Path(data_root).absolute())
+  if quick:
+    for k, v in {**QUICK, **experiment.quick}.items():
+      _set(cfg, k, copy.deepcopy(v))  # never a shared ConfigDict that --set would mutate
+  if "split_seed" in cfg.data:
+    cfg.data.split_seed = split
+  if cfg.get("warm_start") and "seed" in cfg.warm_start:
+    cfg.warm_start.seed = split
+  config_lib.apply_overrides(cfg, overrides, source="--set")
+  cfg.seed = seed
+  derived = {}
+  for k, v in arm.overrides.items():
+    if isinstance(v, From):
+      _set(cfg, k, f"runs/{keys[v.arm]}/{v.file}")
+    elif callable(v):
+      derived[k] = v
+    else:
+      _set(cfg, k, v)
+  for k, fn in derived.items():  # functions of the arm's other fields
+    _set(cfg, k, fn(cfg))
+  if cfg.get("warm_start") and cfg.warm_start.steps and not cfg.warm_start.get("path"):
+    cfg.warm_start.path = f"warm_start/{warm_start_key(cfg)}"
+    cfg.warm_start.train_if_missing = True  # the first run that needs it trains it
+  cfg.workdir = ""
+  return cfg
 
 
 def materialize(spec: RunSpec, runs_dir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -410,14 +271,14 @@ def run_experiment(
   own_pool = pool is None
   if own_pool:
     pool = workers_lib.RunPool(runner or functools.partial(default_runner, progress=progress))
-  default = experiment.seeds[: 1 if quick else None]
+  default = experiment.seeds[:1] if quick else experiment.all_seeds
   wanted = tuple(seeds) if seeds is not None else default
   # the index covers the experiment's seeds (and any asked for), runs only the wanted ones
   indexed = tuple(dict.fromkeys(default + wanted))
   specs = expand(experiment, quick=quick, seeds=indexed, data_root=data_root, overrides=overrides)
   index_path = _index_path(runs_dir, experiment.name, quick)
   entries = [_entry(spec, runs_dir) for spec in specs]
-  key_of = {(s.seed, s.arm.name): s.key for s in specs}
+  key_of = {(s.seed, s.split, s.arm.name): s.key for s in specs}
   state_of = {s.key: e["state"] for s, e in zip(specs, entries)}  # shared runs: one state
   waiting = [i for i, spec in enumerate(specs) if spec.seed in wanted]
   tags = {
@@ -453,7 +314,7 @@ def run_experiment(
         if len(running) >= pool.workers:
           break
         spec, entry = specs[i], entries[i]
-        needs = [state_of[key_of[(spec.seed, a)]] for a in spec.arm.needs]
+        needs = [state_of[key_of[(spec.seed, spec.split, a)]] for a in spec.arm.needs]
         if state_of[spec.key] == "done":
           waiting.remove(i)
           entry.update(_entry(spec, runs_dir))
@@ -554,6 +415,7 @@ def _entry(spec: RunSpec, runs_dir: pathlib.Path) -> dict:
   entry = {
     "arm": spec.arm.name,
     "seed": spec.seed,
+    "split": spec.split,
     "key": spec.key,
     "kind": spec.arm.kind,
     "row": spec.arm.row,
@@ -590,6 +452,8 @@ def _write_index(
       "row_title": experiment.row_title,
       "col_title": experiment.col_title,
       "comparisons": [dataclasses.asdict(c) for c in experiment.comparisons],
+      "reference": experiment.reference,
+      "notes": list(experiment.notes),
       "figures": list(experiment.figures),
       "runs": entries,
     },

@@ -54,7 +54,13 @@ ADDED_DEFAULTS = {"pruning.mask_path": "", "warm_start.train_if_missing": False}
 # What a run leaves in its workdir; ``--fresh`` removes these (a warm start cached in the
 # workdir is kept: its own record says what it was trained with).
 RUN_STATE = (
-  "rounds", "metrics.jsonl", "tensorboard", "results.json", "checkpoint", "mask.npz", MARKER
+  "rounds",
+  "metrics.jsonl",
+  "tensorboard",
+  "results.json",
+  "checkpoint",
+  "mask.npz",
+  MARKER,
 )
 
 

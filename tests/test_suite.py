@@ -42,26 +42,33 @@ def _experiment(arms, **kw):
 
 
 def test_keys_are_shared_across_tables_and_follow_the_config():
-  t1 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t1_pattern"))}
-  t2 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t2_score"))}
-  t6 = {(s.arm.name, s.seed): s for s in suite.expand(suite.load_experiment("t6_data"))}
-  assert len(t1) == 16 * 3 and len({s.key for s in t1.values()}) == 48
-  # the dense reference and the default arm (unstructured, magnitude, 70%) are one run each
-  assert t1[("dense", 1)].key == t2[("dense", 1)].key == t6[("dense", 1)].key
-  assert t1[("unstructured@0.7", 2)].key == t2[("magnitude", 2)].key
-  assert t1[("unstructured@0.7", 2)].key == t6[("federated", 2)].key
-  assert t1[("dense", 0)].key != t1[("dense", 1)].key  # seeds differ
-  # one warm start for every run and seed
-  paths = {s.config.warm_start.path for s in t1.values()}
-  assert len(paths) == 1
-  # the frozen-mask arm reads its own seed's centralized run
-  fed = t6[("central_server+fed", 1)].config
-  server = t6[("central_server", 1)]
-  assert fed.pruning.mask_path == f"runs/{server.key}/mask.npz"
-  assert fed.warm_start.path == f"runs/{server.key}/checkpoint"
+  t1 = {(s.arm.name, s.split, s.seed): s for s in suite.expand(suite.load_experiment("t1_pattern"))}
+  t2 = {(s.arm.name, s.split, s.seed): s for s in suite.expand(suite.load_experiment("t2_score"))}
+  t5 = {
+    (s.arm.name, s.split, s.seed): s for s in suite.expand(suite.load_experiment("t5_refinement"))
+  }
+  # 19 arms x 3 seeds x 2 splits, and the claims' arms (and the reference) 2 more seeds
+  claim_arms = {"dense", "unstructured@0.5", "unstructured@0.8"}
+  claim_arms |= {f"{p}@{s}" for p in ("row", "column") for s in (0.5, 0.7)}
+  claim_arms |= {"half_row@0.5", "half_column@0.5"}
+  assert len(t1) == 19 * 3 * 2 + len(claim_arms) * 2 * 2 == len({s.key for s in t1.values()})
+  assert {a for a, _, seed in t1 if seed == 4} == claim_arms
+  # the dense reference and the shared default arms are one run each
+  assert t1[("dense", 1, 1)].key == t2[("dense", 1, 1)].key
+  assert t1[("unstructured@0.7", 0, 2)].key == t5[("server", 0, 2)].key
+  assert t2[("magnitude", 1, 2)].key == t5[("none", 1, 2)].key
+  assert t1[("dense", 0, 0)].key != t1[("dense", 0, 1)].key  # seeds differ
+  assert t1[("dense", 0, 0)].key != t1[("dense", 1, 0)].key  # splits differ
+  # one warm start per split, for every run and seed
+  for split in (0, 1):
+    paths = {s.config.warm_start.path for k, s in t1.items() if k[1] == split}
+    assert len(paths) == 1
+    assert {
+      (s.config.data.split_seed, s.config.warm_start.seed) for k, s in t1.items() if k[1] == split
+    } == {(split, split)}
   # --quick: one seed, QUICK's fields, then the user's overrides
   quick = suite.expand(suite.load_experiment("t1_pattern"), quick=True, overrides=["rounds=3"])
-  assert {s.seed for s in quick} == {0} and len(quick) == 16
+  assert {(s.split, s.seed) for s in quick} == {(0, 0)} and len(quick) == 19
   assert quick[0].config.rounds == 3 and quick[0].config.cohort_size == suite.QUICK["cohort_size"]
   # a --set into a QUICK section changes that run only, not QUICK itself
   t6 = suite.load_experiment("t6_data")
@@ -74,7 +81,7 @@ def test_step_schedule_reaches_the_target_within_the_pruning_phase():
   from fedprune_jax.algorithms import build
 
   for quick in (False, True):
-    specs = suite.expand(suite.load_experiment("t3_schedule"), quick=quick, seeds=[0])
+    specs = suite.expand(suite.load_experiment("t3_schedule"), quick=quick, seeds=[0], splits=[0])
     (step,) = [s for s in specs if s.arm.name == "step"]
     p = step.config.pruning
     policy = build.policy_from_config(build.resolve_pruning(p))  # raises if it ends too late
@@ -349,6 +356,7 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
       sparsity = 0.0 if arm == "dense" else 0.5
       results = _fake_results(wer, sparsity)
       results["train"].update(last_bytes_down_masked=2e6, last_bytes_up=1.9e6)
+      results["train"]["warm_start_dev_wer"] = 0.5
       results["history"] = [
         {"client_flops_per_step_sparse": 4e9, "client_flops_per_step_dense": 8e9}
       ]
@@ -383,8 +391,12 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
   assert "| row | 42.0 ± 2.6 |" in text
   assert "| column | 37.7 ± 1.5 |" in text
   # paired column - row: (-.04, -.03, -.06): mean -0.04333, std 0.015275, t = -4.914; two-sided
-  # p with 2 degrees of freedom = 1 - |t| / sqrt(t^2 + 2) = 0.0390
-  assert "| column - row | -4.3 ± 1.5 | 3 | column@0.5 lower (p = 0.039) |" in text
+  # p with 2 degrees of freedom = 1 - |t| / sqrt(t^2 + 2) = 0.0390 (one comparison: Holm = raw);
+  # TOST at 1 point: the lower test's t = (mean + .01) / se = -3.780, p = 1/2 + 3.780 /
+  # (2 sqrt(3.780^2 + 2)) = 0.968; no per-speaker errors, so no bootstrap interval
+  assert "| column - row | -4.3 ± 1.5 | - | 3 | 0.039 | 0.968 (±1.0) | column@0.5 lower |" in text
+  # the gate: dense dev WER 32.0%, its warm start 50.0%: passes
+  assert "improvement 18.0 points" in text and "passes (a), (b)" in text
   assert "9 runs done; their wall time adds up to 1.6 min." in text
   for fig in ("wer_vs_sparsity", "cost_vs_sparsity"):
     png = tmp_path / "report" / f"t1_pattern_{fig}.png"
@@ -396,36 +408,37 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
   assert f"adds up to 1.6 min; {latest}" in report.render(tmp_path)
 
 
-def test_paired_verdicts():
+def test_paired_differences():
   arms = {
     "a": {"seeds": {0: {"m": 1.0}, 1: {"m": 2.0}, 2: {"m": 3.0}}},
     "b": {"seeds": {0: {"m": 1.1}, 1: {"m": 1.9}, 2: {"m": 3.0}}},
   }
-  p = report.paired(arms, "a", "b", "m")
-  assert p["n"] == 3 and p["mean"] == pytest.approx(0.0)
-  assert p["verdict"] == "within noise (p = 1.00)"  # diffs (-.1, .1, 0): t = 0
-  # 2 seeds: t = 9.0 (diffs .08, .10) is not an effect at 5% (1 degree of freedom: p = 0.070)
+  p = report.paired(arms, "a", "b", "m", 0.01)
+  assert p["p"] == pytest.approx(1.0) and p["n"] == 3  # diffs (-.1, .1, 0): t = 0
+  # 2 seeds: t = 9.0 (diffs .08, .10): two-sided p with 1 degree of freedom = 1 - 2 atan(9) / pi
   arms2 = {
     "a": {"seeds": {0: {"m": 0.18}, 1: {"m": 0.2}}},
     "b": {"seeds": {0: {"m": 0.1}, 1: {"m": 0.1}}},
   }
-  assert report.paired(arms2, "a", "b", "m")["verdict"] == "within noise (p = 0.07)"
-  arms2["a"]["seeds"][2] = {"m": 0.19}  # diffs .08, .10, .09: t = 15.6, p = 0.0041
-  arms2["b"]["seeds"][2] = {"m": 0.1}
-  assert report.paired(arms2, "a", "b", "m")["verdict"] == "a higher (p = 0.004)"
-  arms2["a"]["seeds"] = {0: {"m": 0.2}, 1: {"m": 0.201}, 2: {"m": 0.199}}  # t = 173
-  assert report.paired(arms2, "a", "b", "m")["verdict"] == "a higher (p < 0.001)"
+  assert report.paired(arms2, "a", "b", "m", 0.01)["p"] == pytest.approx(
+    1 - 2 * math.atan(9.0) / math.pi
+  )
   arms["b"]["seeds"] = {0: {"m": 1.0}}
-  assert report.paired(arms, "a", "b", "m")["verdict"] == "needs >= 2 seeds"
+  assert math.isnan(report.paired(arms, "a", "b", "m", 0.01)["p"])
   assert math.isnan(report.mean_std([])[0])
   assert report._fmt([0.5]) == "50.0" and report._fmt([]) == "-"  # one seed: no ± shown
   assert report._fmt([0.2, 0.4]) == "30.0 ± 14.1"
 
 
 def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
-  """The real quick pipeline of T6 on the test corpus: centralized pruning on the server speaker,
-  its mask frozen and trained federatedly, federated pruning, pooled centralized pruning; then
-  the report. A second invocation is all cache hits."""
+  """The real quick pipeline of T6 on the test corpus: the server's speaker drawn from one accent,
+  centralized pruning on it, federated pruning with magnitude and with the clients' saliency,
+  pooled centralized pruning; then the report. A second invocation is all cache hits."""
+  from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+
+  accents = synth.speaker_accents(tiny_corpus)
+  train = sorted(p.name for p in (tiny_corpus / "train").iterdir())
+  accent = accents[train[-1]]
   runs = tmp_path / "paper"
   argv = [
     "experiment",
@@ -435,44 +448,43 @@ def test_quick_t6_end_to_end(tiny_corpus, tmp_path, capsys):
     str(runs),
     "--set",
     f"data.root={tiny_corpus}",
+    "--set",
+    f'data.server_accents=["{accent}"]',
   ]
   for s in TEST_SETS:
     argv += ["--set", s]
   assert cli.main(argv) == 0
   index = json.loads((runs / "t6_data_quick.json").read_text())
-  assert [r["state"] for r in index["runs"]] == ["done"] * 6
+  assert [r["state"] for r in index["runs"]] == ["done"] * 5
   by_arm = {
     r["arm"]: json.loads((runs / r["dir"] / "results.json").read_text()) for r in index["runs"]
   }
   server = by_arm["central_server"]["train"]
-  for arm in ("server_mask+fed", "central_server+fed"):
-    # trained exactly the centralized run's mask, frozen, at the target sparsity
-    frozen = by_arm[arm]["train"]
-    assert frozen["mask_sha256"] == server["mask_sha256"]
-    assert frozen["sparsity"] == pytest.approx(0.7, abs=0.01)
-    assert {h["phase"] for h in by_arm[arm]["history"]} == {2.0}  # fine-tuning in every round
-    assert all(h["mask_updated"] == 0.0 for h in by_arm[arm]["history"])
-  # the mask-only arm starts from the shared warm start, the other from the centralized model
-  assert by_arm["server_mask+fed"]["train"]["warm_start"] == by_arm["dense"]["train"]["warm_start"]
-  assert by_arm["central_server+fed"]["train"]["warm_start"].endswith("checkpoint")
-  assert by_arm["federated"]["train"]["mask_sha256"] != server["mask_sha256"]
+  assert server["speakers"] == 1
+  for arm in ("federated", "federated_saliency"):
+    assert by_arm[arm]["train"]["mask_sha256"] != server["mask_sha256"]
+    assert by_arm[arm]["train"]["sparsity"] == pytest.approx(0.7, abs=0.01)
   assert by_arm["central_pooled"]["train"]["algorithm"] == "centralized_pooled"
   assert by_arm["dense"]["train"]["algorithm"] == "fedavg"
+  # the warm start's dev WER is recorded for the regime gate
+  assert 0.0 <= by_arm["dense"]["train"]["warm_start_dev_wer"] <= 2.0
+  # per-speaker word errors of test add up to the test WER
+  test = by_arm["dense"]["final"]["test"]
+  edits, words = (sum(x) for x in zip(*test["speakers"].values()))
+  assert edits / words == pytest.approx(test["wer"])
   # one warm start, trained once, shared by every arm
-  assert (
-    len({r["warm_start"] for r in (by_arm["dense"]["train"], by_arm["federated"]["train"])}) == 1
-  )
+  assert len({by_arm[a]["train"]["warm_start"] for a in by_arm}) == 1
   assert cli.main(["report", str(runs)]) == 0
   text = capsys.readouterr().out
   assert "T6: federated vs centralized pruning" in text and "(quick)" in text
-  assert "6 runs done" in text
+  assert "5 runs done" in text and "Regime gate:" in text
   # again: every run is cached
   calls = []
   suite.run_experiment(
     suite.load_experiment("t6_data"),
     runs,
     quick=True,
-    overrides=TEST_SETS + [f"data.root={tiny_corpus}"],
+    overrides=TEST_SETS + [f"data.root={tiny_corpus}", f'data.server_accents=["{accent}"]'],
     runner=lambda kind, cfg: calls.append(kind),
     log=lambda s: None,
   )

@@ -1,4 +1,5 @@
-"""The paper's experiments, full setting: the `l` Conformer (115M parameters) on LibriSpeech.
+"""The paper's experiments, full setting: the `l` Conformer-transducer (`model.head=rnnt`, as the
+paper's) on LibriSpeech.
 
 Same experiments and arms as the small setting (`fedprune experiment NAME --setting full --data
 LIBRISPEECH_ROOT`), sized for accelerators:
@@ -46,6 +47,7 @@ def get_config():
   c.warm_start.eval_every = 2000
   c.warm_start.optim.warmup_steps = 2000
   c.warm_start.optim.peak_lr = 1e-3
+  c.model.head = "rnnt"  # the paper's Conformer-transducer
   c.client.learning_rate = 3e-4
   c.pruning.pruning_rounds = 200
   c.pruning.update_every = 10

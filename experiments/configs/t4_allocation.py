@@ -20,7 +20,9 @@ def get_experiment(setting: str = "small") -> suite.Experiment:
     "pruning.allocation",
     ("uniform", ADAPTIVE, "global", "erk"),
     comparisons=(
-      ("adaptive - uniform (negative: adaptive better)", ADAPTIVE, "uniform"),
+      suite.Comparison(
+        "adaptive - uniform (negative: adaptive better)", ADAPTIVE, "uniform", expect="lower"
+      ),
       ("global - uniform", "global", "uniform"),
       ("erk - uniform", "erk", "uniform"),
     ),

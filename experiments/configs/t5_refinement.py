@@ -16,7 +16,9 @@ def get_experiment(setting: str = "small") -> suite.Experiment:
     "pruning.refinement",
     ("none", "server", "client"),
     comparisons=(
-      ("server - none (negative: refinement helps)", "server", "none"),
-      ("client - none", "client", "none"),
+      suite.Comparison(
+        "server - none (negative: refinement helps)", "server", "none", expect="lower"
+      ),
+      suite.Comparison("client - none", "client", "none", expect="lower"),
     ),
   )

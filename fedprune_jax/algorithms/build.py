@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -18,6 +19,7 @@ from absl import logging as absl_logging
 from fedprune_jax import fields, io_utils
 from fedprune_jax import programs
 from fedprune_jax.algorithms import mask_policy
+from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms.fedavg import fedavg
 from fedprune_jax.algorithms.fedprune import federated_pruning
 from fedprune_jax.federated import faults, rounds
@@ -45,7 +47,17 @@ def resolve_pruning(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
     raise ValueError(
       f"unknown config field pruning.{unknown[0]}; known: {', '.join(sorted(PRUNING_DEFAULTS))}"
     )
-  return {**PRUNING_DEFAULTS, **dict(section)}
+  out = {**PRUNING_DEFAULTS, **dict(section)}
+  for field in ("include", "exclude"):
+    value = out[field]
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+      raise ConfigError(f"config field pruning.{field}={value!r} must be a list of path regexes")
+    for pattern in value:
+      try:
+        re.compile(pattern[5:] if pattern.startswith("glob:") else pattern)
+      except re.error as e:
+        raise ConfigError(f"config field pruning.{field}: {pattern!r} is not a regex ({e})") from e
+  return out
 
 
 def policy_from_config(
@@ -74,6 +86,8 @@ def policy_from_config(
     client_aggregation=pcfg["client_aggregation"],
     trim_fraction=pcfg["trim_fraction"],
     channels_per_group=channels_per_group,
+    include=tuple(pcfg["include"]),
+    exclude=tuple(pcfg["exclude"]),
     frozen=bool(pcfg.get("mask_path")),
   )
 

@@ -305,6 +305,26 @@ def _speakers_txt(speakers: Sequence[SpeakerPlan], samples: dict[str, int]) -> s
   return "\n".join(lines) + "\n"
 
 
+def speaker_accents(root: str | os.PathLike) -> dict[str, str]:
+  """``{speaker id: accent}`` of a synthetic corpus, read from its ``SPEAKERS.TXT`` (the accent
+  is the espeak-ng language of the speaker's voice, e.g. ``en-us``, ``en-gb-scotland``).
+
+  Raises:
+    CorpusError: the corpus has no ``SPEAKERS.TXT`` of synthetic voices (e.g. LibriSpeech).
+  """
+  path = Path(root) / "SPEAKERS.TXT"
+  out = {}
+  if path.is_file():
+    for line in path.read_text(encoding="utf-8").splitlines():
+      fields = [f.strip() for f in line.split("|")]
+      if line.startswith(";") or len(fields) < 5 or not fields[4].startswith("espeak "):
+        continue
+      out[fields[0]] = fields[4].split()[1].split("+")[0]
+  if not out:
+    raise CorpusError(f"{path}: no synthetic voices (accents are known for synthetic corpora only)")
+  return out
+
+
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
   for start in range(0, len(items), size):
     yield items[start : start + size]

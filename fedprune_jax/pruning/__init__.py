@@ -25,6 +25,7 @@ from fedprune_jax.pruning.allocation import (
 from fedprune_jax.pruning.masks import (
   DEFAULT_EXCLUDE,
   DEFAULT_INCLUDE,
+  STRUCTURED_EXCLUDE,
   apply_mask,
   count_kept,
   count_total,

@@ -23,19 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedprune_jax import io_utils
+from fedprune_jax import fields, io_utils
 from fedprune_jax.errors import InputError
 
 PyTree = Any
 
-# Kernels of Dense / Conv layers are prunable by default ...
-DEFAULT_INCLUDE: tuple[str, ...] = (r"(^|/)kernel$",)
-# ... except the output layer, embeddings and anything that is a norm.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-  r"(^|/)ctc_head/",
-  r"(^|/)output(_layer)?/",
-  r"(^|/)embed[^/]*/",
-  r"norm[^/]*/",
+DEFAULT_INCLUDE: tuple[str, ...] = fields.PRUNE_INCLUDE
+DEFAULT_EXCLUDE: tuple[str, ...] = fields.PRUNE_EXCLUDE
+# Structured pruning (whole rows / columns) leaves out, besides DEFAULT_EXCLUDE, the layers where
+# removing a row or column cuts the model's width: the subsampling convs and the input projection
+# (``encoder/subsample/...``) and every matrix that writes into the d_model residual stream (the
+# feed-forward modules' ``dense_out``, attention's ``out``, the conv module's ``pointwise_out``).
+# T1's structured arms use it (``pruning.exclude``).
+STRUCTURED_EXCLUDE: tuple[str, ...] = DEFAULT_EXCLUDE + (
+  r"(^|/)subsample/",
+  r"(^|/)dense_out/",
+  r"(^|/)mhsa/out/",
+  r"(^|/)pointwise_out/",
 )
 
 

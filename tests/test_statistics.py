@@ -1,0 +1,196 @@
+"""The report's statistics against hand-computed values, and the regime gate on hand-made result
+files (pass, each failure, the inconclusive wording)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedprune_jax import report
+from fedprune_jax import statistics as st
+
+
+def _t2_cdf(t: float) -> float:
+  """Student's t CDF with 2 degrees of freedom, in closed form: 1/2 + t / (2 sqrt(t^2 + 2))."""
+  return 0.5 + t / (2.0 * math.sqrt(t * t + 2.0))
+
+
+def test_holm_against_hand_computed_values():
+  # sorted 0.01, 0.03, 0.04, 0.20 -> 4 x .01 = .04; 3 x .03 = .09; max(.09, 2 x .04) = .09; .20
+  assert st.holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+  # NaN is not in the family: m = 2
+  out = st.holm([math.nan, 0.01, 0.04])
+  assert math.isnan(out[0]) and out[1:] == pytest.approx([0.02, 0.04])
+  assert st.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_tost_and_paired_t_against_hand_computed_values():
+  diffs = [0.002, 0.004, 0.006]  # mean .004, sd .002, se .002 / sqrt(3)
+  se = 0.002 / math.sqrt(3)
+  lower = 1.0 - _t2_cdf((0.004 + 0.01) / se)  # H0 mean <= -.01
+  upper = _t2_cdf((0.004 - 0.01) / se)  # H0 mean >= .01
+  assert st.tost(diffs, 0.01) == pytest.approx(max(lower, upper), rel=1e-9)
+  assert st.tost(diffs, 0.01) == pytest.approx(0.01755, abs=1e-5)
+  # a narrower margin than the differences themselves: not equivalent
+  assert st.tost(diffs, 0.003) > 0.5
+  t, p = st.paired_t(diffs)
+  assert t == pytest.approx(0.004 / se)
+  assert p == pytest.approx(2.0 * (1.0 - _t2_cdf(0.004 / se)))
+  assert all(math.isnan(x) for x in (*st.paired_t([0.1]), st.tost([0.1], 0.01)))
+  assert st.tost([0.002] * 3, 0.01) == 0.0 and st.tost([0.02] * 3, 0.01) == 1.0
+
+
+def test_speaker_bootstrap_on_two_speakers():
+  # speaker s1: a - b = 1 edit of 10 words (0.1); s2: 8 of 20 (0.4). A resample is (s1, s1),
+  # (s2, s2) with 1/4 each or mixed: the 2.5% / 97.5% percentiles are 0.1 and 0.4 exactly.
+  a = [{"s1": [2, 10], "s2": [10, 20]}]
+  b = [{"s1": [1, 10], "s2": [2, 20]}]
+  low, high = st.speaker_bootstrap(a, b)
+  assert (low, high) == pytest.approx((0.1, 0.4))
+  # errors proportional to words: every resample gives 0.2
+  low, high = st.speaker_bootstrap(
+    [{"s1": [3, 10], "s2": [6, 20]}], [{"s1": [1, 10], "s2": [2, 20]}]
+  )
+  assert (low, high) == pytest.approx((0.2, 0.2))
+  # edits are averaged over the paired replicates; one common speaker is too few
+  two = st.speaker_bootstrap(a * 2, b * 2)
+  assert two == pytest.approx((0.1, 0.4))
+  assert st.speaker_bootstrap([{"s1": [1, 5]}], [{"s1": [0, 5]}]) is None
+  assert st.speaker_bootstrap([None], [None]) is None
+
+
+def test_readings():
+  r = st.reading
+  assert r("lower", -0.02, 5, 0.001, 0.9, 0.01) == "reproduces"
+  assert r("lower", 0.02, 5, 0.001, 0.9, 0.01, names=("x", "y")).startswith(
+    "does not reproduce: the opposite effect (x higher)"
+  )
+  assert r("higher", 0.001, 5, 0.7, 0.01, 0.01) == (
+    "does not reproduce: no effect, equivalent within ±1.0 points"
+  )
+  assert r("lower", -0.01, 5, 0.2, 0.3, 0.01).startswith("inconclusive: neither an effect")
+  assert r("equivalent", 0.002, 5, 0.6, 0.01, 0.01) == "reproduces: equivalent within ±1.0 points"
+  assert r("equivalent", 0.05, 5, 0.001, 1.0, 0.01, names=("x", "y")) == (
+    "does not reproduce: x higher"
+  )
+  assert r("", -0.03, 3, 0.01, 1.0, 0.01, names=("x", "y")) == "x lower"
+  assert r("", 0.0, 3, 0.5, 0.5, 0.01) == "within noise"
+  assert r("lower", -0.2, 1, math.nan, math.nan, 0.01) == "inconclusive: needs >= 2 replicates"
+  gated = r("lower", -0.2, 5, 1e-6, 1.0, 0.01, ["(a) x"])
+  assert gated == "inconclusive: setting out of regime ((a) x)"
+  with pytest.raises(ValueError):
+    r("smaller", 0.0, 3, 0.5, 0.5, 0.01)
+
+
+def test_gate_thresholds():
+  assert st.table_gate(0.30, 0.45) == []
+  (a,) = st.table_gate(0.234, 0.227)
+  assert a.startswith("(a) dense federated training improves dev WER by -0.7 points")
+  assert a.endswith("needs >= 10.0: short by 10.7")
+  (b,) = st.table_gate(0.40, 0.60)
+  assert b == "(b) dense federated dev WER 40.0% > 35.0%: over by 5.0 points"
+  assert len(st.table_gate(0.50, 0.52)) == 2
+  assert st.table_gate(0.30, None) == ["(a) the warm start's dev WER is not recorded"]
+  assert st.table_gate(None, 0.5) == ["no dense federated reference run is finished"]
+  assert st.broken_arms({"x": 0.95, "y": 0.5, "z": math.nan}) == [
+    "(c) x is a broken model (test WER 95.0% >= 90.0%)"
+  ]
+
+
+# --- the gate through `fedprune report`, on hand-made result files --------------------------------
+
+
+def _write_table(tmp_path, arms: dict[str, tuple[list, list]], warm: float | None, comparisons):
+  """arm -> (per-seed test WER, per-seed dev WER); ``warm``: the dense run's warm start dev WER."""
+  runs = []
+  for arm, (tests, devs) in arms.items():
+    for seed, (test_wer, dev_wer) in enumerate(zip(tests, devs)):
+      d = tmp_path / "runs" / f"{arm}-{seed}"
+      d.mkdir(parents=True)
+      final = {"test": {"wer": test_wer, "cer": 0.1}, "dev": {"wer": dev_wer, "cer": 0.1}}
+      train = {"sparsity": 0.0 if arm == "dense" else 0.5}
+      if warm is not None:
+        train["warm_start_dev_wer"] = warm
+      (d / "results.json").write_text(json.dumps({"final": final, "train": train, "history": []}))
+      runs.append(
+        dict(
+          arm=arm,
+          seed=seed,
+          split=0,
+          dir=f"runs/{arm}-{seed}",
+          state="done",
+          row=arm,
+          col="",
+          report=True,
+        )
+      )
+  index = dict(
+    experiment="t9",
+    title="T9",
+    question="q",
+    quick=False,
+    row_title="arm",
+    col_title="",
+    figures=[],
+    runs=runs,
+    comparisons=comparisons,
+    reference="dense",
+  )
+  (tmp_path / "t9.json").write_text(json.dumps(index))
+  return report.render(tmp_path)
+
+
+CLAIM = dict(claim="pruned - dense", a="pruned", b="dense", metric="test_wer", expect="higher")
+
+
+def test_report_gate_pass_and_each_failure(tmp_path):
+  pruned = ([0.40, 0.42, 0.44, 0.41, 0.43], [0.39, 0.41, 0.43, 0.40, 0.42])
+  dense = ([0.30, 0.31, 0.32, 0.30, 0.31], [0.29, 0.30, 0.31, 0.29, 0.30])
+  text = _write_table(tmp_path / "pass", {"dense": dense, "pruned": pruned}, 0.45, [CLAIM])
+  assert "passes (a), (b)" in text and "| reproduces |" in text
+  assert "| t9 | 10 | 0.0 | 29.8% | 45.0% | pass |" in text  # the closing table
+
+  # (a): the warm start is as good as the federated model: inconclusive, never "does not ..."
+  text = _write_table(tmp_path / "a", {"dense": dense, "pruned": pruned}, 0.30, [CLAIM])
+  assert (
+    "inconclusive: setting out of regime ((a) dense federated training improves dev WER by "
+    "0.2 points" in text
+  )
+  assert "does not reproduce" not in text
+
+  # (b): the reference itself is poor
+  poor = ([0.52, 0.53, 0.50, 0.51, 0.52], [0.50, 0.51, 0.49, 0.50, 0.50])
+  text = _write_table(tmp_path / "b", {"dense": poor, "pruned": pruned}, 0.80, [CLAIM])
+  assert "inconclusive: setting out of regime ((b) dense federated dev WER 50.0% > 35.0%" in text
+
+  # (c): a compared arm is broken, unless the comparison says that is its finding
+  broken = ([0.95, 0.96, 0.97, 0.95, 0.96], [0.95] * 5)
+  text = _write_table(tmp_path / "c", {"dense": dense, "pruned": broken}, 0.45, [CLAIM])
+  assert "((c) pruned is a broken model (test WER 95.8% >= 90.0%))" in text
+  text = _write_table(
+    tmp_path / "c2", {"dense": dense, "pruned": broken}, 0.45, [{**CLAIM, "broken_ok": True}]
+  )
+  assert "| reproduces |" in text
+
+  # no warm start dev WER recorded: (a) cannot be checked
+  text = _write_table(tmp_path / "none", {"dense": dense, "pruned": pruned}, None, [CLAIM])
+  assert "(a) the warm start's dev WER is not recorded" in text
+
+
+def test_report_holm_over_a_table(tmp_path):
+  """Two comparisons: the t-test p-values in the table are Holm's of the raw ones."""
+  dense = ([0.30, 0.31, 0.32], [0.29, 0.30, 0.31])
+  x = ([0.33, 0.35, 0.34], [0.3] * 3)  # diffs .03, .04, .02
+  y = ([0.31, 0.33, 0.31], [0.3] * 3)  # diffs .01, .02, -.01
+  comparisons = [
+    dict(claim="x - dense", a="x", b="dense", metric="test_wer"),
+    dict(claim="y - dense", a="y", b="dense", metric="test_wer"),
+  ]
+  text = _write_table(tmp_path, {"dense": dense, "x": x, "y": y}, 0.5, comparisons)
+  raw = [st.paired_t([0.03, 0.04, 0.02])[1], st.paired_t([0.01, 0.02, -0.01])[1]]
+  adjusted = sorted([2 * min(raw), max(2 * min(raw), max(raw))])
+  assert f"| {adjusted[0]:.3f} |" in text and f"| {min(1.0, adjusted[1]):.3f} |" in text
+  assert np.isclose(st.holm(raw), [2 * raw[0], max(2 * raw[0], raw[1])]).all()
