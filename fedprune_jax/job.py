@@ -19,6 +19,7 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import shutil
@@ -41,6 +42,7 @@ from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
+from fedprune_jax.pruning import compaction
 
 PyTree = Any
 
@@ -172,8 +174,9 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     checkpoint_dir=str(workdir / "rounds"),
   )
   pcfg = build.resolve_pruning(raw.get("pruning"))
-  policy, round_costs, initial_mask = None, None, None
+  policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
+    compact_model = _compact_model(cfg, model, loss_fn)
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
     if pcfg["mask_path"]:
@@ -184,8 +187,10 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     with io_utils.JsonlLogger(log) as logger:
       start = eval_fn(params, 0)
       logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
+  fed_cfg = {**engine, "pruning": pcfg}
+  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, initial_mask, compact_model)
   state, history = build.run_federated(
-    {**engine, "pruning": pcfg},
+    fed_cfg,
     loss_fn,
     params,
     store,
@@ -194,32 +199,35 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
     policy=policy,
     round_costs=round_costs,
     initial_mask=initial_mask,
+    compact_model=compact_model,
   )
-  algorithm_params = pruning.apply_mask(state.params, state.mask)  # mask None: dense
+  algorithm_params = algorithm.model_params(state)
   final = evals.evaluate_all(model, algorithm_params)
+  mask = getattr(state, "mask", None)  # None: the algorithm has no mask
   summary = {
     "rounds": int(state.round),
-    "algorithm": "fedprune" if policy is not None else "fedavg",
+    "algorithm": algorithm.name,
     "num_clients": store.num_clients,
     "server_speakers": len(server_speakers),
     "warm_start": warm_path,
     "padding_fraction": store.padding_fraction(),
     "num_params": conformer.count_params(state.params),
-    "nonzero_params": int(pruning.param_count(state.params, state.mask)),
+    "nonzero_params": int(pruning.param_count(state.params, mask)),
     "preset": cfg.model.preset,
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
     "params_sha256": io_utils.tree_sha256(state.params),
+    **_compile_summary(history),
   }
-  if state.mask is not None:
+  if mask is not None:
     summary.update(
-      sparsity=float(pruning.sparsity(state.mask)),
-      mask_sha256=io_utils.tree_sha256(state.mask),
+      sparsity=float(pruning.sparsity(mask)),
+      mask_sha256=io_utils.tree_sha256(mask),
       **costs_lib.totals(history),
     )
     for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
       summary[f"last_{key}"] = history[-1].get(key) if history else None
-    pruning.save_mask(workdir / "mask.npz", state.mask)
+    pruning.save_mask(workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
   io_utils.write_json_atomic(workdir / "results.json", result)
   task.save_params(workdir / "checkpoint", algorithm_params)
@@ -322,6 +330,38 @@ def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   client = engine["client"]
   slots = {"adam": 2, "sgd": 1 if client.get("momentum") else 0}[client["optimizer"].lower()]
   return costs_lib.make_round_costs(policy, dense, slots, activations)
+
+
+def _compact_model(cfg, model, loss_fn) -> build.CompactModel:
+  """The job's model as federated pruning's compactable model: ``loss_for(sizes)`` is the training
+  loss of the model with those unit counts (the dense sizes: ``loss_fn`` itself)."""
+  specaug = dict(cfg.specaug) if cfg.get("specaug") else None
+  dense = compaction.BlockSizes.dense(model.config)
+
+  def loss_for(sizes: compaction.BlockSizes):
+    if sizes == dense:
+      return loss_fn
+    small = dataclasses.replace(model, config=model.config.replace(layer_sizes=sizes.layer_sizes()))
+    return programs.shared(
+      ("training_loss", small, programs.config_key(specaug)),
+      lambda: task.make_training_loss(small, specaug),
+    )
+
+  return programs.shared(
+    ("compact_model", loss_fn),
+    lambda: build.CompactModel(model.config.conv_group_channels, loss_for),
+  )
+
+
+def _compile_summary(history: list[dict]) -> dict:
+  """Compilations and compile seconds of the rounds this process ran, client programs, paths."""
+  paths = [h.get("client_path") for h in history if h.get("client_path")]
+  return {
+    "compilations": int(sum(h.get("compilations", 0) for h in history)),
+    "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
+    "client_programs": int(max([h.get("client_programs", 0) for h in history] or [0])),
+    "client_paths": {p: paths.count(p) for p in sorted(set(paths))},
+  }
 
 
 def _mean(history: list[dict], key: str) -> float:

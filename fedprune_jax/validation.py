@@ -225,6 +225,8 @@ FIELD_RULES: dict[str, Field] = {
   "client.momentum": fraction(hi_open=True, optional=True),
   "client.num_epochs": count(1),
   "client.shuffle": BOOL,
+  "client.compact": one_of("auto", "on", "off"),
+  "client.compact_quantum": fraction(lo_open=True),
   "server.optimizer": one_of("fedavg", "sgd", "fedadam", "adam", "fedyogi", "yogi"),
   "server.learning_rate": positive(),
   "server.b1": fraction(hi_open=True),

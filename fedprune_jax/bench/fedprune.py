@@ -24,6 +24,7 @@ from fedprune_jax import io_utils
 from fedprune_jax.algorithms import build
 from fedprune_jax.bench import engine as engine_bench
 from fedprune_jax.federated import aggregation, rounds
+from fedprune_jax.federated.algorithm import ExecutorCache
 from fedprune_jax.federated.sampling import CohortSampler
 
 
@@ -60,7 +61,7 @@ def round_times(args) -> dict[str, Any]:
   runners = {}
   for name, policy in (("fedavg", None), ("fedprune", _policy("unstructured", 10_000))):
     alg = build.build_algorithm(cfg, loss_fn, policy)
-    ex = rounds.make_executor(cfg["engine"], alg.client_update, alg.reducers)
+    ex = ExecutorCache(build.executor_factory_for(cfg["engine"]))  # one compile per program
     runners[name] = (alg, ex, alg.init(params, 0))
   times = {name: [] for name in runners}
   for rep in range(args.repeats + 1):  # the first repeat compiles
