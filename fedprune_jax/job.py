@@ -176,7 +176,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
   pcfg = build.resolve_pruning(raw.get("pruning"))
   policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
-    compact_model = _compact_model(cfg, model, loss_fn)
+    compact_model = _compact_model(cfg, model, loss_fn, store)
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
     if pcfg["mask_path"]:
@@ -225,7 +225,15 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True, fresh: bool = 
       mask_sha256=io_utils.tree_sha256(mask),
       **costs_lib.totals(history),
     )
-    for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
+    for key in (
+      "bytes_down_masked",
+      "bytes_down_dense",
+      "bytes_up",
+      "bytes_down_sent",
+      "bytes_up_sent",
+      "client_train_memory_bytes",
+      "client_flops_per_step",
+    ):
       summary[f"last_{key}"] = history[-1].get(key) if history else None
     pruning.save_mask(workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
@@ -332,11 +340,19 @@ def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   return costs_lib.make_round_costs(policy, dense, slots, activations)
 
 
-def _compact_model(cfg, model, loss_fn) -> build.CompactModel:
+def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
   """The job's model as federated pruning's compactable model: ``loss_for(sizes)`` is the training
-  loss of the model with those unit counts (the dense sizes: ``loss_fn`` itself)."""
+  loss of the model with those unit counts (the dense sizes: ``loss_fn`` itself); ``step_flops``
+  the analytic FLOPs of one local step on the largest client batch [B, T] (3x the forward of the
+  encoder of those sizes and the output projection)."""
   specaug = dict(cfg.specaug) if cfg.get("specaug") else None
   dense = compaction.BlockSizes.dense(model.config)
+  b, t = _largest_batch(store)
+  t_out = -(-(-(-t // 2)) // 2)
+  head = 2 * t_out * model.config.d_model * model.head.vocab_size
+
+  def step_flops(sizes: compaction.BlockSizes | None) -> float:
+    return 3.0 * b * (compaction.flops(model.config, t, sizes or dense) + head)
 
   def loss_for(sizes: compaction.BlockSizes):
     if sizes == dense:
@@ -347,10 +363,17 @@ def _compact_model(cfg, model, loss_fn) -> build.CompactModel:
       lambda: task.make_training_loss(small, specaug),
     )
 
-  return programs.shared(
-    ("compact_model", loss_fn),
-    lambda: build.CompactModel(model.config.conv_group_channels, loss_for),
+  return programs.shared(  # one object per (model, batch shape): runs may share its programs
+    ("compact_model", loss_fn, b, t),
+    lambda: build.CompactModel(model.config.conv_group_channels, loss_for, step_flops),
   )
+
+
+def _largest_batch(store) -> tuple[int, int]:
+  """(B, T) of the store's largest client batch."""
+  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
+  biggest = max(segments, key=lambda b: b.shapes["features"][0])
+  return biggest.batch_size, biggest.shapes["features"][0]
 
 
 def _compile_summary(history: list[dict]) -> dict:

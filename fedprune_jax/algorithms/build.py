@@ -104,10 +104,12 @@ class CompactModel(NamedTuple):
     channels_per_group: the Conformer's conv channels per group.
     loss_for: ``BlockSizes -> loss_fn`` of the model with those unit counts; the dense sizes must
       give the dense ``loss_fn`` object itself (so dense and all-kept rounds share one program).
+    step_flops: ``BlockSizes | None -> float``, FLOPs of one local step (None: dense), or None.
   """
 
   channels_per_group: int
   loss_for: Callable[[compaction.BlockSizes], LossFn]
+  step_flops: Callable[[compaction.BlockSizes | None], float] | None = None
 
 
 SERVER_ALIASES = {"sgd": "fedavg", "adam": "fedadam", "yogi": "fedyogi"}
@@ -162,7 +164,11 @@ def build_algorithm(
       return locals_by_sizes[sizes]
 
     compact = fedprune_lib.CompactClients(
-      compact_model.channels_per_group, local_for, c["compact"], c["compact_quantum"]
+      compact_model.channels_per_group,
+      local_for,
+      c["compact"],
+      c["compact_quantum"],
+      compact_model.step_flops,
     )
   elif policy is not None and c["compact"] == "on":
     raise ConfigError("config field client.compact='on' needs a Conformer model (unit structure)")

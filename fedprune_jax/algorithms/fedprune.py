@@ -85,13 +85,17 @@ class CompactClients(NamedTuple):
       (equal keys: interchangeable programs; the dense sizes should give the dense update's key).
     mode: ``auto`` (compact whenever the mask is unit-structured), ``on`` (required: a mask that
       is not is an error) or ``off``.
-    quantum: kept unit counts are rounded up to a multiple of this (bounds the compiled shapes).
+    quantum: kept unit counts are rounded up to a multiple of this fraction of the units
+      (bounds the compiled shapes).
+    step_flops: ``BlockSizes | None -> float``, FLOPs of one local step of the model of those
+      unit counts (None: the dense model), or None (not recorded).
   """
 
   channels_per_group: int
   local_for: Callable[[compaction.BlockSizes], tuple[Hashable, Callable[..., ClientOutput]]]
   mode: str = "auto"
-  quantum: int = 1
+  quantum: float = 1.0
+  step_flops: Callable[[compaction.BlockSizes | None], float] | None = None
 
 
 @functools.partial(jax.jit, static_argnames="with_mask")
@@ -306,6 +310,8 @@ def federated_pruning(
         "bytes_down_sent": 4.0 * live + np.ceil(prunable / 8),
         "bytes_up_sent": 4.0 * live + (4.0 * _size(state.params) if scores_up else 0.0),
       }
+      if compact is not None and compact.step_flops is not None:
+        metrics["client_flops_per_step"] = float(compact.step_flops(None))
       return RoundPlan(dense_program, broadcast_jit(state), metrics=metrics)
     sizes, idx, padded = found
     key, local = compact.local_for(sizes)
@@ -317,6 +323,8 @@ def federated_pruning(
       "bytes_down_sent": 4.0 * sent + (np.ceil(_size(small_mask) / 8) if padded else 0.0),
       "bytes_up_sent": 4.0 * sent * (2 if scores_up else 1),
     }
+    if compact.step_flops is not None:
+      metrics["client_flops_per_step"] = float(compact.step_flops(sizes))
     finish = functools.partial(_scatter_aggregate, idx=idx, like=state.params)
     if not padded and not policy.uses_client_scores:
       # plain local training of the compacted model: the program FedAvg runs on that model
