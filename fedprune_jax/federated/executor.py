@@ -173,7 +173,7 @@ class ChunkedExecutor:
   def _measure(self, args: tuple) -> None:
     """Sets ``last_costs`` from XLA's memory analysis of the chunk program these args run
     (compiled already by the call just made: ``lower().compile()`` is a cache hit)."""
-    sig = tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(args[1:3]))
+    sig = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args[1:3]))
     if sig not in self._memory:
       try:
         stats = self._chunk_step.lower(*args).compile().memory_analysis()
