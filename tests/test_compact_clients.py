@@ -7,6 +7,9 @@ client programs of a run whose mask changes every round stays within the quantum
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +57,7 @@ def _compact_model(model: asr.AsrModel, loss_fn) -> build.CompactModel:
   return build.CompactModel(model.config.conv_group_channels, loss_for)
 
 
-def _algorithms(model, pruning_cfg, chunk=4, quantum=1.0, server="fedadam"):
+def _algorithms(model, pruning_cfg, chunk=4, quantum=1e-6, server="fedadam", devices=1):
   """(masked-dense, compacted) federated pruning of ``model``, and the engine config."""
   loss_fn = lambda p, b, r: model.loss(p, b, r, True)  # noqa: E731
   cm = _compact_model(model, loss_fn)
@@ -65,7 +68,7 @@ def _algorithms(model, pruning_cfg, chunk=4, quantum=1.0, server="fedadam"):
         "cohort_size": len(CLIENTS),
         "client": {"learning_rate": 0.05, "compact": mode, "compact_quantum": quantum},
         "server": {"optimizer": server, "learning_rate": 0.01},
-        "engine": {"chunk_size": chunk},
+        "engine": {"chunk_size": chunk, "num_devices": devices},
       }
     )
     pcfg = build.resolve_pruning({"pattern": "units", **pruning_cfg})
@@ -171,7 +174,8 @@ def test_client_scores_scattered_back_equal_masked_dense_scores():
   model = _model("ctc")
   params = model.init(jax.random.key(1))
   pcfg = {"target_sparsity": 0.5, "score": "saliency", "pruning_rounds": 3, "update_every": 1}
-  # quantum 0.3 of 128 FFN units: 64 kept -> 78 trained, 14 of them padding units
+  # every kind keeps 1/2 of its units -> level 0.6 at quantum 0.3: FFN 64 kept of 128 -> 77
+  # trained, 13 of them padding units; heads 1 of 2 -> 2; conv groups 2 of 4 -> 3
   (dense_alg, compact_alg), cfg = _algorithms(model, pcfg, chunk=2, quantum=0.3)
   state = jax.jit(dense_alg.init)(params, 0)
   # a unit mask of the kind rounds later would have: half the units pruned
@@ -186,7 +190,7 @@ def test_client_scores_scattered_back_equal_masked_dense_scores():
     if name == "compact":
       assert plan.client_input["mask"] is not None  # padding units, held at zero by the mask
       ffn = plan.client_input["params"]["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
-      assert ffn.shape[1] == 78
+      assert ffn.shape[1] == 77
     ex = build.executor_factory_for(cfg["engine"])(plan.program)
     agg, _ = ex(plan.client_input, _store(), CLIENTS, key)
     aggs[name] = agg if plan.finish is None else plan.finish(agg)
@@ -205,9 +209,9 @@ def test_client_scores_scattered_back_equal_masked_dense_scores():
 
 
 def test_a_pruning_run_compiles_a_bounded_number_of_client_programs():
-  """Ten rounds of a polynomial schedule change the mask every round; with quantum 1/4 each
-  (block, kind) takes at most 4 sizes, so the run needs at most 4 compacted client programs (+ the
-  dense one of the all-kept round 0), and the padding units stay exactly zero."""
+  """Ten rounds of a polynomial schedule change the mask every round; with quantum 1/4 a block
+  takes at most 4 shapes, so the run needs at most 4 compacted client programs (+ the plain dense
+  one of the all-kept round 0), and the padding units stay exactly zero."""
   model = _model("ctc")
   params = model.init(jax.random.key(2))
   pcfg = {"target_sparsity": 0.75, "pruning_rounds": 10, "update_every": 1}
@@ -265,3 +269,31 @@ def test_resume_on_the_compacted_path_is_bit_identical(tmp_path):
   assert io_utils.tree_sha256(straight.mask) == io_utils.tree_sha256(resumed.mask)
   keep = lambda h: {k: v for k, v in h.items() if k not in rounds.PROCESS_METRICS}  # noqa: E731
   assert [keep(h) for h in hist] == [keep(h) for h in hist2]
+
+
+def one_round_params(mode: str, devices: int) -> np.ndarray:
+  """Flat params after one pruning round (50% unit mask) with ``client.compact=mode``."""
+  model = _model("ctc")
+  pcfg = {"target_sparsity": 0.5, "schedule": "constant", "pruning_rounds": 2}
+  (dense_alg, compact_alg), cfg = _algorithms(model, pcfg, chunk=4, devices=devices)
+  alg = compact_alg if mode == "on" else dense_alg
+  states, hist = _run(alg, jax.jit(alg.init)(model.init(jax.random.key(0)), 0), cfg, CLIENTS, 1)
+  assert hist[0]["client_path"] == ("compact" if mode == "on" else "masked_dense")
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(states[-1].params)])
+
+
+def test_compacted_round_on_two_forced_devices_equals_masked_dense_on_one(tmp_path):
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = tmp_path / "two.npy"
+  script = (
+    f"import sys; sys.path.insert(0, {here!r}); import numpy as np, jax; "
+    "import test_compact_clients as t; assert jax.device_count() == 2; "
+    f"np.save({str(out)!r}, t.one_round_params('on', 2))"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_allclose(np.load(out), one_round_params("off", 1), atol=2e-5, rtol=2e-5)

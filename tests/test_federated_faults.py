@@ -95,7 +95,13 @@ def test_a_round_where_every_client_fails_leaves_the_server_unchanged(setup):
   sampler = sampling.CohortSampler(12, 4, seed=0)
   algorithm = fedavg.fedavg(cu, opt)
   final, history = rounds.run_rounds(
-    algorithm, state, store, executor_factory(executor.ChunkedExecutor, 4), sampler, 2, progress=False
+    algorithm,
+    state,
+    store,
+    executor_factory(executor.ChunkedExecutor, 4),
+    sampler,
+    2,
+    progress=False,
   )
   assert int(final.round) == 2
   _close(final.params, params)

@@ -85,8 +85,8 @@ class CompactClients(NamedTuple):
       (equal keys: interchangeable programs; the dense sizes should give the dense update's key).
     mode: ``auto`` (compact whenever the mask is unit-structured), ``on`` (required: a mask that
       is not is an error) or ``off``.
-    quantum: kept unit counts are rounded up to a multiple of this fraction of the units
-      (bounds the compiled shapes).
+    quantum: each block's kept fraction is rounded up to a multiple of this
+      (``compaction.select_units``; bounds the compiled shapes).
     step_flops: ``BlockSizes | None -> float``, FLOPs of one local step of the model of those
       unit counts (None: the dense model), or None (not recorded).
   """
@@ -315,7 +315,10 @@ def federated_pruning(
       return RoundPlan(dense_program, broadcast_jit(state), metrics=metrics)
     sizes, idx, padded = found
     key, local = compact.local_for(sizes)
-    small, small_mask = _compact_input(state.params, state.mask, idx, with_mask=padded)
+    # the mask goes along unless nothing is pruned at all: then the program is plain local
+    # training (FedAvg's on the dense model), else one program per shape, padded or not
+    plain = not padded and not policy.uses_client_scores and key == client_key
+    small, small_mask = _compact_input(state.params, state.mask, idx, with_mask=not plain)
     sent = _size(small)
     metrics = {  # the compacted params (+ a bitmap of padding units) down; delta (+ scores) up
       "client_path": "compact",
@@ -326,15 +329,14 @@ def federated_pruning(
     if compact.step_flops is not None:
       metrics["client_flops_per_step"] = float(compact.step_flops(sizes))
     finish = functools.partial(_scatter_aggregate, idx=idx, like=state.params)
-    if not padded and not policy.uses_client_scores:
-      # plain local training of the compacted model: the program FedAvg runs on that model
+    if plain:
       program = ClientProgram(
         None if key is None else ("train", key),
         lambda params, data, rng: local(params, data, rng),
       )
       return RoundPlan(program, small, finish, metrics)
     program = ClientProgram(
-      None if key is None else ("fedprune", key, score_key, padded),
+      None if key is None else ("fedprune", key, score_key, "compact"),
       make_client_update(local),
       reducers,
     )

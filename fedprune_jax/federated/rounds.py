@@ -18,8 +18,9 @@ below)::
            num_epochs: 1, shuffle: True,
            compact: 'auto', compact_quantum: 0.125}
            # compact: federated pruning's clients train the compacted model whenever the mask
-           # is unit-structured (auto), always (on: an error otherwise) or never (off); kept
-           # unit counts are rounded up to multiples of compact_quantum * units
+           # is unit-structured (auto), always (on: an error otherwise) or never (off); each
+           # block's kept fraction is rounded up to a multiple of compact_quantum (padding
+           # units), so a block takes at most 1/compact_quantum shapes
   server: {optimizer: 'fedavg', learning_rate: 1.0, b1: 0.9, b2: 0.99,
            eps: 1e-3, momentum: None}
   faults: {dropout: 0, straggler: 0, corrupt: 0, corrupt_kind: 'nan',

@@ -174,20 +174,25 @@ def unit_mask_of(params: PyTree, mask: PyTree, cfg_or_cpg) -> dict | None:
 
 
 def select_units(umask, quantum: float) -> dict:
-  """A superset of the kept units whose count per (block, kind) of U units is the kept count
-  rounded up to a multiple of ``ceil(quantum * U)`` (at least 1, at most U); the extra units are
-  the pruned ones of lowest index. With ``quantum = 1/k`` a (block, kind) takes at most k sizes,
-  which bounds the distinct compacted shapes of a run (host-side)."""
+  """A superset of the kept units with few distinct shapes (host-side).
+
+  Per block, the *level* is the largest kept fraction of its kinds rounded up to a multiple of
+  ``quantum`` (at most 1); every kind of the block then keeps ``ceil(level * U)`` units (at least
+  its kept count and 1), the extra units being its pruned ones of lowest index. So a block takes
+  at most ``ceil(1 / quantum)`` shapes, and under uniform allocation (every block alike) a whole
+  run compiles at most that many compacted programs; a smaller quantum pads less.
+  """
   if not 0.0 < quantum <= 1.0:
     raise ValueError(f"compaction quantum must be in (0, 1], got {quantum}")
   out = {}
   for b, kinds in umask.items():
+    keeps = {k: np.asarray(v, bool).copy() for k, v in kinds.items()}
+    frac = max(float(v.mean()) for v in keeps.values())
+    level = min(1.0, np.ceil(frac / quantum - 1e-6) * quantum)
     out[b] = {}
-    for kind, keep in kinds.items():
-      keep = np.asarray(keep, bool).copy()
-      step = max(1, int(np.ceil(quantum * keep.size - 1e-9)))
+    for kind, keep in keeps.items():
       kept = int(keep.sum())
-      want = min(keep.size, max(1, -(-kept // step) * step))
+      want = min(keep.size, max(1, kept, int(np.ceil(level * keep.size - 1e-6))))
       keep[np.flatnonzero(~keep)[: want - kept]] = True
       out[b][kind] = keep
   return out
