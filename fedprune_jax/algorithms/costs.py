@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedprune_jax.algorithms.mask_policy import MaskPolicy
-from fedprune_jax.federated.server import ServerState
+from fedprune_jax.algorithms.fedprune import PruningState
 
 PyTree = Any
 
@@ -62,7 +62,7 @@ def make_round_costs(
   dense_flops_per_step: float,
   optimizer_slots: int,
   activations: float | None,
-) -> Callable[[ServerState], dict]:
+) -> Callable[[PruningState], dict]:
   """``round_costs(state) -> {name: float}`` for the round that starts from ``state``.
 
   Args:
@@ -73,7 +73,7 @@ def make_round_costs(
   """
   units = policy.pattern == "units"
 
-  def round_costs(state: ServerState) -> dict:
+  def round_costs(state: PruningState) -> dict:
     total, prunable, kept = _counts(state.params, state.mask)
     other = total - prunable
     live = kept + other
