@@ -19,7 +19,6 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 import shutil
@@ -347,6 +346,7 @@ def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
   encoder of those sizes and the output projection)."""
   specaug = dict(cfg.specaug) if cfg.get("specaug") else None
   dense = compaction.BlockSizes.dense(model.config)
+  key = programs.config_key(specaug)
   b, t = _largest_batch(store)
   t_out = -(-(-(-t // 2)) // 2)
   head = 2 * t_out * model.config.d_model * model.head.vocab_size
@@ -354,18 +354,14 @@ def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
   def step_flops(sizes: compaction.BlockSizes | None) -> float:
     return 3.0 * b * (compaction.flops(model.config, t, sizes or dense) + head)
 
-  def loss_for(sizes: compaction.BlockSizes):
-    if sizes == dense:
-      return loss_fn
-    small = dataclasses.replace(model, config=model.config.replace(layer_sizes=sizes.layer_sizes()))
+  def make_loss(small) -> Any:
     return programs.shared(
-      ("training_loss", small, programs.config_key(specaug)),
-      lambda: task.make_training_loss(small, specaug),
+      ("training_loss", small, key), lambda: task.make_training_loss(small, specaug)
     )
 
   return programs.shared(  # one object per (model, batch shape): runs may share its programs
     ("compact_model", loss_fn, b, t),
-    lambda: build.CompactModel(model.config.conv_group_channels, loss_for, step_flops),
+    lambda: build.compact_model_for(model, loss_fn, make_loss, step_flops),
   )
 
 

@@ -6,7 +6,6 @@ client programs of a run whose mask changes every round stays within the quantum
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -41,20 +40,7 @@ def _store() -> client_data.SyntheticClientStore:
 
 def _compact_model(model: asr.AsrModel, loss_fn) -> build.CompactModel:
   """As ``job`` builds it: the dense sizes give the dense loss object."""
-  dense = compaction.BlockSizes.dense(model.config)
-  cache = {}
-
-  def loss_for(sizes):
-    if sizes == dense:
-      return loss_fn
-    if sizes not in cache:
-      small = dataclasses.replace(
-        model, config=model.config.replace(layer_sizes=sizes.layer_sizes())
-      )
-      cache[sizes] = lambda p, b, r: small.loss(p, b, r, True)
-    return cache[sizes]
-
-  return build.CompactModel(model.config.conv_group_channels, loss_for)
+  return build.compact_model_for(model, loss_fn, lambda m: lambda p, b, r: m.loss(p, b, r, True))
 
 
 def _algorithms(model, pruning_cfg, chunk=4, quantum=1e-6, server="fedadam", devices=1):

@@ -9,6 +9,7 @@ runs the remaining rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple
@@ -110,6 +111,28 @@ class CompactModel(NamedTuple):
   channels_per_group: int
   loss_for: Callable[[compaction.BlockSizes], LossFn]
   step_flops: Callable[[compaction.BlockSizes | None], float] | None = None
+
+
+def compact_model_for(
+  model: Any,
+  loss_fn: LossFn,
+  make_loss: Callable[[Any], LossFn],
+  step_flops: Callable[[compaction.BlockSizes | None], float] | None = None,
+) -> CompactModel:
+  """A Conformer ``AsrModel`` as a ``CompactModel``: the model of other unit counts is ``model``
+  with ``config.layer_sizes`` set, its loss ``make_loss(that model)``; the dense sizes give
+  ``loss_fn`` itself."""
+  dense = compaction.BlockSizes.dense(model.config)
+
+  def loss_for(sizes: compaction.BlockSizes) -> LossFn:
+    if sizes == dense:
+      return loss_fn
+    layer_sizes = sizes.layer_sizes()
+    return make_loss(
+      dataclasses.replace(model, config=model.config.replace(layer_sizes=layer_sizes))
+    )
+
+  return CompactModel(model.config.conv_group_channels, loss_for, step_flops)
 
 
 SERVER_ALIASES = {"sgd": "fedavg", "adam": "fedadam", "yogi": "fedyogi"}

@@ -12,7 +12,6 @@ Run: fedprune bench fedprune --compact [--presets tiny,s --sparsities 0,0.5,0.75
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from typing import Any
 
@@ -23,19 +22,7 @@ from fedprune_jax.federated import client_data, rounds
 from fedprune_jax.federated.algorithm import ExecutorCache
 from fedprune_jax.federated.sampling import CohortSampler
 from fedprune_jax.models import asr
-from fedprune_jax.pruning import compaction, units
-
-
-def _compact_model(model: asr.AsrModel, loss_fn) -> build.CompactModel:
-  dense = compaction.BlockSizes.dense(model.config)
-
-  def loss_for(sizes):
-    if sizes == dense:
-      return loss_fn
-    small = dataclasses.replace(model, config=model.config.replace(layer_sizes=sizes.layer_sizes()))
-    return lambda p, b, r: small.loss(p, b, r, True)
-
-  return build.CompactModel(model.config.conv_group_channels, loss_for)
+from fedprune_jax.pruning import units
 
 
 def _run(alg, params, store, cfg, executors, repeats: int) -> dict[str, float]:
@@ -76,7 +63,7 @@ def compare(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
   policy = build.policy_from_config(
     build.resolve_pruning({"pattern": "units", "mask_path": "given", "pruning_rounds": 1}), cpg
   )
-  cm = _compact_model(model, loss_fn)
+  cm = build.compact_model_for(model, loss_fn, lambda m: lambda p, b, r: m.loss(p, b, r, True))
   caches = {}
   rows = []
   for s in sparsities:
