@@ -208,6 +208,7 @@ PRUNE_EXCLUDE: tuple[str, ...] = (
 
 SAMPLINGS = ("uniform", "weighted")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
+CLIENT_COMPACT = ("auto", "on", "off")
 # canonical server optimizer name -> the names that select it
 SERVER_OPTIMIZERS = {
   "fedavg": ("fedavg", "sgd"),
@@ -320,6 +321,18 @@ FIELDS: dict[str, Spec] = {
   "client.momentum": S(fraction(hi_open=True, optional=True), None, "client SGD momentum"),
   "client.num_epochs": S(count(1), 1, "local epochs per round"),
   "client.shuffle": S(BOOL, True, "shuffle a client's steps each epoch"),
+  "client.compact": S(
+    one_of(*CLIENT_COMPACT),
+    "auto",
+    "federated pruning's clients train the compacted model: whenever the mask is unit-structured"
+    " (auto), always (on: an error otherwise) or never (off)",
+  ),
+  "client.compact_quantum": S(
+    fraction(lo_open=True),
+    0.125,
+    "a block's kept unit fraction is rounded up to a multiple of this (padding units): at most"
+    " 1/quantum compacted client programs per block",
+  ),
   "server.optimizer": S(
     one_of(*(n for names in SERVER_OPTIMIZERS.values() for n in names)),
     "fedavg",

@@ -48,6 +48,7 @@ from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import conformer
 from fedprune_jax.models import flops as flops_lib
+from fedprune_jax.pruning import compaction
 
 PyTree = Any
 
@@ -248,8 +249,9 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     tensorboard_dir=str(workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
   )
   pcfg = build.resolve_pruning(raw.get("pruning"))
-  policy, round_costs, initial_mask = None, None, None
+  policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
+    compact_model = _compact_model(cfg, model, loss_fn, store)
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
     initial_mask = run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
@@ -263,8 +265,10 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     ) as logger:
       start = eval_fn(params, 0)
       logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
+  fed_cfg = {**engine, "pruning": pcfg}
+  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, initial_mask, compact_model)
   state, history = build.run_federated(
-    {**engine, "pruning": pcfg},
+    fed_cfg,
     loss_fn,
     params,
     store,
@@ -273,12 +277,14 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     policy=policy,
     round_costs=round_costs,
     initial_mask=initial_mask,
+    compact_model=compact_model,
   )
-  algorithm_params = pruning.apply_mask(state.params, state.mask)  # mask None: dense
+  algorithm_params = algorithm.model_params(state)
   final = evals.evaluate_all(model, algorithm_params)
+  mask = getattr(state, "mask", None)  # None: the algorithm has no mask
   summary = {
     "rounds": int(state.round),
-    "algorithm": "fedprune" if policy is not None else "fedavg",
+    "algorithm": algorithm.name,
     "num_clients": store.num_clients,
     "server_speakers": len(server_speakers),
     "warm_start": warm_path,
@@ -286,21 +292,30 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     "warm_start_dev_wer": warm_dev and warm_dev["dev_wer"],
     "padding_fraction": store.padding_fraction(),
     "num_params": conformer.count_params(state.params),
-    "nonzero_params": int(pruning.param_count(state.params, state.mask)),
+    "nonzero_params": int(pruning.param_count(state.params, mask)),
     "preset": cfg.model.preset,
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
     "params_sha256": io_utils.tree_sha256(state.params),
+    **_compile_summary(history),
   }
-  if state.mask is not None:
+  if mask is not None:
     summary.update(
-      sparsity=float(pruning.sparsity(state.mask)),
-      mask_sha256=io_utils.tree_sha256(state.mask),
+      sparsity=float(pruning.sparsity(mask)),
+      mask_sha256=io_utils.tree_sha256(mask),
       **costs_lib.totals(history),
     )
-    for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
+    for key in (
+      "bytes_down_masked",
+      "bytes_down_dense",
+      "bytes_up",
+      "bytes_down_sent",
+      "bytes_up_sent",
+      "client_train_memory_bytes",
+      "client_flops_per_step",
+    ):
       summary[f"last_{key}"] = history[-1].get(key) if history else None
-    pruning.save_mask(workdir / "mask.npz", state.mask)
+    pruning.save_mask(workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
   return finish(workdir, result, algorithm_params)
 
@@ -410,6 +425,50 @@ def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   client = engine["client"]
   slots = {"adam": 2, "sgd": 1 if client.get("momentum") else 0}[client["optimizer"].lower()]
   return costs_lib.make_round_costs(policy, dense, slots, activations)
+
+
+def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
+  """The job's model as federated pruning's compactable model: ``loss_for(sizes)`` is the training
+  loss of the model with those unit counts (the dense sizes: ``loss_fn`` itself); ``step_flops``
+  the analytic FLOPs of one local step on the largest client batch [B, T] (3x the forward of the
+  encoder of those sizes and the output projection)."""
+  specaug = dict(cfg.specaug) if cfg.get("specaug") else None
+  dense = compaction.BlockSizes.dense(model.config)
+  key = programs.config_key(specaug)
+  b, t = _largest_batch(store)
+  t_out = -(-(-(-t // 2)) // 2)
+  head = 2 * t_out * model.config.d_model * model.head.vocab_size
+
+  def step_flops(sizes: compaction.BlockSizes | None) -> float:
+    return 3.0 * b * (compaction.flops(model.config, t, sizes or dense) + head)
+
+  def make_loss(small) -> Any:
+    return programs.shared(
+      ("training_loss", small, key), lambda: task.make_training_loss(small, specaug)
+    )
+
+  return programs.shared(  # one object per (model, batch shape): runs may share its programs
+    ("compact_model", loss_fn, b, t),
+    lambda: build.compact_model_for(model, loss_fn, make_loss, step_flops),
+  )
+
+
+def _largest_batch(store) -> tuple[int, int]:
+  """(B, T) of the store's largest client batch."""
+  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
+  biggest = max(segments, key=lambda b: b.shapes["features"][0])
+  return biggest.batch_size, biggest.shapes["features"][0]
+
+
+def _compile_summary(history: list[dict]) -> dict:
+  """Compilations and compile seconds of the rounds this process ran, client programs, paths."""
+  paths = [h.get("client_path") for h in history if h.get("client_path")]
+  return {
+    "compilations": int(sum(h.get("compilations", 0) for h in history)),
+    "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
+    "client_programs": int(max([h.get("client_programs", 0) for h in history] or [0])),
+    "client_paths": {p: paths.count(p) for p in sorted(set(paths))},
+  }
 
 
 def _mean(history: list[dict], key: str) -> float:

@@ -91,7 +91,13 @@ def run_metrics(results: dict) -> dict[str, float]:
   }
   for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
     out[key] = train.get(f"last_{key}")
-  for key in ("client_flops_per_step_sparse", "client_flops_per_step_dense"):
+  for key in ("bytes_down_sent", "bytes_up_sent"):  # what was sent (compacted or masked)
+    out[key] = train.get(f"last_{key}")
+  for key in (
+    "client_flops_per_step",
+    "client_flops_per_step_sparse",
+    "client_flops_per_step_dense",
+  ):
     out[key] = last.get(key)
   return out
 
@@ -370,20 +376,31 @@ def wer_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
 
 
 def cost_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
-  """F2: per-client cost per round vs target sparsity, one line per pattern."""
+  """F2: per-client cost per round vs target sparsity, one line per pattern: bytes actually sent,
+  FLOPs of a local step of the model actually trained and the measured training memory (older
+  runs without them: the masked-dense estimates)."""
   plt = _pyplot()
   panels = (
-    ("bytes_down_masked", "bytes down / client / round (MB)", 1e-6),
-    ("bytes_up", "bytes up / client / round (MB)", 1e-6),
-    ("client_flops_per_step_sparse", "client GFLOP / local step", 1e-9),
-    ("client_train_memory_bytes", "client training memory (MB)", 1e-6),
+    ("bytes_down_sent", "bytes down / client / round (MB)", 1e-6),
+    ("bytes_up_sent", "bytes up / client / round (MB)", 1e-6),
+    ("client_flops_per_step", "client GFLOP / local step (executed)", 1e-9),
+    ("client_train_memory_bytes", "client training memory (MB, measured)", 1e-6),
   )
+  fallback = {
+    "bytes_down_sent": "bytes_down_masked",
+    "bytes_up_sent": "bytes_up",
+    "client_flops_per_step": "client_flops_per_step_sparse",
+  }
   dense_of = {
-    "bytes_down_masked": "bytes_down_dense",
-    "bytes_up": "bytes_down_dense",
-    "client_flops_per_step_sparse": "client_flops_per_step_dense",
+    "bytes_down_sent": "bytes_down_dense",
+    "bytes_up_sent": "bytes_down_dense",
+    "client_flops_per_step": "client_flops_per_step_dense",
     "client_train_memory_bytes": None,
   }
+
+  def value(m: dict, key: str):
+    return m.get(key) if m.get(key) is not None else m.get(fallback.get(key, ""))
+
   fig, axes = plt.subplots(2, 2, figsize=(8, 6), dpi=110)
   for ax, (key, label, scale) in zip(axes.flat, panels):
     for pattern, points in _by_pattern(arms).items():
@@ -393,7 +410,7 @@ def cost_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
         xs.append(0.0)
         ys.append(first[dense_of[key]] * scale)
       for s, a in points:
-        values = [m[key] for m in a["seeds"].values() if m.get(key) is not None]
+        values = [value(m, key) for m in a["seeds"].values() if value(m, key) is not None]
         if values:
           xs.append(100 * s)
           ys.append(mean_std(values)[0] * scale)

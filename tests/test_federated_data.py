@@ -183,7 +183,7 @@ def _run(tmp_path, rounds_, state=None, log="log.jsonl", on_round=None):
     algorithm,
     algorithm.init(params, 1),
     store,
-    rounds.make_executor(c["engine"], algorithm.client_update),
+    build.executor_factory_for(c["engine"]),
     sampler,
     rounds_,
     progress=False,

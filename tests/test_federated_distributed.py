@@ -37,7 +37,8 @@ WORKER = textwrap.dedent("""
           [np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
       results[f'n{chunk}'] = np.array([m['num_clients'], m['num_examples']])
       alg, msg = case.build_fedprune()
-      ex = executor.ChunkedExecutor(alg.client_update, chunk, mesh=mesh, reducers=alg.reducers)
+      ex = executor.ChunkedExecutor(
+          alg.client_update, chunk, mesh=mesh, reducers=alg.reducers)
       agg, _ = ex(msg, store, ids, key)
       results[f's{chunk}'] = np.concatenate(
           [np.ravel(x) for x in jax.tree_util.tree_leaves(agg.update)])
@@ -74,7 +75,8 @@ CASE = textwrap.dedent("""
                                         'trim_fraction': 0.2, 'pruning_rounds': 4})
       alg = build_lib.build_algorithm(cfg, toy.make_loss_fn(), build_lib.policy_from_config(pcfg))
       state = alg.init(toy.init_params(jax.random.key(0), 4, 3, hidden=5), 0)
-      return alg, jax.jit(alg.broadcast)(state)
+      plan = alg.plan_round(state)  # the client program and its input
+      return plan.program, plan.client_input
 """)
 
 

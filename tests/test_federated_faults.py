@@ -10,6 +10,7 @@ import pytest
 
 from conftest import toy_store
 from fedprune_jax.algorithms import fedavg
+from fedprune_jax.federated.algorithm import executor_factory
 from fedprune_jax.federated import (
   client,
   client_data,
@@ -94,7 +95,13 @@ def test_a_round_where_every_client_fails_leaves_the_server_unchanged(setup):
   sampler = sampling.CohortSampler(12, 4, seed=0)
   algorithm = fedavg.fedavg(cu, opt)
   final, history = rounds.run_rounds(
-    algorithm, state, store, executor.ChunkedExecutor(cu, 4), sampler, 2, progress=False
+    algorithm,
+    state,
+    store,
+    executor_factory(executor.ChunkedExecutor, 4),
+    sampler,
+    2,
+    progress=False,
   )
   assert int(final.round) == 2
   _close(final.params, params)
@@ -111,7 +118,7 @@ def test_a_failed_client_leaves_the_round_of_the_others(setup):
     fedavg.fedavg(cu, opt),
     server.server_init(params, opt),
     PoisonedStore(inner, [3]),
-    executor.ChunkedExecutor(cu, 5),
+    executor_factory(executor.ChunkedExecutor, 5),
     sampler,
     1,
     progress=False,

@@ -14,6 +14,7 @@ from conftest import toy_store
 from fedprune_jax import pruning
 from fedprune_jax.algorithms import build, fedprune, mask_policy
 from fedprune_jax.federated import aggregation, client, executor, rounds, toy
+from fedprune_jax.federated.algorithm import executor_factory
 from fedprune_jax.federated.sampling import CohortSampler
 
 F, K, H = 4, 3, 6
@@ -109,7 +110,7 @@ def test_one_round_equals_hand_written_reference(schedule):
 
   state0 = alg.init(params, 0)
   _close(state0.mask, mask0)
-  ex = executor.ChunkedExecutor(alg.client_update, 4, reducers=alg.reducers)
+  ex = executor_factory(executor.ChunkedExecutor, 4)
   state, hist = rounds.run_rounds(alg, state0, store, ex, sampler, 1, progress=False)
   _close(state.params, new_params, 1e-5)
   for a, b in zip(jax.tree.leaves(state.mask), jax.tree.leaves(mask1)):
@@ -124,7 +125,7 @@ def test_sparsity_follows_schedule_phases_and_fine_tuning_freezes_the_mask():
   alg = _algorithm(policy)
   sampler = CohortSampler(store.num_clients, 4, seed=1)
   masks = []
-  ex = executor.ChunkedExecutor(alg.client_update, 4, reducers=alg.reducers)
+  ex = executor_factory(executor.ChunkedExecutor, 4)
   state, hist = rounds.run_rounds(
     alg,
     alg.init(_params(1), 3),
@@ -225,11 +226,12 @@ def test_client_scores_equal_brute_force_and_do_not_depend_on_chunks_or_order(ag
   )
   alg = _algorithm(policy, cohort=10)
   state = alg.init(_params(5), 0)
-  msg = jax.jit(alg.broadcast)(state)
+  plan = alg.plan_round(state)
+  msg, program = plan.client_input, plan.program
   assert bool(msg["want_scores"])
   ids = np.array([3, 9, 0, 4, 7, 1, 10, 5, 2, 8])
   key = jax.random.key(11)
-  per_client = jax.jit(alg.client_update)
+  per_client = jax.jit(program.client_update)
   outs = [
     per_client(
       msg, {k: v[0] for k, v in store.get(np.array([c])).items()}, jax.random.fold_in(key, c)
@@ -255,11 +257,11 @@ def test_client_scores_equal_brute_force_and_do_not_depend_on_chunks_or_order(ag
     assert set(np.unique(v)) <= {0.0, 1.0}
   results = []
   for chunk, order in ((3, ids), (10, ids), (4, ids[::-1])):
-    ex = executor.ChunkedExecutor(alg.client_update, chunk, reducers=alg.reducers)
+    ex = executor.ChunkedExecutor(program.client_update, chunk, reducers=program.reducers)
     agg, _ = ex(msg, store, order, key)
     _close(agg.update["scores"], expected, 1e-5)
     results.append(agg.update)
-  seq, _ = executor.SequentialExecutor(alg.client_update, reducers=alg.reducers)(
+  seq, _ = executor.SequentialExecutor(program.client_update, reducers=program.reducers)(
     msg, store, ids, key
   )
   _close(seq.update, results[0], 1e-5)
@@ -336,7 +338,7 @@ def test_a_given_mask_is_trained_frozen_from_round_zero():
     4,
     initial_mask=given,
   )
-  ex = executor.ChunkedExecutor(alg.client_update, 4, reducers=alg.reducers)
+  ex = executor_factory(executor.ChunkedExecutor, 4)
   state0 = alg.init(params, 1)
   kept, total = fedprune.mask_stats(given)
   assert float(state0.sparsity) == pytest.approx(1 - float(kept) / float(total))

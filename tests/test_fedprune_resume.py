@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
   import jax, numpy as np
   from fedprune_jax.algorithms import build
   from fedprune_jax import io_utils
-  from fedprune_jax.federated import client_data, toy
+  from fedprune_jax.federated import client_data, rounds, toy
 
   workdir, kill_at = sys.argv[1], int(sys.argv[2])
 
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
   }
   params = toy.init_params(jax.random.key(0), 4, 3, hidden=6)
   state, history = build.run_federated(cfg, toy.make_loss_fn(), params, store, progress=False)
-  timing = ("seconds", "clients_per_s", "examples_per_s")
+  timing = rounds.PROCESS_METRICS
   out = {
     "params_sha256": io_utils.tree_sha256(state.params),
     "mask_sha256": io_utils.tree_sha256(state.mask),

@@ -35,8 +35,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Clients: a fresh Adam per round (CTC losses are large and badly scaled for plain SGD);
   # server: FedAvg (set server.optimizer='fedadam' / 'fedyogi' and a learning rate to switch).
+  # compact: under unit pruning clients train the compacted model (auto: whenever the mask is
+  # unit-structured; see README "Compacted clients"); compact_quantum bounds its shapes
   c.client = ml_collections.ConfigDict(
-    dict(optimizer="adam", learning_rate=1e-3, momentum=None, num_epochs=1, shuffle=True)
+    dict(
+      optimizer="adam",
+      learning_rate=1e-3,
+      momentum=None,
+      num_epochs=1,
+      shuffle=True,
+      compact="auto",
+      compact_quantum=0.125,
+    )
   )
   c.server = ml_collections.ConfigDict(
     dict(optimizer="fedavg", learning_rate=1.0, b1=0.9, b2=0.99, eps=1e-8, momentum=None)

@@ -2,33 +2,36 @@
 
 ``run_federated(config, loss_fn, params, store)`` resolves the engine config
 (``federated.rounds.DEFAULTS``) and the optional ``pruning`` section (``PRUNING_DEFAULTS``; absent
-or None = dense FedAvg/FedAdam/FedYogi), builds the algorithm, restores the latest round
-checkpoint if there is one, and runs the remaining rounds.
+or None = dense FedAvg/FedAdam/FedYogi), looks the algorithm up by name in
+``algorithms.registry`` and builds it, restores the latest round checkpoint if there is one, and
+runs the remaining rounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 from absl import logging as absl_logging
 
 from fedprune_jax import fields, io_utils
 from fedprune_jax import programs
+from fedprune_jax.algorithms import fedprune as fedprune_lib
 from fedprune_jax.algorithms import mask_policy
+from fedprune_jax.algorithms import registry
 from fedprune_jax.errors import ConfigError
-from fedprune_jax.algorithms.fedavg import fedavg
-from fedprune_jax.algorithms.fedprune import federated_pruning
 from fedprune_jax.federated import faults, rounds
-from fedprune_jax.federated.algorithm import FederatedAlgorithm
+from fedprune_jax.federated.algorithm import ClientProgram, ExecutorCache, FederatedAlgorithm
 from fedprune_jax.federated.checkpoints import RoundCheckpointer
 from fedprune_jax.federated.client import LossFn, make_client_update
 from fedprune_jax.federated.client_data import ClientStore
 from fedprune_jax.federated.sampling import CohortSampler
-from fedprune_jax.federated.server import ServerState, make_server_optimizer
+from fedprune_jax.federated.server import make_server_optimizer
+from fedprune_jax.pruning import compaction
 
 PyTree = Any
 
@@ -92,31 +95,131 @@ def policy_from_config(
   )
 
 
+class CompactModel(NamedTuple):
+  """A model whose clients may train it compacted (``fedprune.CompactClients``).
+
+  Attributes:
+    channels_per_group: the Conformer's conv channels per group.
+    loss_for: ``BlockSizes -> loss_fn`` of the model with those unit counts; the dense sizes must
+      give the dense ``loss_fn`` object itself (so dense and all-kept rounds share one program).
+    step_flops: ``BlockSizes | None -> float``, FLOPs of one local step (None: dense), or None.
+  """
+
+  channels_per_group: int
+  loss_for: Callable[[compaction.BlockSizes], LossFn]
+  step_flops: Callable[[compaction.BlockSizes | None], float] | None = None
+
+
+def compact_model_for(
+  model: Any,
+  loss_fn: LossFn,
+  make_loss: Callable[[Any], LossFn],
+  step_flops: Callable[[compaction.BlockSizes | None], float] | None = None,
+) -> CompactModel:
+  """A Conformer ``AsrModel`` as a ``CompactModel``: the model of other unit counts is ``model``
+  with ``config.layer_sizes`` set, its loss ``make_loss(that model)``; the dense sizes give
+  ``loss_fn`` itself."""
+  dense = compaction.BlockSizes.dense(model.config)
+
+  def loss_for(sizes: compaction.BlockSizes) -> LossFn:
+    if sizes == dense:
+      return loss_fn
+    layer_sizes = sizes.layer_sizes()
+    return make_loss(
+      dataclasses.replace(model, config=model.config.replace(layer_sizes=layer_sizes))
+    )
+
+  return CompactModel(model.config.conv_group_channels, loss_for, step_flops)
+
+
+SERVER_ALIASES = {"sgd": "fedavg", "adam": "fedadam", "yogi": "fedyogi"}
+
+
+def algorithm_name(cfg: Mapping[str, Any], policy: mask_policy.MaskPolicy | None) -> str:
+  """The registry name a resolved config selects: ``fedprune`` with a pruning policy, else the
+  server optimizer's (``fedavg``, ``fedadam``, ``fedyogi``)."""
+  if policy is not None:
+    return "fedprune"
+  name = cfg["server"]["optimizer"].lower()
+  return SERVER_ALIASES.get(name, name)
+
+
 def build_algorithm(
   cfg: Mapping[str, Any],
   loss_fn: LossFn,
   policy: mask_policy.MaskPolicy | None = None,
-  round_costs: Callable[[ServerState], dict] | None = None,
   initial_mask: PyTree | None = None,
+  compact_model: CompactModel | None = None,
+  name: str | None = None,
 ) -> FederatedAlgorithm:
-  """FedAvg-family (``policy`` None) or federated pruning from a resolved engine config."""
+  """The registered algorithm ``name`` (default ``algorithm_name(cfg, policy)``) from a resolved
+  engine config."""
   c, s = cfg["client"], cfg["server"]
-  local = make_client_update(
-    loss_fn,
-    rounds.make_client_optimizer(c),
-    num_epochs=c["num_epochs"],
-    shuffle=c["shuffle"],
-    grad_stats=policy is not None and policy.uses_client_scores,
+  grad_stats = policy is not None and policy.uses_client_scores
+  local_key = programs.config_key(
+    {k: v for k, v in c.items() if k not in ("compact", "compact_quantum")}, cfg["faults"]
   )
-  local = faults.with_faults(local, faults.FaultConfig(**cfg["faults"]))
+
+  def local_for_loss(loss: LossFn):
+    local = make_client_update(
+      loss,
+      rounds.make_client_optimizer(c),
+      num_epochs=c["num_epochs"],
+      shuffle=c["shuffle"],
+      grad_stats=grad_stats,
+    )
+    return faults.with_faults(local, faults.FaultConfig(**cfg["faults"]))
+
+  def key_of(loss: LossFn):
+    return ("local", loss, local_key, grad_stats)
+
+  compact = None
+  if policy is not None and compact_model is not None:
+    locals_by_sizes: dict = {}
+
+    def local_for(sizes: compaction.BlockSizes):
+      if sizes not in locals_by_sizes:
+        loss = compact_model.loss_for(sizes)
+        locals_by_sizes[sizes] = key_of(loss), local_for_loss(loss)
+      return locals_by_sizes[sizes]
+
+    compact = fedprune_lib.CompactClients(
+      compact_model.channels_per_group,
+      local_for,
+      c["compact"],
+      c["compact_quantum"],
+      compact_model.step_flops,
+    )
+  elif policy is not None and c["compact"] == "on":
+    raise ConfigError("config field client.compact='on' needs a Conformer model (unit structure)")
   server_opt = make_server_optimizer(
     s["optimizer"], s["learning_rate"], b1=s["b1"], b2=s["b2"], eps=s["eps"], momentum=s["momentum"]
   )
-  if policy is None:
-    return fedavg(local, server_opt)
-  return federated_pruning(
-    local, server_opt, policy, cfg["cohort_size"], round_costs, initial_mask=initial_mask
+  inputs = registry.BuildInputs(
+    cfg,
+    local_for_loss(loss_fn),
+    key_of(loss_fn),
+    server_opt,
+    policy=policy,
+    initial_mask=initial_mask,
+    compact=compact,
   )
+  return registry.get(name or algorithm_name(cfg, policy))(inputs)
+
+
+def with_round_costs(
+  algorithm: FederatedAlgorithm, round_costs: Callable[[Any], dict] | None
+) -> FederatedAlgorithm:
+  """``algorithm`` whose round plans also carry ``round_costs(state)`` in their metrics."""
+  if round_costs is None:
+    return algorithm
+  plan_round = algorithm.plan_round
+
+  def plan(state):
+    out = plan_round(state)
+    return out._replace(metrics={**round_costs(state), **out.metrics})
+
+  return algorithm._replace(plan_round=plan)
 
 
 def _programs(
@@ -124,28 +227,37 @@ def _programs(
   loss_fn: LossFn,
   policy: mask_policy.MaskPolicy | None,
   initial_mask: PyTree | None,
+  compact_model: CompactModel | None = None,
+  name: str | None = None,
 ):
-  """(algorithm, executor), shared with earlier runs of this process built from equal inputs.
+  """(algorithm, executors), shared with earlier runs of this process built from equal inputs.
 
   ``loss_fn`` is keyed by identity (``job`` reuses one per model and SpecAugment config), the
-  policy by value. The executor, which holds the traced client program, is shared by every
-  algorithm with the same local update and ``client_key`` (e.g. magnitude pruning at any pattern
-  or sparsity), the algorithm (init, broadcast, server update) by equal policies and masks.
+  policy by value. An executor, which holds a traced client program, is shared by every run with
+  the same engine config and an equal ``ClientProgram.key`` (e.g. magnitude pruning at any
+  pattern or sparsity), the algorithm (init, host step, server update) by equal policies and
+  masks.
   """
   local = programs.config_key(cfg["client"], cfg["faults"])
   server = programs.config_key(cfg["server"], cfg["cohort_size"])
   mask = None if initial_mask is None else io_utils.tree_sha256(initial_mask)
   algorithm = programs.shared(
-    ("algorithm", loss_fn, local, server, policy, mask),
-    lambda: build_algorithm(cfg, loss_fn, policy, None, initial_mask),
+    ("algorithm", name, loss_fn, local, server, policy, mask, compact_model),
+    lambda: build_algorithm(cfg, loss_fn, policy, initial_mask, compact_model, name),
   )
-  client = algorithm.client_key  # None: its client side is not interchangeable with any other
   engine = programs.config_key(cfg["engine"])
-  executor = programs.shared(
-    None if client is None else ("executor", loss_fn, local, engine, client),
-    lambda: rounds.make_executor(cfg["engine"], algorithm.client_update, algorithm.reducers),
-  )
-  return algorithm, executor
+  make = executor_factory_for(cfg["engine"])
+
+  def executor_for(program: ClientProgram):
+    key = None if program.key is None else ("executor", engine, program.key)
+    return programs.shared(key, lambda: make(program))
+
+  return algorithm, ExecutorCache(executor_for)
+
+
+def executor_factory_for(engine: Mapping[str, Any]) -> Callable[[ClientProgram], Any]:
+  """``program -> executor`` from a resolved ``engine`` config section."""
+  return lambda program: rounds.make_executor(engine, program.client_update, program.reducers)
 
 
 def make_sampler(cfg: Mapping[str, Any], store: ClientStore) -> CohortSampler:
@@ -187,12 +299,15 @@ def run_federated(
   params: PyTree,
   store: ClientStore,
   eval_fn: rounds.EvalFn | None = None,
-  state: ServerState | None = None,
+  state: PyTree | None = None,
   progress: bool = True,
   policy: mask_policy.MaskPolicy | None = None,
-  round_costs: Callable[[ServerState], dict] | None = None,
+  round_costs: Callable[[Any], dict] | None = None,
   initial_mask: PyTree | None = None,
-) -> tuple[ServerState, list[dict]]:
+  compact_model: CompactModel | None = None,
+  on_round: Callable[[PyTree, dict], None] | None = None,
+  name: str | None = None,
+) -> tuple[PyTree, list[dict]]:
   """Federated training (or pruning) from a config; resumes from ``checkpoint_dir`` if set.
 
   Args:
@@ -202,18 +317,18 @@ def run_federated(
     params: initial server params.
     store: the clients.
     eval_fn: ``eval_fn(params, round) -> {name: value}`` every ``eval_every`` rounds.
-    state: start from this server state instead of ``params`` (and of any checkpoint).
+    state: start from this state instead of ``params`` (and of any checkpoint).
     policy: the mask policy (default: from the config's ``pruning`` section).
-    round_costs: per-client cost accounting for federated pruning.
+    round_costs: per-client cost accounting, recorded with every round.
     initial_mask: federated pruning starts from this mask (frozen if the policy is).
+    compact_model: lets federated pruning's clients train the compacted model
+      (``client.compact``); None: masked-dense clients.
+    on_round: called after every round with (state, that round's metrics).
+    name: the registered algorithm (default: ``algorithm_name(config, policy)``).
   """
-  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-  cfg = rounds.resolve_config(raw)
-  if policy is None:
-    pcfg = resolve_pruning(raw.get("pruning"))
-    policy = None if pcfg is None else policy_from_config(pcfg)
-  algorithm, executor = _programs(cfg, loss_fn, policy, initial_mask)
-  algorithm = algorithm._replace(round_costs=round_costs)
+  cfg, policy = resolve(config, policy)
+  algorithm, executors = _programs(cfg, loss_fn, policy, initial_mask, compact_model, name)
+  algorithm = with_round_costs(algorithm, round_costs)
   sampler = make_sampler(cfg, store)
   history: list[dict] = []
   checkpointer = None
@@ -235,7 +350,7 @@ def run_federated(
     algorithm,
     state,
     store,
-    executor,
+    executors,
     sampler,
     remaining,
     eval_fn=eval_fn,
@@ -243,6 +358,7 @@ def run_federated(
     log_path=cfg["log_path"],
     progress=progress,
     tensorboard_dir=cfg["tensorboard_dir"],
+    on_round=on_round,
     checkpointer=checkpointer,
     history=history,
   )
@@ -250,3 +366,28 @@ def run_federated(
     checkpointer.save(state, history, force=True)
     checkpointer.close()
   return state, history
+
+
+def resolve(
+  config: Mapping[str, Any] | Any, policy: mask_policy.MaskPolicy | None = None
+) -> tuple[dict, mask_policy.MaskPolicy | None]:
+  """(resolved engine config, the policy: ``policy`` or the config's ``pruning`` section's)."""
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+  cfg = rounds.resolve_config(raw)
+  if policy is None:
+    pcfg = resolve_pruning(raw.get("pruning"))
+    policy = None if pcfg is None else policy_from_config(pcfg)
+  return cfg, policy
+
+
+def model_algorithm(
+  config: Mapping[str, Any] | Any,
+  loss_fn: LossFn,
+  policy: mask_policy.MaskPolicy | None = None,
+  initial_mask: PyTree | None = None,
+  compact_model: CompactModel | None = None,
+  name: str | None = None,
+) -> FederatedAlgorithm:
+  """The algorithm ``run_federated`` runs for these inputs (e.g. for ``model_params``)."""
+  cfg, policy = resolve(config, policy)
+  return _programs(cfg, loss_fn, policy, initial_mask, compact_model, name)[0]

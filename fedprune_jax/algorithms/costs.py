@@ -16,7 +16,9 @@ dense model on the largest client batch ``[B, T]`` (what a masked-dense client e
 kernels, or the compacted model of the ``units`` pattern, would execute; an estimate that ignores
 attention-score products and elementwise work).
 
-Training memory: params + grads + optimizer slots of the trained model (masked dense: the dense
+Training memory (``client_train_memory_bytes_estimate``; the round driver records the measured
+``client_train_memory_bytes`` of the program actually run, see ``executor.ChunkedExecutor``):
+params + grads + optimizer slots of the trained model (masked dense: the dense
 size; ``units``: the kept size) + activations, measured once from XLA's memory analysis of the
 dense model's gradient step and scaled by the kept fraction for ``units``.
 """
@@ -31,7 +33,7 @@ import numpy as np
 
 from fedprune_jax import pruning
 from fedprune_jax.algorithms.mask_policy import MaskPolicy
-from fedprune_jax.federated.server import ServerState
+from fedprune_jax.algorithms.fedprune import PruningState
 
 PyTree = Any
 
@@ -57,7 +59,7 @@ def make_round_costs(
   dense_flops_per_step: float,
   optimizer_slots: int,
   activations: float | None,
-) -> Callable[[ServerState], dict]:
+) -> Callable[[PruningState], dict]:
   """``round_costs(state) -> {name: float}`` for the round that starts from ``state``.
 
   Args:
@@ -68,7 +70,7 @@ def make_round_costs(
   """
   units = policy.pattern == "units"
 
-  def round_costs(state: ServerState) -> dict:
+  def round_costs(state: PruningState) -> dict:
     total, prunable, kept = _counts(state.params, state.mask)
     other = total - prunable
     live = kept + other
@@ -85,7 +87,7 @@ def make_round_costs(
       "bytes_up": 4.0 * live + (4.0 * prunable if uploads_scores else 0.0),
       "client_flops_per_step_dense": float(dense_flops_per_step),
       "client_flops_per_step_sparse": float(dense_flops_per_step) * keep_frac,
-      "client_train_memory_bytes": memory,
+      "client_train_memory_bytes_estimate": memory,
       "nonzero_params": float(live),
     }
     if units:

@@ -7,7 +7,10 @@
    step only) on a preset's params (default ``l``, ~118M), i.e. the time one mask update adds
    inside a round, per pattern.
 
+3. With ``--compact``: masked-dense vs compacted clients (``bench.compact``) instead.
+
 Run: fedprune bench fedprune [--cohort 8 --chunk 8 --frames 64 --mask-preset l --json out.json]
+     fedprune bench fedprune --compact [--presets tiny,s --sparsities 0,0.5,0.75]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fedprune_jax import io_utils
 from fedprune_jax.algorithms import build
 from fedprune_jax.bench import engine as engine_bench
 from fedprune_jax.federated import aggregation, rounds
+from fedprune_jax.federated.algorithm import ExecutorCache
 from fedprune_jax.federated.sampling import CohortSampler
 
 
@@ -60,7 +64,7 @@ def round_times(args) -> dict[str, Any]:
   runners = {}
   for name, policy in (("fedavg", None), ("fedprune", _policy("unstructured", 10_000))):
     alg = build.build_algorithm(cfg, loss_fn, policy)
-    ex = rounds.make_executor(cfg["engine"], alg.client_update, alg.reducers)
+    ex = ExecutorCache(build.executor_factory_for(cfg["engine"]))  # one compile per program
     runners[name] = (alg, ex, alg.init(params, 0))
   times = {name: [] for name in runners}
   for rep in range(args.repeats + 1):  # the first repeat compiles
@@ -121,7 +125,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--mask-preset", default="l", help="preset for the mask update timing ('' = skip)")
   p.add_argument("--patterns", default="unstructured,column", help="comma list")
   p.add_argument("--json", default=None)
+  p.add_argument("--compact", action="store_true", help="masked-dense vs compacted clients")
+  p.add_argument("--presets", default="tiny,s", help="--compact: comma list of presets")
+  p.add_argument("--sparsities", default="0,0.5,0.75", help="--compact: unit sparsities")
   args = p.parse_args(argv)
+  if args.compact:
+    from fedprune_jax.bench import compact  # pylint: disable=g-import-not-at-top
+
+    result = compact.main(args)
+    if args.json:
+      io_utils.write_json_atomic(args.json, result)
+    return result
   result = {"round": round_times(args)}
   r = result["round"]
   print(

@@ -2,7 +2,7 @@
 
 Sampling (``sampling``), client data packing and stores (``client_data``,
 ``speakers``), the pure local training update (``client``), the algorithm seam
-(``algorithm``), the generic aggregation (``aggregation``), cohort executors
+(``algorithm``: client programs, round plans), the generic aggregation (``aggregation``), cohort executors
 (``executor``), server state and optimizers (``server``), device meshes and
 multi-host feeding (``multihost``), the round driver (``rounds``), round
 checkpoints (``checkpoints``), simulated client faults (``faults``), and fedjax interop (``fedjax_interop``; the only
@@ -25,7 +25,13 @@ from fedprune_jax.federated.executor import (
   SequentialExecutor,
   plan_chunks,
 )
-from fedprune_jax.federated.algorithm import FederatedAlgorithm
+from fedprune_jax.federated.algorithm import (
+  ClientProgram,
+  ExecutorCache,
+  FederatedAlgorithm,
+  RoundPlan,
+  executor_factory,
+)
 from fedprune_jax.federated.rounds import run_rounds
 from fedprune_jax.federated.sampling import CohortSampler, sample_cohort
 from fedprune_jax.federated.server import (

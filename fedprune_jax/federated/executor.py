@@ -197,6 +197,35 @@ class ChunkedExecutor(_Executor):
 
     self._chunk_step = jax.jit(chunk_step)
     self._scan_chunks = jax.jit(scan_chunks)
+    self._width = chunk_size if vmap_size is None else vmap_size
+    self._memory: dict = {}
+    self.last_costs: dict[str, float] = {}
+
+  def _measure(self, args: tuple) -> None:
+    """Sets ``last_costs`` from XLA's memory analysis of the chunk program these args run
+    (compiled already by the call just made: ``lower().compile()`` is a cache hit)."""
+    sig = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args[1:3]))
+    if sig not in self._memory:
+      try:
+        stats = self._chunk_step.lower(*args).compile().memory_analysis()
+      except Exception:  # pylint: disable=broad-except  (a backend without memory analysis)
+        stats = None
+      self._memory[sig] = stats
+    stats = self._memory[sig]
+    if stats is None:
+      self.last_costs = {}
+      return
+    program = stats.argument_size_in_bytes + stats.output_size_in_bytes
+    program += stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    received = sum(
+      np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(args[1])
+    )
+    self.last_costs = {
+      "client_program_memory_bytes": float(program),
+      # one client's share of the program's temporaries (clients trained side by side) plus the
+      # model it received
+      "client_train_memory_bytes": float(stats.temp_size_in_bytes / self._width + received),
+    }
 
   def _rows(self) -> slice:
     if self.mesh is None or jax.process_count() == 1:
@@ -235,7 +264,9 @@ class ChunkedExecutor(_Executor):
         )
       else:
         data, ids_dev = local_data, ids
-      acc = self._chunk_step(acc, client_input, data, ids_dev, round_key)
+      args = (acc, client_input, data, ids_dev, round_key)
+      acc = self._chunk_step(*args)
+      self._measure(args)
       # bound the host->device queue: wait for chunk i-1 once i is queued
       in_flight.append(acc.weight_sum)
       if len(in_flight) >= self.max_in_flight:

@@ -23,14 +23,24 @@ import optax
 from fedprune_jax import fields, scalars
 from fedprune_jax.errors import ConfigError
 from fedprune_jax.federated import multihost
-from fedprune_jax.federated.algorithm import FederatedAlgorithm
+from fedprune_jax.federated.algorithm import ClientProgram, ExecutorCache, FederatedAlgorithm
 from fedprune_jax.federated.checkpoints import RoundCheckpointer
 from fedprune_jax.federated.client_data import ClientStore
+from fedprune_jax.federated.compiles import CompileCounter
 from fedprune_jax.federated.executor import ChunkedExecutor, DrjaxExecutor, SequentialExecutor
 from fedprune_jax.federated.sampling import CohortSampler
-from fedprune_jax.federated.server import ServerState
 
 PyTree = Any
+# round metrics that depend on the process (time, compiles), not on the run's state: a resumed
+# run repeats every other metric exactly
+PROCESS_METRICS = (
+  "seconds",
+  "clients_per_s",
+  "examples_per_s",
+  "compilations",
+  "compile_seconds",
+  "client_programs",
+)
 EvalFn = Callable[[PyTree, int], Mapping[str, float]]
 
 # every key of the engine config and its library default (one table: ``fedprune_jax.fields``)
@@ -67,7 +77,7 @@ def make_client_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformatio
 
 
 def make_executor(cfg: Mapping[str, Any], client_update, reducers=None):
-  """Executor from the ``engine`` config section."""
+  """Executor from the ``engine`` config section (``executor_factory`` for programs)."""
   fields.check("engine.executor", cfg["executor"])
   kind = cfg["executor"]
   weighting = cfg["weighting"]
@@ -108,9 +118,9 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def run_rounds(
   algorithm: FederatedAlgorithm,
-  state: ServerState,
+  state: PyTree,
   store: ClientStore,
-  executor,
+  executors: ExecutorCache | Callable[[ClientProgram], Any],
   sampler: CohortSampler,
   num_rounds: int,
   eval_fn: EvalFn | None = None,
@@ -118,31 +128,38 @@ def run_rounds(
   log_path: str | None = None,
   progress: bool = True,
   tensorboard_dir: str | None = None,
-  on_round: Callable[[ServerState, dict], None] | None = None,
+  on_round: Callable[[PyTree, dict], None] | None = None,
   checkpointer: RoundCheckpointer | None = None,
   history: list[dict] | None = None,
-) -> tuple[ServerState, list[dict]]:
+) -> tuple[PyTree, list[dict]]:
   """Runs ``num_rounds`` rounds of ``algorithm`` starting at ``state.round``.
 
-  One round: ``client_input = broadcast(state)``; the executor runs ``client_update`` on cohort
-  ``sampler.sample(r)`` with round key ``fold_in(key(state.seed), r)`` and reduces the outputs;
-  ``server_update`` returns the next state. A run resumed from a saved state therefore repeats
-  the uninterrupted run exactly. Clients that failed are dropped by the executor and counted in
-  ``num_failed_clients``.
+  One round: ``plan = algorithm.plan_round(state)`` (host side); the executor of
+  ``plan.program`` runs the clients of cohort ``sampler.sample(r)`` on ``plan.client_input`` with
+  round key ``fold_in(key(state.seed), r)`` and reduces their outputs; ``plan.finish`` maps the
+  aggregate to the server's coordinates; ``server_update`` returns the next state. A run resumed
+  from a saved state therefore repeats the uninterrupted run exactly. Clients that failed are
+  dropped by the executor and counted in ``num_failed_clients``.
 
   Args:
+    executors: an ``ExecutorCache``, or ``program -> executor`` (wrapped in one): programs with
+      equal keys share one executor (one trace and compilation per input shape).
     history: metrics of the rounds before ``state.round`` (resume); they are kept in the returned
       history and in checkpoints.
+    on_round: called after every round with (state, that round's metrics).
     checkpointer: saves ``(state, history)`` every k rounds.
     tensorboard_dir: each round's numeric metrics also go there as TensorBoard scalars at step
       ``round + 1`` (if tensorboardX is installed).
 
   Returns:
     (final state, history) with one metrics dict per round: round, train_loss, num_clients,
-    num_failed_clients, num_examples, the algorithm's server metrics and per-client costs,
-    seconds, clients_per_s, examples_per_s (+ ``eval_*`` on eval rounds).
+    num_failed_clients, num_examples, the plan's metrics, the algorithm's server metrics,
+    compilations and compile_seconds (XLA compiles during the round), client_programs (distinct
+    client programs so far), seconds, clients_per_s, examples_per_s (+ ``eval_*`` on eval
+    rounds).
   """
-  broadcast = jax.jit(algorithm.broadcast)
+  if not isinstance(executors, ExecutorCache):
+    executors = ExecutorCache(executors)
   server_update = jax.jit(algorithm.server_update)
   history = list(history or [])
   log = None
@@ -160,12 +177,16 @@ def run_rounds(
     for _ in range(num_rounds):
       r = int(state.round)
       t0 = time.perf_counter()
-      costs = algorithm.round_costs(state) if algorithm.round_costs else {}
-      cohort = sampler.sample(r)
-      round_key = jax.random.fold_in(jax.random.key(int(state.seed)), r)
-      aggregate, metrics = executor(broadcast(state), store, cohort, round_key)
-      state, server_metrics = server_update(state, aggregate)
-      jax.block_until_ready(state)
+      with CompileCounter() as compiles:
+        plan = algorithm.plan_round(state)
+        cohort = sampler.sample(r)
+        round_key = jax.random.fold_in(jax.random.key(int(state.seed)), r)
+        executor = executors(plan.program)
+        aggregate, metrics = executor(plan.client_input, store, cohort, round_key)
+        if plan.finish is not None:
+          aggregate = plan.finish(aggregate)
+        state, server_metrics = server_update(state, aggregate)
+        jax.block_until_ready(state)
       if metrics["num_failed_clients"]:
         absl_logging.warning(
           "round %d: dropped %d of %d clients with a non-finite loss or delta",
@@ -174,15 +195,19 @@ def run_rounds(
           len(cohort),
         )
       dt = time.perf_counter() - t0
-      metrics = dict(
-        round=r,
+      metrics = {  # later entries win: measured costs over the plan's estimates
+        "round": r,
         **metrics,
+        **plan.metrics,
         **_host(server_metrics),
-        **costs,
-        seconds=dt,
-        clients_per_s=metrics["num_clients"] / dt,
-        examples_per_s=metrics["num_examples"] / dt,
-      )
+        **_program_costs(executor),
+        "compilations": compiles.count,
+        "compile_seconds": compiles.seconds,
+        "client_programs": executors.programs,
+        "seconds": dt,
+        "clients_per_s": metrics["num_clients"] / dt,
+        "examples_per_s": metrics["num_examples"] / dt,
+      }
       if eval_fn is not None and eval_every and (r + 1) % eval_every == 0:
         evaluated = eval_fn(algorithm.model_params(state), r + 1)
         metrics.update({f"eval_{k}": float(v) for k, v in evaluated.items()})
@@ -207,3 +232,9 @@ def run_rounds(
     if sink is not None:
       sink.close()
   return state, history
+
+
+def _program_costs(executor) -> dict[str, float]:
+  """Measured costs of the client program the executor last ran (if it measures them)."""
+  costs = getattr(executor, "last_costs", None)
+  return dict(costs) if costs else {}

@@ -21,27 +21,23 @@ PyTree = Any
 
 @flax.struct.dataclass
 class ServerState:
-  """Everything a round depends on (one orbax-saveable pytree).
+  """The FedAvg family's state: everything its round depends on (one orbax-saveable pytree).
+
+  Other algorithms own their own state pytrees (e.g. ``algorithms.fedprune.PruningState`` adds
+  the mask); the round driver only reads ``round`` and ``seed``.
 
   Attributes:
-    params: model params pytree (dense; under pruning, values at pruned coordinates are kept so
-      server re-scoring can revive them: the model is ``apply_mask(params, mask)``).
+    params: model params pytree.
     opt_state: server optimizer state.
     round: int32 scalar, completed rounds.
     seed: int32 scalar; round keys are ``fold_in(key(seed), round)`` and cohorts are drawn from
       (seed, round), so a restored state repeats the uninterrupted run exactly.
-    mask: pruning mask (bool leaves for prunable params, None elsewhere), or None (dense).
-    sparsity: float32 scalar, target sparsity of ``mask``.
-    phase: int32 scalar, pruning phase of the next round (0 pruning, 1 refining, 2 fine-tuning).
   """
 
   params: PyTree
   opt_state: PyTree
   round: jax.Array
   seed: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
-  mask: PyTree = None
-  sparsity: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
-  phase: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def make_server_optimizer(
@@ -80,10 +76,11 @@ def server_init(
   )
 
 
-def server_update(
-  state: ServerState, mean_delta: PyTree, optimizer: optax.GradientTransformation
-) -> ServerState:
-  """One server step: ``params <- params + opt(mean_delta as gradient)``; round + 1."""
+def server_update(state: PyTree, mean_delta: PyTree, optimizer: optax.GradientTransformation):
+  """One server step: ``params <- params + opt(mean_delta as gradient)``; round + 1.
+
+  ``state``: any state dataclass with ``params``, ``opt_state`` and ``round`` fields.
+  """
   updates, opt_state = optimizer.update(mean_delta, state.opt_state, state.params)
   return state.replace(
     params=optax.apply_updates(state.params, updates), opt_state=opt_state, round=state.round + 1

@@ -1,0 +1,285 @@
+"""Compacted client training: a round whose clients train the compacted Conformer equals the same
+round with masked-dense clients (same state, cohort and keys) to float tolerance, for CTC and
+RNN-T heads, in pruning, refining (with a revival) and fine-tuning rounds, chunk sizes 1 and 4 and
+a reversed cohort; client-data scores scattered back equal the masked-dense ones; the number of
+client programs of a run whose mask changes every round stays within the quantum's bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import MICRO_MODEL
+from fedprune_jax import pruning
+from fedprune_jax.algorithms import build
+from fedprune_jax.federated import client_data, rounds
+from fedprune_jax.models import asr
+from fedprune_jax.pruning import compaction, units
+
+CLIENTS = np.array([5, 0, 3, 6, 1])
+
+
+def _model(head: str) -> asr.AsrModel:
+  return asr.make_asr_model(
+    "tiny", head=head, **dict(MICRO_MODEL, input_dim=8, attention_dropout_rate=0.0)
+  )
+
+
+def _store() -> client_data.SyntheticClientStore:
+  return client_data.SyntheticClientStore(
+    8, batch_size=2, min_examples=2, max_examples=4, num_frames=12, feature_dim=8, label_len=3,
+    num_classes=5, seed=1,
+  )  # fmt: skip
+
+
+def _compact_model(model: asr.AsrModel, loss_fn) -> build.CompactModel:
+  """As ``job`` builds it: the dense sizes give the dense loss object."""
+  return build.compact_model_for(model, loss_fn, lambda m: lambda p, b, r: m.loss(p, b, r, True))
+
+
+def _algorithms(model, pruning_cfg, chunk=4, quantum=1e-6, server="fedadam", devices=1):
+  """(masked-dense, compacted) federated pruning of ``model``, and the engine config."""
+  loss_fn = lambda p, b, r: model.loss(p, b, r, True)  # noqa: E731
+  cm = _compact_model(model, loss_fn)
+  out = []
+  for mode in ("off", "on"):
+    cfg = rounds.resolve_config(
+      {
+        "cohort_size": len(CLIENTS),
+        "client": {"learning_rate": 0.05, "compact": mode, "compact_quantum": quantum},
+        "server": {"optimizer": server, "learning_rate": 0.01},
+        "engine": {"chunk_size": chunk, "num_devices": devices},
+      }
+    )
+    pcfg = build.resolve_pruning({"pattern": "units", **pruning_cfg})
+    policy = build.policy_from_config(pcfg, model.config.conv_group_channels)
+    out.append(build.build_algorithm(cfg, loss_fn, policy, compact_model=cm))
+  return out, cfg
+
+
+class FixedSampler:
+  """The same cohort every round (in a given order)."""
+
+  def __init__(self, ids):
+    self.ids = np.asarray(ids)
+
+  def sample(self, r):
+    del r
+    return self.ids
+
+
+def _close(a, b, tol):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+def _run(alg, state, cfg, ids, num_rounds):
+  states = []
+  state, hist = rounds.run_rounds(
+    alg,
+    state,
+    _store(),
+    build.executor_factory_for(cfg["engine"]),
+    FixedSampler(ids),
+    num_rounds,
+    progress=False,
+    on_round=lambda st, m: states.append(st),
+  )
+  return states, hist
+
+
+def _poke_pruned_unit(state, cpg):
+  """The state with one pruned FFN unit's kept values made the largest of its layer, so the next
+  refining mask update (server magnitude) revives it."""
+  umask = compaction.unit_mask_of(state.params, state.mask, cpg)
+  j = int(np.flatnonzero(~np.asarray(umask["block_0"]["ffn1"]))[0])
+  ffn = state.params["encoder"]["block_0"]["ffn1"]
+  big = float(np.float32(10.0 * float(jnp.abs(ffn["dense_in"]["kernel"]).max())))
+  params = jax.tree.map(lambda x: x, state.params)
+  new_ffn = params["encoder"]["block_0"]["ffn1"] = dict(ffn)
+  new_ffn["dense_in"] = dict(ffn["dense_in"], kernel=ffn["dense_in"]["kernel"].at[:, j].set(big))
+  new_ffn["dense_out"] = dict(ffn["dense_out"], kernel=ffn["dense_out"]["kernel"].at[j].set(big))
+  return state.replace(params=params), j, big
+
+
+@pytest.mark.parametrize("head", ["ctc", "rnnt"])
+def test_compacted_rounds_equal_masked_dense_rounds(head):
+  model = _model(head)
+  params = model.init(jax.random.key(0))
+  cpg = model.config.conv_group_channels
+  # one-shot 50% unit mask at round 0; round 0 is a pruning round whose server step refines
+  # (revives), round 1 a refining round, round 2 fine-tuning
+  pcfg = {
+    "target_sparsity": 0.5, "schedule": "constant", "pruning_rounds": 1, "refining_rounds": 1,
+    "refinement": "server",
+  }  # fmt: skip
+  results = {}
+  for chunk, ids in ((4, CLIENTS), (1, CLIENTS[::-1])):
+    (dense_alg, compact_alg), cfg = _algorithms(model, pcfg, chunk=chunk)
+    state0, j, big = _poke_pruned_unit(jax.jit(dense_alg.init)(params, 0), cpg)
+    for name, alg in (("dense", dense_alg), ("compact", compact_alg)):
+      results[name, chunk] = _run(alg, state0, cfg, ids, 3)
+  for chunk in (4, 1):
+    (dense_states, dense_hist), (compact_states, compact_hist) = (
+      results["dense", chunk],
+      results["compact", chunk],
+    )
+    assert [h["client_path"] for h in dense_hist] == ["masked_dense"] * 3
+    assert [h["client_path"] for h in compact_hist] == ["compact"] * 3
+    assert [h["phase"] for h in compact_hist] == [0, 1, 2]
+    for d, c in zip(dense_states, compact_states):
+      for a, b in zip(jax.tree.leaves(d.mask), jax.tree.leaves(c.mask)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      _close(c.params, d.params, 2e-5)
+      _close(c.opt_state, d.opt_state, 2e-5)
+    for hd, hc in zip(dense_hist, compact_hist):
+      for key in ("train_loss", "num_examples", "sparsity", "revived_next", "mask_updated"):
+        np.testing.assert_allclose(hc[key], hd[key], rtol=1e-5, atol=1e-6)
+    # the poked unit was pruned in round 0 and revived for round 1 with its kept value
+    assert compact_hist[0]["revived_next"] >= 1
+    after0 = compact_states[0]
+    assert bool(after0.mask["encoder"]["block_0"]["ffn1"]["dense_out"]["kernel"][j].all())
+    np.testing.assert_array_equal(
+      np.asarray(after0.params["encoder"]["block_0"]["ffn1"]["dense_out"]["kernel"][j]), big
+    )
+    # the compacted clients trained fewer params than the dense model has
+    assert compact_hist[1]["client_params"] < dense_hist[1]["client_params"]
+  # chunk size and cohort order do not change a round
+  _close(results["compact", 1][0][-1].params, results["compact", 4][0][-1].params, 2e-5)
+
+
+def test_client_scores_scattered_back_equal_masked_dense_scores():
+  model = _model("ctc")
+  params = model.init(jax.random.key(1))
+  pcfg = {"target_sparsity": 0.5, "score": "saliency", "pruning_rounds": 3, "update_every": 1}
+  # every kind keeps 1/2 of its units -> level 0.6 at quantum 0.3: FFN 64 kept of 128 -> 77
+  # trained, 13 of them padding units; heads 1 of 2 -> 2; conv groups 2 of 4 -> 3
+  (dense_alg, compact_alg), cfg = _algorithms(model, pcfg, chunk=2, quantum=0.3)
+  state = jax.jit(dense_alg.init)(params, 0)
+  # a unit mask of the kind rounds later would have: half the units pruned
+  cpg = model.config.conv_group_channels
+  umask = units.unit_mask(params, cpg, 0.5)
+  state = state.replace(mask=units.expand_unit_mask(params, cpg, umask))
+  key = jax.random.key(3)
+  aggs = {}
+  for name, alg in (("dense", dense_alg), ("compact", compact_alg)):
+    plan = alg.plan_round(state)
+    assert plan.metrics["client_path"] == ("compact" if name == "compact" else "masked_dense")
+    if name == "compact":
+      assert plan.client_input["mask"] is not None  # padding units, held at zero by the mask
+      ffn = plan.client_input["params"]["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
+      assert ffn.shape[1] == 77
+    ex = build.executor_factory_for(cfg["engine"])(plan.program)
+    agg, _ = ex(plan.client_input, _store(), CLIENTS, key)
+    aggs[name] = agg if plan.finish is None else plan.finish(agg)
+  dense_mask = pruning.dense_mask(state.mask, params)
+  for d, c, m in zip(*(jax.tree.leaves(t) for t in (aggs["dense"].update["scores"],
+                                                    aggs["compact"].update["scores"], dense_mask))):  # fmt: skip
+    d, c, m = np.asarray(d), np.asarray(c), np.asarray(m)
+    np.testing.assert_allclose(c[m], d[m], rtol=1e-4, atol=1e-7)
+    # a pruned unit's gradient is exactly zero on the masked-dense model too
+    np.testing.assert_array_equal(c[~m], 0.0)
+    np.testing.assert_allclose(d[~m], 0.0, atol=1e-7)
+  assert any(np.asarray(x).max() > 0 for x in jax.tree.leaves(aggs["compact"].update["scores"]))
+  _close(aggs["compact"].update["delta"], aggs["dense"].update["delta"], 2e-5)
+  for c, m in zip(jax.tree.leaves(aggs["compact"].update["delta"]), jax.tree.leaves(dense_mask)):
+    np.testing.assert_array_equal(np.asarray(c)[~np.asarray(m)], 0.0)  # padding units included
+
+
+def test_a_pruning_run_compiles_a_bounded_number_of_client_programs():
+  """Ten rounds of a polynomial schedule change the mask every round; with quantum 1/4 a block
+  takes at most 4 shapes, so the run needs at most 4 compacted client programs (+ the plain dense
+  one of the all-kept round 0), and the padding units stay exactly zero."""
+  model = _model("ctc")
+  params = model.init(jax.random.key(2))
+  pcfg = {"target_sparsity": 0.75, "pruning_rounds": 10, "update_every": 1}
+  (_, compact_alg), cfg = _algorithms(model, pcfg, chunk=5, quantum=0.25, server="fedavg")
+  state0 = jax.jit(compact_alg.init)(params, 0)
+  states, hist = _run(compact_alg, state0, cfg, CLIENTS, 10)
+  sparsities = [h["sparsity"] for h in hist]
+  assert len(set(np.round(sparsities, 4))) >= 6  # the mask did change round after round
+  assert hist[-1]["client_programs"] <= 5
+  assert all(h["client_path"] == "compact" for h in hist)
+  for before, after in zip(states, states[1:]):  # pruned units (padding ones too) never move
+    m = pruning.dense_mask(before.mask, params)
+    for a, b, keep in zip(*map(jax.tree.leaves, (before.params, after.params, m))):
+      np.testing.assert_array_equal(
+        np.asarray(b)[~np.asarray(keep)], np.asarray(a)[~np.asarray(keep)]
+      )
+
+
+def test_resume_on_the_compacted_path_is_bit_identical(tmp_path):
+  """A run stopped after a checkpoint and run again from it ends bit-identical to a straight run:
+  the compaction plan is host-side and rebuilt from the checkpointed state."""
+  from fedprune_jax import io_utils  # pylint: disable=g-import-not-at-top
+
+  model = _model("ctc")
+  params = model.init(jax.random.key(4))
+  loss_fn = lambda p, b, r: model.loss(p, b, r, True)  # noqa: E731
+  cm = _compact_model(model, loss_fn)
+  policy = build.policy_from_config(
+    build.resolve_pruning(
+      {"pattern": "units", "target_sparsity": 0.5, "pruning_rounds": 3, "update_every": 1}
+    ),
+    model.config.conv_group_channels,
+  )
+
+  def run(workdir, num_rounds):
+    cfg = {
+      "seed": 2,
+      "rounds": num_rounds,
+      "cohort_size": 3,
+      "checkpoint_dir": str(workdir),
+      "checkpoint_every": 2,
+      "client": {"learning_rate": 0.05, "compact": "on", "compact_quantum": 0.5},
+      "server": {"optimizer": "fedadam", "learning_rate": 0.01},
+      "engine": {"chunk_size": 3},
+    }
+    return build.run_federated(
+      cfg, loss_fn, params, _store(), progress=False, policy=policy, compact_model=cm
+    )
+
+  straight, hist = run(tmp_path / "straight", 4)
+  run(tmp_path / "stopped", 2)
+  resumed, hist2 = run(tmp_path / "stopped", 4)
+  assert [h["client_path"] for h in hist] == ["compact"] * 4
+  assert io_utils.tree_sha256(straight.params) == io_utils.tree_sha256(resumed.params)
+  assert io_utils.tree_sha256(straight.mask) == io_utils.tree_sha256(resumed.mask)
+  keep = lambda h: {k: v for k, v in h.items() if k not in rounds.PROCESS_METRICS}  # noqa: E731
+  assert [keep(h) for h in hist] == [keep(h) for h in hist2]
+
+
+def one_round_params(mode: str, devices: int) -> np.ndarray:
+  """Flat params after one pruning round (50% unit mask) with ``client.compact=mode``."""
+  model = _model("ctc")
+  pcfg = {"target_sparsity": 0.5, "schedule": "constant", "pruning_rounds": 2}
+  (dense_alg, compact_alg), cfg = _algorithms(model, pcfg, chunk=4, devices=devices)
+  alg = compact_alg if mode == "on" else dense_alg
+  states, hist = _run(alg, jax.jit(alg.init)(model.init(jax.random.key(0)), 0), cfg, CLIENTS, 1)
+  assert hist[0]["client_path"] == ("compact" if mode == "on" else "masked_dense")
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(states[-1].params)])
+
+
+def test_compacted_round_on_two_forced_devices_equals_masked_dense_on_one(tmp_path):
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = tmp_path / "two.npy"
+  script = (
+    f"import sys; sys.path.insert(0, {here!r}); import numpy as np, jax; "
+    "import test_compact_clients as t; assert jax.device_count() == 2; "
+    f"np.save({str(out)!r}, t.one_round_params('on', 2))"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_allclose(np.load(out), one_round_params("off", 1), atol=2e-5, rtol=2e-5)
