@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import write_finished_run
 from fedprune_jax import report
 from fedprune_jax import statistics as st
 
@@ -114,7 +115,7 @@ def _write_table(tmp_path, arms: dict[str, tuple[list, list]], warm: float | Non
       train = {"sparsity": 0.0 if arm == "dense" else 0.5}
       if warm is not None:
         train["warm_start_dev_wer"] = warm
-      (d / "results.json").write_text(json.dumps({"final": final, "train": train, "history": []}))
+      write_finished_run(d, {"final": final, "train": train, "history": []})
       runs.append(
         dict(
           arm=arm,
