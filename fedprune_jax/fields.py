@@ -189,7 +189,7 @@ def _regexes_error(values: Any) -> str | None:
     try:
       re.compile(pattern[5:] if pattern.startswith("glob:") else pattern)
     except re.error as e:
-      return f"{pattern!r} is not a regex ({e})"
+      return f"must be path regexes: {pattern!r} is not one ({e})"
   return None
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -51,15 +50,8 @@ def resolve_pruning(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
       f"unknown config field pruning.{unknown[0]}; known: {', '.join(sorted(PRUNING_DEFAULTS))}"
     )
   out = {**PRUNING_DEFAULTS, **dict(section)}
-  for field in ("include", "exclude"):
-    value = out[field]
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-      raise ConfigError(f"config field pruning.{field}={value!r} must be a list of path regexes")
-    for pattern in value:
-      try:
-        re.compile(pattern[5:] if pattern.startswith("glob:") else pattern)
-      except re.error as e:
-        raise ConfigError(f"config field pruning.{field}: {pattern!r} is not a regex ({e})") from e
+  for field in ("include", "exclude"):  # library callers skip config validation
+    fields.check(f"pruning.{field}", out[field])
   return out
 
 
