@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -346,25 +345,43 @@ def test_ctrl_c_before_the_command_is_one_line(monkeypatch, capsys):
   assert capsys.readouterr().err == cli.INTERRUPTED + "\n"
 
 
+# The child says when ``cli.main`` has installed its SIGINT handler and the command is about to
+# start (parse, import JAX, load data): the signal is sent then, not after a guessed delay.
+_ANNOUNCE_THEN_MAIN = """
+import sys
+from fedprune_jax import cli
+
+command = cli._main
+
+def announced(argv):
+  print("ready", flush=True)
+  return command(argv)
+
+cli._main = announced
+sys.exit(cli.main())
+"""
+
+
 def test_ctrl_c_during_startup_subprocess(tiny_corpus, tmp_path):
-  """Case 14: SIGINT while the process imports JAX (or, on a fast machine, compiles the first
-  step) exits 130 with one line."""
+  """Case 14: SIGINT while the command starts (parses, imports JAX, loads data) exits 130 with
+  one line."""
   proc = subprocess.Popen(
     [
       sys.executable,
       "-c",
-      "from fedprune_jax import cli; import sys; sys.exit(cli.main())",
+      _ANNOUNCE_THEN_MAIN,
       "train",
       "--workdir",
       str(tmp_path / "w"),
       "--set",
       f"data.root={tiny_corpus}",
     ],
+    stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
     env={**os.environ, "JAX_PLATFORMS": "cpu", "FEDPRUNE_JAX_CACHE": ""},
   )
-  time.sleep(1.0)
+  assert proc.stdout.readline() == "ready\n"  # main's handler is in place; the command starts
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err
