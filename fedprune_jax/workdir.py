@@ -48,8 +48,11 @@ IGNORED_FIELDS = frozenset(
 )
 
 # A field absent from an older workdir's config.json (added to the configs since) stands for its
-# library default in ``fields.FIELDS``; these two have no library default of their own there.
-ADDED_DEFAULTS = {"pruning.mask_path": "", "warm_start.train_if_missing": False}
+# library default in ``fields.FIELDS``. These were added after suite runs were cached (the suite
+# leaves them out of run keys while they hold their defaults).
+ADDED_DEFAULTS = {
+  path: fields.FIELDS[path].default for path in ("pruning.mask_path", "warm_start.train_if_missing")
+}
 
 # What a run leaves in its workdir; ``--fresh`` removes these (a warm start cached in the
 # workdir is kept: its own record says what it was trained with).
@@ -105,8 +108,6 @@ def _value(flat: Mapping[str, Any], key: str) -> Any:
   section = key.rsplit(".", 1)[0] if "." in key else None
   if section is not None and not any(k.startswith(section + ".") for k in flat):
     return _ABSENT
-  if key in ADDED_DEFAULTS:
-    return ADDED_DEFAULTS[key]
   spec = fields.FIELDS.get(key)
   if spec is not None and spec.default is not fields.NO_DEFAULT:
     return spec.default
