@@ -42,19 +42,23 @@ def build(
   model: str, num_clients: int, batch_size: int, max_examples: int, num_frames: int, seed: int = 0
 ):
   """(store, loss_fn, params, flops_per_example) for a bench model."""
-  if model == "toy":
-    feat, hidden, classes = 40, 256, 28
-    store = client_data.SyntheticClientStore(
+
+  def synthetic(feature_dim: int, num_classes: int) -> client_data.SyntheticClientStore:
+    return client_data.SyntheticClientStore(
       num_clients,
       batch_size=batch_size,
       min_examples=1,
       max_examples=max_examples,
       num_frames=num_frames,
-      feature_dim=feat,
+      feature_dim=feature_dim,
       label_len=4,
-      num_classes=classes,
+      num_classes=num_classes,
       seed=seed,
     )
+
+  if model == "toy":
+    feat, hidden, classes = 40, 256, 28
+    store = synthetic(feat, classes)
     params = toy.init_params(jax.random.key(seed), feat, classes, hidden)
     return (
       store,
@@ -67,17 +71,7 @@ def build(
     from fedprune_jax.models import asr  # pylint: disable=g-import-not-at-top
 
     m = asr.make_asr_model("tiny")
-    store = client_data.SyntheticClientStore(
-      num_clients,
-      batch_size=batch_size,
-      min_examples=1,
-      max_examples=max_examples,
-      num_frames=num_frames,
-      feature_dim=m.config.input_dim,
-      label_len=4,
-      num_classes=28,
-      seed=seed,
-    )
+    store = synthetic(m.config.input_dim, 28)
     params = m.init(jax.random.key(seed))
     loss_fn = lambda p, b, r: m.loss(p, b, r, train=True)
     return (store, loss_fn, params, flops_lib.conformer_flops(m.config, 1, num_frames))
