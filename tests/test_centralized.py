@@ -1,0 +1,138 @@
+"""The one centralized training step (``fedprune train``, the warm start, the centralized pruning
+baseline) against plain reference computations: dense training equals a plain optax loop, and the
+centralized pruning baseline equals a brute-force loop of the federated mask rule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import MICRO_MODEL
+from fedprune_jax import config as config_lib
+from fedprune_jax import pruning
+from fedprune_jax import task
+from fedprune_jax.algorithms import build
+from fedprune_jax.algorithms import centralized as centralized_lib
+from fedprune_jax.bench import step as bench_step
+from fedprune_jax.data import batching
+from fedprune_jax.federated import rounds
+from fedprune_jax.train import centralized
+
+
+def _micro_cfg(name: str, sets=()):
+  overrides = [f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()]
+  return config_lib.load_config(name, overrides + list(sets))
+
+
+def test_dense_train_step_equals_a_plain_optax_loop():
+  """``fedprune train``'s step (mask=None) is value_and_grad + optimizer.update + apply_updates
+  of the training loss (SpecAugment on), step after step on a fixed batch."""
+  cfg = _micro_cfg("tiny_centralized")
+  model = task.make_model(cfg)
+  specaug = dict(cfg.specaug)
+  optimizer = task.make_optimizer(cfg.optim, 10)
+  batch = bench_step.synthetic_batch(4, 48, model.config.input_dim, seed=1, labels_len=16)
+  params0 = model.init(jax.random.key(0))
+  loss_fn = task.make_training_loss(model, specaug)
+
+  @jax.jit
+  def reference_step(p, s, key):
+    (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
+    u, s = optimizer.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  ref, ref_state = params0, optimizer.init(params0)
+  step = centralized.make_train_step(model, optimizer, specaug)
+  got = jax.tree.map(jnp.copy, params0)  # the step donates its inputs
+  got_state = optimizer.init(got)
+  for i in range(4):
+    key = jax.random.key(100 + i)
+    ref, ref_state, ref_loss = reference_step(ref, ref_state, key)
+    got, got_state, m = step(got, got_state, batch, key)
+    np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params0)))
+  assert moved > 0.0  # it trained
+
+
+# --- the centralized pruning baseline -------------------------------------------------------------
+
+
+def reference_baseline(loss_fn, params, examples, optimizer, policy, *, rounds_, per_round, batch_size,
+                       num_buckets, seed):
+  """Brute force: ``rounds_ * per_round`` steps over the epochs' bucketed batches; at the start
+  of every round the policy may update the mask (scores from the server's params, or the mean
+  |g| since the last update); the model is apply_mask(params, mask) and the optimizer the
+  federated one (pruned values frozen, moments reset on regrowth).
+
+  Returns (params, mask, [mask of every round])."""
+  tx = pruning.masked_optimizer(optimizer, pruned="freeze")
+  state, mask = tx.init(params), policy.init_mask(params)
+  boundaries = batching.bucket_boundaries(np.array([e.features.shape[0] for e in examples]), num_buckets)
+  max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)
+
+  def stream():
+    epoch = 0
+    while True:
+      yield from batching.bucketed_batches(
+        examples, None, batch_size, boundaries, rng=np.random.default_rng([seed, epoch]),
+        max_labels=max_labels,
+      )
+      epoch += 1
+
+  grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  key = jax.random.key(seed)
+  batches = stream()
+  gsum, gcount = None, 0
+  masks = []
+  for r in range(rounds_):
+    if bool(policy.should_update(r)):
+      data = None
+      if bool(policy.scores_from_clients(r)) and gcount:
+        data = jax.tree.map(lambda a: a / gcount, gsum)
+      scores = policy.scores(r, params, data, jax.random.fold_in(key, r))
+      mask = policy.next_mask(mask, scores, r, params)
+      state = pruning.update_mask(state, mask)
+      gsum, gcount = None, 0
+    masks.append(mask)
+    for s in range(per_round):
+      step = r * per_round + s
+      _, g = grad(pruning.apply_mask(params, mask), next(batches), jax.random.fold_in(key, step + 1_000_003))
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+      absg = jax.tree.map(jnp.abs, g)
+      gsum = absg if gsum is None else jax.tree.map(jnp.add, gsum, absg)
+      gcount += 1
+  return params, mask, masks
+
+
+@pytest.mark.parametrize("score, num_buckets", [("saliency", 1), ("magnitude", 2)])
+def test_centralized_baseline_equals_the_reference_loop(tiny_corpus, score, num_buckets):
+  cfg = _micro_cfg("fedprune_tiny", [f"data.root={tiny_corpus}", f"pruning.score={score!r}"])
+  model = task.make_model(cfg)
+  loss_fn = task.make_training_loss(model, dict(cfg.specaug))
+  params = model.init(jax.random.key(0))
+  pcfg = build.resolve_pruning(
+    {**cfg.pruning.to_dict(), "target_sparsity": 0.5, "pruning_rounds": 3, "update_every": 1,
+     "refining_rounds": 1, "refine_every": 1, "pattern": "unstructured"}
+  )
+  policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
+  examples = task.load_train_split(cfg).examples()
+  optimizer = rounds.make_client_optimizer(rounds.resolve_config(cfg.to_dict())["client"])
+  kw = dict(batch_size=3, num_buckets=num_buckets, seed=2)
+  ref_params, ref_mask, ref_masks = reference_baseline(
+    loss_fn, params, examples, optimizer, policy, rounds_=5, per_round=3, **kw
+  )
+  got_params, got_mask = centralized_lib.train(
+    loss_fn, params, examples, steps=15, optimizer=optimizer, policy=policy, steps_per_round=3,
+    progress=False, **kw
+  )[:2]
+  assert len({float(pruning.sparsity(m)) for m in ref_masks}) >= 3  # the mask did change
+  for a, b in zip(jax.tree.leaves(got_mask), jax.tree.leaves(ref_mask)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
