@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 
 from fedprune_jax import fields, io_utils
 from fedprune_jax import programs
+from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import fedprune as fedprune_lib
 from fedprune_jax.algorithms import mask_policy
 from fedprune_jax.algorithms import registry
@@ -127,9 +128,16 @@ def compact_model_for(
 SERVER_ALIASES = {"sgd": "fedavg", "adam": "fedadam", "yogi": "fedyogi"}
 
 
-def algorithm_name(cfg: Mapping[str, Any], policy: mask_policy.MaskPolicy | None) -> str:
-  """The registry name a resolved config selects: ``fedprune`` with a pruning policy, else the
-  server optimizer's (``fedavg``, ``fedadam``, ``fedyogi``)."""
+def algorithm_name(
+  cfg: Mapping[str, Any],
+  policy: mask_policy.MaskPolicy | None,
+  server: centralized_lib.ServerInputs | None = None,
+) -> str:
+  """The registry name a resolved config selects: ``centralized`` when the server's data are
+  given, ``fedprune`` with a pruning policy, else the server optimizer's (``fedavg``,
+  ``fedadam``, ``fedyogi``)."""
+  if server is not None:
+    return "centralized"
   if policy is not None:
     return "fedprune"
   name = cfg["server"]["optimizer"].lower()
@@ -143,9 +151,10 @@ def build_algorithm(
   initial_mask: PyTree | None = None,
   compact_model: CompactModel | None = None,
   name: str | None = None,
+  server: centralized_lib.ServerInputs | None = None,
 ) -> FederatedAlgorithm:
-  """The registered algorithm ``name`` (default ``algorithm_name(cfg, policy)``) from a resolved
-  engine config."""
+  """The registered algorithm ``name`` (default ``algorithm_name(cfg, policy, server)``) from a
+  resolved engine config."""
   c, s = cfg["client"], cfg["server"]
   grad_stats = policy is not None and policy.uses_client_scores
   local_key = programs.config_key(
@@ -195,8 +204,10 @@ def build_algorithm(
     policy=policy,
     initial_mask=initial_mask,
     compact=compact,
+    loss_fn=loss_fn,
+    server=server,
   )
-  return registry.get(name or algorithm_name(cfg, policy))(inputs)
+  return registry.get(name or algorithm_name(cfg, policy, server))(inputs)
 
 
 def with_round_costs(
@@ -221,6 +232,7 @@ def _programs(
   initial_mask: PyTree | None,
   compact_model: CompactModel | None = None,
   name: str | None = None,
+  server_inputs: centralized_lib.ServerInputs | None = None,
 ):
   """(algorithm, executors), shared with earlier runs of this process built from equal inputs.
 
@@ -228,14 +240,16 @@ def _programs(
   policy by value. An executor, which holds a traced client program, is shared by every run with
   the same engine config and an equal ``ClientProgram.key`` (e.g. magnitude pruning at any
   pattern or sparsity), the algorithm (init, host step, server update) by equal policies and
-  masks.
+  masks (an algorithm on the server's data: never, the data object is this run's).
   """
   local = programs.config_key(cfg["client"], cfg["faults"])
   server = programs.config_key(cfg["server"], cfg["cohort_size"])
   mask = None if initial_mask is None else io_utils.tree_sha256(initial_mask)
   algorithm = programs.shared(
-    ("algorithm", name, loss_fn, local, server, policy, mask, compact_model),
-    lambda: build_algorithm(cfg, loss_fn, policy, initial_mask, compact_model, name),
+    None
+    if server_inputs is not None
+    else ("algorithm", name, loss_fn, local, server, policy, mask, compact_model),
+    lambda: build_algorithm(cfg, loss_fn, policy, initial_mask, compact_model, name, server_inputs),
   )
   engine = programs.config_key(cfg["engine"])
   make = executor_factory_for(cfg["engine"])
@@ -299,6 +313,7 @@ def run_federated(
   compact_model: CompactModel | None = None,
   on_round: Callable[[PyTree, dict], None] | None = None,
   name: str | None = None,
+  server: centralized_lib.ServerInputs | None = None,
 ) -> tuple[PyTree, list[dict]]:
   """Federated training (or pruning) from a config; resumes from ``checkpoint_dir`` if set.
 
@@ -316,10 +331,16 @@ def run_federated(
     compact_model: lets federated pruning's clients train the compacted model
       (``client.compact``); None: masked-dense clients.
     on_round: called after every round with (state, that round's metrics).
-    name: the registered algorithm (default: ``algorithm_name(config, policy)``).
+    name: the registered algorithm (default: ``algorithm_name(config, policy, server)``).
+    server: the server's data (``centralized.ServerInputs``): centralized training on them, one
+      client (the server, ``store`` = ``centralized.SERVER_STORE``) a round.
   """
   cfg, policy = resolve(config, policy)
-  algorithm, executors = _programs(cfg, loss_fn, policy, initial_mask, compact_model, name)
+  if server is not None:
+    cfg = centralized_lib.server_config(cfg)
+  algorithm, executors = _programs(
+    cfg, loss_fn, policy, initial_mask, compact_model, name, server
+  )
   algorithm = with_round_costs(algorithm, round_costs)
   sampler = make_sampler(cfg, store)
   history: list[dict] = []
@@ -379,7 +400,8 @@ def model_algorithm(
   initial_mask: PyTree | None = None,
   compact_model: CompactModel | None = None,
   name: str | None = None,
+  server: centralized_lib.ServerInputs | None = None,
 ) -> FederatedAlgorithm:
   """The algorithm ``run_federated`` runs for these inputs (e.g. for ``model_params``)."""
   cfg, policy = resolve(config, policy)
-  return _programs(cfg, loss_fn, policy, initial_mask, compact_model, name)[0]
+  return _programs(cfg, loss_fn, policy, initial_mask, compact_model, name, server)[0]

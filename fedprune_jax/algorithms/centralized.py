@@ -1,136 +1,389 @@
-"""Centralized (pruning) training on a set of utterances: the baseline of federated pruning and
-the server-side warm start.
+"""Centralized training on the server's data: the one training step of the project, and centralized
+(pruning) training as a ``FederatedAlgorithm`` (the baseline of federated pruning and the warm
+start).
 
-With a ``MaskPolicy`` the mask follows the *same* policy object as federated pruning, keyed by
-steps instead of rounds: training step ``s`` is policy step ``s // steps_per_round``, and the mask
-is updated at the first training step of every policy step that ``policy.should_update``. The
-server optimizer rule is the federated one (``pruning.masked_optimizer(..., pruned="freeze")``:
-the model is ``apply_mask(params, mask)``, pruned values are kept and frozen, moments reset on
-regrowth), and data scores (``saliency``) use the mean ``|g|`` of the steps since the last mask
-update, as the clients' do. Without a policy it is plain (dense) training.
+One step, one mask rule (``train_step``): the model is ``apply_mask(params, mask)``, the gradient is
+taken there, and the optimizer decides what happens at pruned coordinates. With a mask the
+optimizer is federated pruning's server rule, ``pruning.masked_optimizer(..., pruned="freeze")``:
+pruned values are kept and frozen (not zeroed), and moments reset where the mask regrows. Why
+freeze: the baseline must prune exactly as federated pruning does, so that the two differ only in
+whose data trains the model; under ``refinement`` a revived entry comes back with the value it had,
+which a zeroing rule would lose. Without a mask (``mask=None``) the step is the plain optax step,
+which is how ``fedprune train`` (``train.centralized``) trains: there the two rules coincide, so
+the former zeroing variant of the trainer (no caller trained a mask with it) is gone.
+
+The algorithm (``centralized``): a round is ``steps_per_round`` steps on the server's batches
+(``ServerBatches``: the endless stream of length-bucketed epochs, epoch ``e`` shuffled with rng
+``[seed, e]``; round ``r`` is steps ``[r*S, (r+1)*S)``). The host step (``plan_round``) hands the
+round's batches, stacked ``[S, B, T, F]`` and padded to the round's longest bucket, with the
+state to a program of one client (the server); the round driver runs it like any client program
+on a one-client store (``SERVER_STORE``). At the start of round ``r`` the mask follows the *same*
+``MaskPolicy`` as federated pruning, keyed by round: if ``policy.should_update(r)`` it is rescored
+from the server's params or, for client-data scores (``saliency``), from the mean ``|g|`` of the
+steps since the last update (the clients' statistic), else from the params. Step ``s`` overall
+uses the key ``fold_in(key(seed), s + 1_000_003)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, NamedTuple, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedprune_jax import programs
 from fedprune_jax import pruning
 from fedprune_jax.algorithms.mask_policy import MaskPolicy
 from fedprune_jax.data import batching
+from fedprune_jax.federated import server as server_lib
+from fedprune_jax.federated.aggregation import Aggregate
+from fedprune_jax.federated.algorithm import ClientProgram, FederatedAlgorithm, RoundPlan
+from fedprune_jax.federated.client import ClientOutput, client_finite
+from fedprune_jax.federated.client_data import Bucket, ClientStore
 
 PyTree = Any
+LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, Any]]
+STEP_KEY_OFFSET = 1_000_003  # step s trains with fold_in(key(seed), s + STEP_KEY_OFFSET)
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """Jitted ``step(params, opt_state, mask, batch, rng, gabs) -> (params, opt_state, loss, gabs)``.
-
-  The gradient is taken at the masked model; ``gabs`` accumulates ``|g|`` (data scores).
-  """
-
-  def step(params, opt_state, mask, batch, rng, gabs):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      pruning.apply_mask(params, mask), batch, rng
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    gabs = jax.tree.map(lambda a, g: a + jnp.abs(g), gabs, grads)
-    return optax.apply_updates(params, updates), opt_state, loss, gabs
-
-  return jax.jit(step)
-
-
-def train(
-  loss_fn: Callable,
-  params: PyTree,
-  examples: Sequence[batching.Example],
-  *,
-  steps: int,
+def train_step(
+  loss_fn: LossFn,
   optimizer: optax.GradientTransformation,
-  batch_size: int,
-  num_buckets: int = 4,
-  seed: int = 0,
-  policy: MaskPolicy | None = None,
-  steps_per_round: int = 1,
-  progress: bool = True,
-  desc: str = "centralized",
-  eval_fn: Callable[[PyTree], dict] | None = None,
-  eval_every: int = 0,
-  optimizer_key: Hashable | None = None,
-) -> tuple[PyTree, PyTree | None, list[dict]]:
-  """Trains ``steps`` steps on length-bucketed batches of ``examples``.
+  params: PyTree,
+  opt_state: PyTree,
+  batch: dict,
+  rng: jax.Array,
+  mask: PyTree | None = None,
+) -> tuple[PyTree, PyTree, jax.Array, Any, PyTree]:
+  """One optimizer step at the model ``apply_mask(params, mask)`` (the module's one rule).
 
   Args:
-    loss_fn: ``(params, batch, rng) -> (loss, aux)`` (``task.make_training_loss``).
-    params: initial params.
-    examples: the training utterances (e.g. the server-side speakers', or all clients' pooled).
-    policy: optional mask policy (the federated one); ``steps_per_round`` training steps make one
-      policy step.
-    eval_fn: ``eval_fn(model_params) -> {name: value}``, run every ``eval_every`` steps and at the
-      end (``model_params = apply_mask(params, mask)``); its values go into the history.
-    optimizer_key: a hashable name of ``optimizer``'s config; calls of this process with the same
-      ``loss_fn`` and an equal key reuse one traced step (``programs.shared``).
+    loss_fn: ``(params, batch, rng) -> (loss, aux)``; batch: ``[B, ...]`` arrays.
+    optimizer: plain (``mask=None``) or ``pruning.masked_optimizer(..., pruned="freeze")``.
   Returns:
-    (final dense params, final mask or None, history of {step, loss, sparsity}). The model is
-    ``apply_mask(params, mask)``.
+    (params, opt_state, loss float32[], aux, grads): grads at the masked model, before the
+    optimizer's masking.
   """
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  if steps_per_round < 1:
-    raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
-  tx = pruning.masked_optimizer(optimizer, pruned="freeze")
-  opt_state = tx.init(params)
-  mask = policy.init_mask(params) if policy is not None else None
-  step_fn = programs.shared(
-    None if optimizer_key is None else ("centralized_step", loss_fn, optimizer_key),
-    lambda: make_step(loss_fn, tx),
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    pruning.apply_mask(params, mask), batch, rng
   )
-  frames = np.array([e.features.shape[0] for e in examples])
-  boundaries = batching.bucket_boundaries(frames, num_buckets)
-  max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)
-  ids = [str(i) for i in range(len(examples))]
-  zero = jax.tree.map(jnp.zeros_like, params)
-  gabs, gsteps = zero, 0
-  history: list[dict] = []
-  key = jax.random.key(seed)
-  epoch, step = 0, 0
-  bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
-  while step < steps:
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss, aux, grads
+
+
+# --- the server's batches -------------------------------------------------------------------------
+
+
+def batch_stream(
+  examples: Sequence[batching.Example],
+  batch_size: int,
+  boundaries: Sequence[int],
+  seed: int,
+  max_labels: int,
+  ids: Sequence[str] | None = None,
+) -> Iterator[tuple[int, dict]]:
+  """Endless ``(epoch, batch)``: epoch ``e`` is ``bucketed_batches`` shuffled with rng
+  ``[seed, e]`` (batches ``[B, T_k, ...]``, ``T_k`` a bucket boundary)."""
+  epoch = 0
+  while True:
     rng = np.random.default_rng([seed, epoch])
-    for batch in batching.bucketed_batches(
-      examples, ids, batch_size, boundaries, rng=rng, max_labels=max_labels
-    ):
-      if step >= steps:
-        break
-      if policy is not None and step % steps_per_round == 0:
-        r = step // steps_per_round
-        if bool(policy.should_update(r)):
-          data_scores = None
-          if bool(policy.scores_from_clients(r)) and gsteps:
-            data_scores = jax.tree.map(lambda a: a / gsteps, gabs)
-          scores = policy.scores(r, params, data_scores, jax.random.fold_in(key, r))
-          mask = policy.next_mask(mask, scores, r, params)
-          opt_state = pruning.update_mask(opt_state, mask)
-          gabs, gsteps = zero, 0
-      params, opt_state, loss, gabs = step_fn(
-        params, opt_state, mask, batch, jax.random.fold_in(key, step + 1_000_003), gabs
+    yield from (
+      (epoch, b)
+      for b in batching.bucketed_batches(
+        examples, ids, batch_size, boundaries, rng=rng, max_labels=max_labels
       )
-      gsteps += 1
-      step += 1
-      bar.update(1)
-      evaluate = eval_fn is not None and (step == steps or eval_every and step % eval_every == 0)
-      if step % 25 == 0 or step == steps or evaluate:
-        record = {"step": step, "loss": float(loss)}
-        if mask is not None:
-          record["sparsity"] = float(pruning.sparsity(mask))
-        if evaluate:
-          record.update(eval_fn(pruning.apply_mask(params, mask)))
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+    )
     epoch += 1
-  bar.close()
-  return params, mask, history
+
+
+def _pad_frames(batch: dict, frames: int) -> dict:
+  """``batch`` padded to ``frames`` frames (padded frames: features 0, paddings 1)."""
+  extra = frames - batch["features"].shape[1]
+  if not extra:
+    return batch
+  out = dict(batch)
+  out["features"] = np.pad(batch["features"], ((0, 0), (0, extra), (0, 0)))
+  out["feature_paddings"] = np.pad(
+    batch["feature_paddings"], ((0, 0), (0, extra)), constant_values=1.0
+  )
+  return out
+
+
+class ServerBatches:
+  """The server's training batches a round at a time (host side).
+
+  Round ``r`` is steps ``[r*S, min((r+1)*S, total_steps))`` of ``batch_stream``, padded to the
+  round's longest bucket and stacked ``[S_r, B, T_r, ...]`` (at most ``num_buckets`` shapes, so
+  at most that many compilations of the round program).
+  """
+
+  def __init__(
+    self,
+    examples: Sequence[batching.Example],
+    batch_size: int,
+    num_buckets: int,
+    seed: int,
+    steps_per_round: int,
+    total_steps: int | None = None,
+    label: str = "server",
+  ):
+    if steps_per_round < 1:
+      raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
+    if not examples:
+      raise ValueError("the server holds no training examples")
+    self.examples = list(examples)
+    self.batch_size, self.seed, self.steps_per_round = batch_size, seed, steps_per_round
+    self.total_steps, self.label = total_steps, label
+    frames = np.array([e.features.shape[0] for e in self.examples])
+    self.boundaries = batching.bucket_boundaries(frames, num_buckets)
+    self.max_labels = batching.round_up(max(len(e.tokens) for e in self.examples), 16)
+    self._stream: Iterator | None = None
+    self._next_step = 0
+
+  def steps_in(self, r: int) -> int:
+    first = r * self.steps_per_round
+    last = first + self.steps_per_round
+    return (last if self.total_steps is None else min(last, self.total_steps)) - first
+
+  def round(self, r: int) -> dict[str, np.ndarray]:
+    """Round ``r``'s batches ``[S_r, B, T_r, ...]`` (resumable: any ``r``, in any order)."""
+    first = r * self.steps_per_round
+    if self._stream is None or self._next_step != first:
+      self._stream, self._next_step = self._new_stream(), 0
+      for _ in range(first):
+        next(self._stream)
+    batches = [next(self._stream)[1] for _ in range(self.steps_in(r))]
+    self._next_step = first + len(batches)
+    frames = max(b["features"].shape[1] for b in batches)
+    batches = [_pad_frames(b, frames) for b in batches]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+  def _new_stream(self):
+    ids = [str(i) for i in range(len(self.examples))]
+    return batch_stream(
+      self.examples, self.batch_size, self.boundaries, self.seed, self.max_labels, ids
+    )
+
+
+class _ServerStore(ClientStore):
+  """One client, the server, whose data travel in the round plan: what the round driver samples
+  when the algorithm trains on the server's batches."""
+
+  buckets = [Bucket(1, 1, {})]
+
+  @property
+  def num_clients(self) -> int:
+    return 1
+
+  def bucket_of(self, client_ids: np.ndarray) -> np.ndarray:
+    return np.zeros(len(client_ids), np.int64)
+
+  def num_examples(self) -> np.ndarray:
+    return np.ones(1)
+
+  def get(self, client_ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"weights": (np.asarray(client_ids) >= 0).astype(np.float32).reshape(-1, 1, 1)}
+
+
+SERVER_STORE = _ServerStore()
+
+
+def server_config(cfg: dict) -> dict:
+  """A resolved engine config (``rounds.resolve_config``) made to run on ``SERVER_STORE``: a
+  cohort of one, chunks of one client on one device (no padding clients beside the server)."""
+  engine = {**cfg["engine"], "chunk_size": 1, "num_devices": 1, "vmap_size": None}
+  return {**cfg, "cohort_size": 1, "sampling": "uniform", "engine": {**engine, "device_loop": False}}
+
+
+class Sole(NamedTuple):
+  """Reducer of a one-client cohort: that client's value, exactly (any dtype)."""
+
+  def init(self, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
+
+  def add(self, state: PyTree, values: PyTree, weights: jax.Array) -> PyTree:
+    def one(s, v):
+      live = (weights > 0).reshape((-1,) + (1,) * (v.ndim - 1))
+      picked = jnp.where(live, v, jnp.zeros_like(v))
+      return s | jnp.any(picked, axis=0) if v.dtype == bool else s + jnp.sum(picked, axis=0)
+
+    return jax.tree.map(one, state, values)
+
+  def merge(self, a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: x | y if x.dtype == bool else x + y, a, b)
+
+  def result(self, state: PyTree, weight_sum: jax.Array) -> PyTree:
+    del weight_sum
+    return state
+
+
+class ServerInputs(NamedTuple):
+  """What the ``centralized`` builder reads besides the config (``registry.BuildInputs.server``).
+
+  Attributes:
+    data: the server's batches.
+    optimizer: the step's optimizer; None: the config's client optimizer (the baseline trains
+      with the optimizer federated clients use).
+    key: names ``optimizer`` for program sharing (with the loss and the policy); None: never
+      shared.
+  """
+
+  data: ServerBatches
+  optimizer: optax.GradientTransformation | None = None
+  key: Hashable | None = None
+
+
+# --- the algorithm --------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class CentralizedState:
+  """Centralized training's state (one orbax-saveable pytree).
+
+  Attributes:
+    params: dense params (the model is ``apply_mask(params, mask)``).
+    opt_state: the optimizer's state (mask-aware with a policy).
+    round: int32 scalar, completed rounds.
+    seed: int32 scalar (step keys and random scores derive from it).
+    mask: the mask of the last round (bool leaves, None for unprunable params), None: dense.
+    grad_abs: sum of ``|g|`` over the steps since the last mask update (client-data scores), or
+      ``()``.
+    grad_steps: float32 scalar, the steps summed in ``grad_abs``.
+  """
+
+  params: PyTree
+  opt_state: PyTree
+  round: jax.Array
+  seed: jax.Array
+  mask: PyTree = None
+  grad_abs: PyTree = ()
+  grad_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+
+
+class _RoundInput(NamedTuple):
+  """What the server's program receives: the state and the round's batches ``[S, B, ...]``."""
+
+  state: CentralizedState
+  batches: dict
+
+
+def _next_mask(policy: MaskPolicy, state: CentralizedState, tracks: bool) -> CentralizedState:
+  """The state at the start of round ``state.round``: the mask rescored if the policy says so."""
+  r = state.round
+  key = jax.random.fold_in(jax.random.key(state.seed), r)
+  scores = policy.scores(r, state.params, None, key)
+  if tracks:  # the mean |g| since the last update, once there was a step to average
+    mean = jax.tree.map(lambda a: a / jnp.maximum(state.grad_steps, 1.0), state.grad_abs)
+    data = policy.scores(r, state.params, mean, key)
+    scores = server_lib.tree_select(state.grad_steps > 0, data, scores)
+  mask = policy.next_mask(state.mask, scores, r, state.params)
+  updated = state.replace(
+    mask=mask,
+    opt_state=pruning.update_mask(state.opt_state, mask),
+    grad_abs=jax.tree.map(jnp.zeros_like, state.grad_abs),
+    grad_steps=jnp.zeros_like(state.grad_steps),
+  )
+  return server_lib.tree_select(policy.should_update(r), updated, state)
+
+
+def centralized(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  data: ServerBatches,
+  policy: MaskPolicy | None = None,
+  key: Hashable | None = None,
+) -> FederatedAlgorithm:
+  """Centralized (pruning) training on ``data`` as a ``FederatedAlgorithm`` named
+  ``centralized_{data.label}``; run it on ``SERVER_STORE`` with a cohort of one.
+
+  Args:
+    loss_fn: ``(params, batch, rng) -> (loss, aux)``.
+    optimizer: the step's optimizer (wrapped by ``masked_optimizer(pruned="freeze")`` with a
+      policy).
+    data: the server's batches, ``data.steps_per_round`` steps a round.
+    policy: the federated mask policy, keyed by round; None: dense training.
+    key: names (loss_fn, optimizer, policy) for program sharing (None: never shared).
+  """
+  tx = optimizer if policy is None else pruning.masked_optimizer(optimizer, pruned="freeze")
+  tracks = policy is not None and policy.uses_client_scores
+  per_round = data.steps_per_round
+
+  def init(params: PyTree, seed: int = 0) -> CentralizedState:
+    return CentralizedState(
+      params=params,
+      opt_state=tx.init(params),
+      round=jnp.zeros((), jnp.int32),
+      seed=jnp.asarray(seed, jnp.int32),
+      mask=None if policy is None else policy.init_mask(params),
+      grad_abs=jax.tree.map(jnp.zeros_like, params) if tracks else (),
+    )
+
+  def client_update(round_input: _RoundInput, data: dict, rng: jax.Array) -> ClientOutput:
+    del data, rng  # the server's data travel in round_input; step keys derive from the seed
+    state, batches = round_input
+    if policy is not None:
+      state = _next_mask(policy, state, tracks)
+    base = jax.random.key(state.seed)
+    first = state.round * per_round
+
+    def step(carry, xs):
+      params, opt_state, gabs, loss_sum = carry
+      batch, s = xs
+      rng = jax.random.fold_in(base, first + s + STEP_KEY_OFFSET)
+      params, opt_state, loss, _, grads = train_step(
+        loss_fn, tx, params, opt_state, batch, rng, state.mask
+      )
+      if tracks:
+        gabs = jax.tree.map(lambda a, g: a + jnp.abs(g), gabs, grads)
+      return (params, opt_state, gabs, loss_sum + loss * jnp.sum(batch["weights"])), None
+
+    steps = batches["weights"].shape[0]
+    zero = jnp.zeros((), jnp.float32)
+    (params, opt_state, gabs, loss_sum), _ = jax.lax.scan(
+      step, (state.params, state.opt_state, state.grad_abs, zero), (batches, jnp.arange(steps))
+    )
+    num_examples = jnp.sum(batches["weights"])
+    loss = loss_sum / jnp.maximum(num_examples, 1e-12)
+    ok = client_finite(loss, params)
+    new = state.replace(
+      params=params,
+      opt_state=opt_state,
+      grad_abs=gabs,
+      grad_steps=state.grad_steps + (steps if tracks else 0),
+    )
+    return ClientOutput(
+      update={"state": new},
+      num_examples=num_examples,
+      metrics={
+        "loss": jnp.where(ok, loss, 0.0),
+        "num_steps": jnp.asarray(steps, jnp.float32),
+        "failed": 1.0 - ok.astype(jnp.float32),
+      },
+    )
+
+  program = ClientProgram(
+    key=None if key is None else ("centralized", key, per_round),
+    client_update=client_update,
+    reducers={"state": Sole()},
+  )
+
+  def plan_round(state: CentralizedState) -> RoundPlan:
+    batches = data.round(int(state.round))
+    return RoundPlan(program, _RoundInput(state, batches), metrics={"client_path": "server"})
+
+  def server_update(state: CentralizedState, aggregate: Aggregate):
+    new = server_lib.keep_if_no_clients(aggregate.weight_sum, aggregate.update["state"], state)
+    new = new.replace(round=state.round + 1, seed=state.seed)
+    if policy is None:
+      return new, {}
+    return new, {"sparsity": pruning.sparsity(new.mask), "phase": policy.phase(state.round)}
+
+  return FederatedAlgorithm(
+    name=f"centralized_{data.label}",
+    init=init,
+    plan_round=plan_round,
+    server_update=server_update,
+    model_params=lambda state: pruning.apply_mask(state.params, state.mask),
+  )

@@ -2,7 +2,8 @@
 
 A builder takes ``BuildInputs`` (what ``build.build_algorithm`` assembled from the config: the
 resolved engine config, the local update, the server optimizer, and the pruning inputs) and
-returns a ``FederatedAlgorithm``. ``fedavg``, ``fedadam``, ``fedyogi`` and ``fedprune`` are
+returns a ``FederatedAlgorithm``. ``fedavg``, ``fedadam``, ``fedyogi``, ``fedprune`` and
+``centralized`` (training on the server's data: the centralized baseline and the warm start) are
 registered here; anything else (e.g. a test's toy algorithm) registers itself.
 """
 
@@ -12,9 +13,11 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import optax
 
+from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import fedavg as fedavg_lib
 from fedprune_jax.algorithms import fedprune as fedprune_lib
 from fedprune_jax.errors import ConfigError
+from fedprune_jax.federated import rounds
 from fedprune_jax.federated.algorithm import FederatedAlgorithm
 
 PyTree = Any
@@ -31,6 +34,8 @@ class BuildInputs(NamedTuple):
     policy: the mask policy (federated pruning), or None.
     initial_mask: a given starting mask, or None.
     compact: compacted client training (``fedprune.CompactClients``), or None.
+    loss_fn: ``(params, batch, rng) -> (loss, aux)``, the loss ``local_update`` trains.
+    server: the server's data and optimizer (``centralized.ServerInputs``), or None.
   """
 
   cfg: Mapping[str, Any]
@@ -40,6 +45,8 @@ class BuildInputs(NamedTuple):
   policy: Any = None
   initial_mask: PyTree | None = None
   compact: fedprune_lib.CompactClients | None = None
+  loss_fn: Callable | None = None
+  server: centralized_lib.ServerInputs | None = None
 
 
 Builder = Callable[[BuildInputs], FederatedAlgorithm]
@@ -92,3 +99,17 @@ def _fedprune(inputs: BuildInputs) -> FederatedAlgorithm:
     client_key=inputs.client_key,
     compact=inputs.compact,
   )
+
+
+@register("centralized")
+def _centralized(inputs: BuildInputs) -> FederatedAlgorithm:
+  if inputs.server is None or inputs.loss_fn is None:
+    raise ConfigError("algorithm 'centralized' trains on the server's data: give it (server=...)")
+  server = inputs.server
+  optimizer = server.optimizer
+  if optimizer is None:
+    optimizer = rounds.make_client_optimizer(inputs.cfg["client"])
+  key = None
+  if server.key is not None:
+    key = (inputs.loss_fn, server.key, inputs.policy)
+  return centralized_lib.centralized(inputs.loss_fn, optimizer, server.data, inputs.policy, key)
