@@ -23,7 +23,6 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from typing import Any, Collection
@@ -114,8 +113,13 @@ def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerCli
   )
 
 
+WARM_START_ROUND = 25  # warm-start steps a record of its history (without warm_start.eval_every)
+
+
 def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress):
-  """Params after ``warm_start.steps`` centralized steps on the server-side speakers.
+  """Params after ``warm_start.steps`` centralized steps on the server-side speakers (dense
+  ``centralized`` training through the round driver: a round of ``warm_start.eval_every`` steps,
+  else of ``WARM_START_ROUND``, one history record each).
 
   Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
   start (dense reference and pruned runs) train it once; ``warm_start.seed`` (default: the run's
@@ -137,25 +141,42 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   seed = cfg.seed if ws.get("seed") is None else ws.seed
   if seed != cfg.seed:  # a warm start shared by runs of several seeds starts from its own
     params = model.init(jax.random.key(seed))
-  optimizer = task.make_optimizer(ws.optim, ws.steps)
+  eval_every = ws.get("eval_every", 0)
   eval_fn = None
-  if ws.get("eval_every"):
+  if eval_every:
     evals = task.EvalSplits(cfg)
-    eval_fn = functools.partial(evals.dev_metrics, model)
-  params, _, history = centralized_lib.train(
+    eval_fn = lambda p, r: evals.dev_metrics(model, p)  # noqa: E731
+  data = centralized_lib.ServerBatches(
+    examples_of(train_fs, server_speakers),
+    ws.batch_size,
+    cfg.data.num_buckets,
+    seed,
+    steps_per_round=eval_every or min(ws.steps, WARM_START_ROUND),
+    total_steps=ws.steps,
+    label="warm_start",
+  )
+  state, rounds_run = build.run_federated(
+    {
+      "seed": seed,
+      "rounds": -(-ws.steps // data.steps_per_round),
+      "eval_every": int(bool(eval_every)),
+    },
     loss_fn,
     params,
-    examples_of(train_fs, server_speakers),
-    steps=ws.steps,
-    optimizer=optimizer,
-    batch_size=ws.batch_size,
-    num_buckets=cfg.data.num_buckets,
-    seed=seed,
-    progress=progress,
-    desc="warm start",
+    centralized_lib.SERVER_STORE,
     eval_fn=eval_fn,
-    eval_every=ws.get("eval_every", 0),
+    progress=progress,
+    server=centralized_lib.ServerInputs(data, task.make_optimizer(ws.optim, ws.steps)),
   )
+  params = state.params
+  history = [
+    {
+      "step": h["round"] * data.steps_per_round + data.steps_in(h["round"]),
+      "loss": h["train_loss"],
+      **{k[len("eval_") :]: v for k, v in h.items() if k.startswith("eval_")},
+    }
+    for h in rounds_run
+  ]
   task.save_params(path, params)
   io_utils.write_json_atomic(
     path.with_name(path.name + ".json"),
@@ -242,12 +263,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     return evals.dev_metrics(model, model_params)
 
   raw = cfg.to_dict()
-  engine = rounds.resolve_config(raw)
-  engine.update(
-    log_path=str(workdir / "metrics.jsonl"),
-    checkpoint_dir=str(workdir / "rounds"),
-    tensorboard_dir=str(workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
-  )
+  engine = _engine_config(cfg, workdir)
   pcfg = build.resolve_pruning(raw.get("pruning"))
   policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
@@ -255,16 +271,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
     initial_mask = run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
-  log = workdir / "metrics.jsonl"
-  if not saved_rounds(workdir / "rounds"):
-    log.unlink(missing_ok=True)  # no checkpoint to resume: the log starts afresh
-  if cfg.eval_every and not log.exists():
-    # the starting point, so the log shows what the rounds changed
-    with io_utils.JsonlLogger(
-      log, engine["tensorboard_dir"], step_key="rounds_completed"
-    ) as logger:
-      start = eval_fn(params, 0)
-      logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
+  _start_log(cfg, workdir, engine, eval_fn, params)
   fed_cfg = {**engine, "pruning": pcfg}
   algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, initial_mask, compact_model)
   state, history = build.run_federated(
@@ -279,45 +286,17 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     initial_mask=initial_mask,
     compact_model=compact_model,
   )
-  algorithm_params = algorithm.model_params(state)
-  final = evals.evaluate_all(model, algorithm_params)
-  mask = getattr(state, "mask", None)  # None: the algorithm has no mask
-  summary = {
-    "rounds": int(state.round),
-    "algorithm": algorithm.name,
+  train = {
     "num_clients": store.num_clients,
     "server_speakers": len(server_speakers),
     "warm_start": warm_path,
     # the starting point's dev WER: the report's regime gate compares the dense run with it
     "warm_start_dev_wer": warm_dev and warm_dev["dev_wer"],
     "padding_fraction": store.padding_fraction(),
-    "num_params": conformer.count_params(state.params),
-    "nonzero_params": int(pruning.param_count(state.params, mask)),
-    "preset": cfg.model.preset,
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
-    "params_sha256": io_utils.tree_sha256(state.params),
-    **_compile_summary(history),
   }
-  if mask is not None:
-    summary.update(
-      sparsity=float(pruning.sparsity(mask)),
-      mask_sha256=io_utils.tree_sha256(mask),
-      **costs_lib.totals(history),
-    )
-    for key in (
-      "bytes_down_masked",
-      "bytes_down_dense",
-      "bytes_up",
-      "bytes_down_sent",
-      "bytes_up_sent",
-      "client_train_memory_bytes",
-      "client_flops_per_step",
-    ):
-      summary[f"last_{key}"] = history[-1].get(key) if history else None
-    pruning.save_mask(workdir / "mask.npz", mask)
-  result = {"final": final, "train": summary, "history": history}
-  return finish(workdir, result, algorithm_params)
+  return _finish_run(cfg, workdir, model, evals, algorithm, state, history, train)
 
 
 @workdir_lib.claimed
@@ -328,7 +307,9 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   steps: ``baseline.steps_per_round`` centralized steps per round (default: a round's client
   steps, ``cohort_size * data.max_steps``), ``cfg.rounds`` rounds' worth of steps, on the
   server-side speakers (``baseline.data='server'``) or on all clients' data pooled
-  (``'pooled'``, the non-private upper bound). Writes ``results.json`` like the federated job.
+  (``'pooled'``, the non-private upper bound). It is the registered ``centralized`` algorithm
+  run by the round driver (``build.run_federated``), so it logs, evaluates, checkpoints, resumes
+  and writes ``results.json`` like the federated job.
   """
   workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
     cfg, progress
@@ -339,44 +320,114 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   speakers = server_speakers if which == "server" else client_speakers
   if not speakers:
     raise ConfigError("config field baseline.data='server' needs data.server_speakers > 0")
-  policy = build.policy_from_config(
-    build.resolve_pruning(cfg.pruning), model.config.d_model // model.config.conv_groups
-  )
+  pcfg = build.resolve_pruning(cfg.pruning.to_dict())
+  policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
   per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
-  steps = cfg.rounds * per_round
-  client = rounds.resolve_config(cfg.to_dict())["client"]
-  params, mask, history = centralized_lib.train(
+  data = centralized_lib.ServerBatches(
+    examples_of(train_fs, speakers),
+    cfg.baseline.batch_size,
+    cfg.data.num_buckets,
+    cfg.seed,
+    per_round,
+    label=which,
+  )
+  engine = _engine_config(cfg, workdir)
+  evals = task.EvalSplits(cfg)
+
+  def eval_fn(model_params, round_index):
+    del round_index
+    return evals.dev_metrics(model, model_params)
+
+  _start_log(cfg, workdir, engine, eval_fn, params)
+  # the optimizer of federated clients, named for program sharing
+  server = centralized_lib.ServerInputs(data, key=programs.config_key(engine["client"]))
+  fed_cfg = {**engine, "pruning": pcfg}
+  state, history = build.run_federated(
+    fed_cfg,
     loss_fn,
     params,
-    examples_of(train_fs, speakers),
-    steps=steps,
-    optimizer=rounds.make_client_optimizer(client),
-    optimizer_key=programs.config_key(client),
-    batch_size=cfg.baseline.batch_size,
-    num_buckets=cfg.data.num_buckets,
-    seed=cfg.seed,
-    policy=policy,
-    steps_per_round=per_round,
+    centralized_lib.SERVER_STORE,
+    eval_fn=eval_fn,
     progress=progress,
-    desc=f"centralized pruning ({which})",
+    policy=policy,
+    server=server,
   )
-  model_params = pruning.apply_mask(params, mask)
-  final = task.EvalSplits(cfg).evaluate_all(model, model_params)
-  summary = {
-    "algorithm": f"centralized_{which}",
-    "steps": steps,
+  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, server=server)
+  train = {
+    "steps": cfg.rounds * per_round,
     "steps_per_round": per_round,
     "speakers": len(speakers),
     "warm_start": warm_path,
-    "sparsity": float(pruning.sparsity(mask)),
-    "nonzero_params": int(pruning.param_count(params, mask)),
-    "num_params": conformer.count_params(params),
-    "preset": cfg.model.preset,
-    "params_sha256": io_utils.tree_sha256(params),
-    "mask_sha256": io_utils.tree_sha256(mask),
   }
+  return _finish_run(cfg, workdir, model, evals, algorithm, state, history, train)
+
+
+def _engine_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The resolved engine config of a run in ``workdir``: its log, round checkpoints and
+  TensorBoard scalars there."""
+  engine = rounds.resolve_config(cfg.to_dict())
+  engine.update(
+    log_path=str(workdir / "metrics.jsonl"),
+    checkpoint_dir=str(workdir / "rounds"),
+    tensorboard_dir=str(workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
+  )
+  return engine
+
+
+def _start_log(cfg, workdir: pathlib.Path, engine: dict, eval_fn, params) -> None:
+  """A run's log before its rounds: afresh unless a round checkpoint resumes, with the starting
+  point's evaluation (``rounds_completed=0``) when ``eval_every`` is set, so the log shows what
+  the rounds changed."""
+  log = workdir / "metrics.jsonl"
+  if not saved_rounds(workdir / "rounds"):
+    log.unlink(missing_ok=True)  # no checkpoint to resume: the log starts afresh
+  if cfg.eval_every and not log.exists():
+    with io_utils.JsonlLogger(
+      log, engine["tensorboard_dir"], step_key="rounds_completed"
+    ) as logger:
+      start = eval_fn(params, 0)
+      logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
+
+
+COST_KEYS = (  # the last round's per-client costs, in the summary of a pruning run
+  "bytes_down_masked",
+  "bytes_down_dense",
+  "bytes_up",
+  "bytes_down_sent",
+  "bytes_up_sent",
+  "client_train_memory_bytes",
+  "client_flops_per_step",
+)
+
+
+def _finish_run(cfg, workdir, model, evals, algorithm, state, history, train: dict) -> dict:
+  """Every run's summary and saves (``job.run`` and ``job.run_baseline``): final dev/test of
+  ``algorithm.model_params(state)``, the summary (``train`` first, then the algorithm's name,
+  rounds, sizes, hashes, compilations; with a mask its sparsity, hash and costs, and
+  ``mask.npz``), then ``finish``."""
+  model_params = algorithm.model_params(state)
+  final = evals.evaluate_all(model, model_params)
+  mask = getattr(state, "mask", None)  # None: the algorithm has no mask
+  summary = {
+    "rounds": int(state.round),
+    "algorithm": algorithm.name,
+    **train,
+    "num_params": conformer.count_params(state.params),
+    "nonzero_params": int(pruning.param_count(state.params, mask)),
+    "preset": cfg.model.preset,
+    "params_sha256": io_utils.tree_sha256(state.params),
+    **_compile_summary(history),
+  }
+  if mask is not None:
+    summary.update(
+      sparsity=float(pruning.sparsity(mask)),
+      mask_sha256=io_utils.tree_sha256(mask),
+      **costs_lib.totals(history),
+    )
+    if any("bytes_down_dense" in h for h in history):  # clients' costs (not the server's)
+      summary.update({f"last_{k}": history[-1].get(k) for k in COST_KEYS})
+    pruning.save_mask(workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
-  pruning.save_mask(workdir / "mask.npz", mask)
   return finish(workdir, result, model_params)
 
 

@@ -4,6 +4,8 @@ centralized pruning baseline equals a brute-force loop of the federated mask rul
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,15 +56,50 @@ def test_dense_train_step_equals_a_plain_optax_loop():
     np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-  moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params0)))
+  moved = sum(
+    float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params0))
+  )
   assert moved > 0.0  # it trained
+
+
+def test_masked_step_freezes_pruned_values_and_trains_the_rest():
+  """The federated rule: the gradient is taken at apply_mask(params, mask); pruned values are
+  kept as they were (frozen), kept ones move."""
+  cfg = _micro_cfg("tiny_centralized")
+  model = task.make_model(cfg)
+  loss_fn = task.make_training_loss(model, None)
+  batch = bench_step.synthetic_batch(4, 48, model.config.input_dim, seed=1, labels_len=16)
+  params = model.init(jax.random.key(0))
+  kernel = params["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
+  keep = jnp.asarray(np.arange(kernel.size).reshape(kernel.shape) % 2 == 1)
+  mask = jax.tree.map(lambda _: None, params)
+  mask["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"] = keep
+  tx = pruning.masked_optimizer(optax.adam(1e-2), mask, pruned="freeze")
+  p, s = params, tx.init(params)
+  step = jax.jit(functools.partial(centralized_lib.train_step, loss_fn, tx))
+  for i in range(3):
+    p, s, *_ = step(p, s, batch, jax.random.key(i), mask)
+  before, after = (
+    np.asarray(kernel),
+    np.asarray(p["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]),
+  )
+  np.testing.assert_array_equal(after[~np.asarray(keep)], before[~np.asarray(keep)])
+  assert np.all(np.abs(after - before)[np.asarray(keep)] > 0)
+  # the gradient was taken at the masked model: the reference gradient at apply_mask(params, mask)
+  _, ref = jax.value_and_grad(loss_fn, has_aux=True)(
+    pruning.apply_mask(p, mask), batch, jax.random.key(3)
+  )
+  _, _, _, _, got = step(p, s, batch, jax.random.key(3), mask)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 # --- the centralized pruning baseline -------------------------------------------------------------
 
 
-def reference_baseline(loss_fn, params, examples, optimizer, policy, *, rounds_, per_round, batch_size,
-                       num_buckets, seed):
+def reference_baseline(
+  loss_fn, params, examples, optimizer, policy, *, rounds_, per_round, batch_size, num_buckets, seed
+):
   """Brute force: ``rounds_ * per_round`` steps over the epochs' bucketed batches; at the start
   of every round the policy may update the mask (scores from the server's params, or the mean
   |g| since the last update); the model is apply_mask(params, mask) and the optimizer the
@@ -71,14 +108,20 @@ def reference_baseline(loss_fn, params, examples, optimizer, policy, *, rounds_,
   Returns (params, mask, [mask of every round])."""
   tx = pruning.masked_optimizer(optimizer, pruned="freeze")
   state, mask = tx.init(params), policy.init_mask(params)
-  boundaries = batching.bucket_boundaries(np.array([e.features.shape[0] for e in examples]), num_buckets)
+  boundaries = batching.bucket_boundaries(
+    np.array([e.features.shape[0] for e in examples]), num_buckets
+  )
   max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)
 
   def stream():
     epoch = 0
     while True:
       yield from batching.bucketed_batches(
-        examples, None, batch_size, boundaries, rng=np.random.default_rng([seed, epoch]),
+        examples,
+        None,
+        batch_size,
+        boundaries,
+        rng=np.random.default_rng([seed, epoch]),
         max_labels=max_labels,
       )
       epoch += 1
@@ -100,7 +143,9 @@ def reference_baseline(loss_fn, params, examples, optimizer, policy, *, rounds_,
     masks.append(mask)
     for s in range(per_round):
       step = r * per_round + s
-      _, g = grad(pruning.apply_mask(params, mask), next(batches), jax.random.fold_in(key, step + 1_000_003))
+      _, g = grad(
+        pruning.apply_mask(params, mask), next(batches), jax.random.fold_in(key, step + 1_000_003)
+      )
       updates, state = tx.update(g, state, params)
       params = optax.apply_updates(params, updates)
       absg = jax.tree.map(jnp.abs, g)
@@ -116,8 +161,15 @@ def test_centralized_baseline_equals_the_reference_loop(tiny_corpus, score, num_
   loss_fn = task.make_training_loss(model, dict(cfg.specaug))
   params = model.init(jax.random.key(0))
   pcfg = build.resolve_pruning(
-    {**cfg.pruning.to_dict(), "target_sparsity": 0.5, "pruning_rounds": 3, "update_every": 1,
-     "refining_rounds": 1, "refine_every": 1, "pattern": "unstructured"}
+    {
+      **cfg.pruning.to_dict(),
+      "target_sparsity": 0.5,
+      "pruning_rounds": 3,
+      "update_every": 1,
+      "refining_rounds": 1,
+      "refine_every": 1,
+      "pattern": "unstructured",
+    }
   )
   policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
   examples = task.load_train_split(cfg).examples()

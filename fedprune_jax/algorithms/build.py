@@ -338,9 +338,7 @@ def run_federated(
   cfg, policy = resolve(config, policy)
   if server is not None:
     cfg = centralized_lib.server_config(cfg)
-  algorithm, executors = _programs(
-    cfg, loss_fn, policy, initial_mask, compact_model, name, server
-  )
+  algorithm, executors = _programs(cfg, loss_fn, policy, initial_mask, compact_model, name, server)
   algorithm = with_round_costs(algorithm, round_costs)
   sampler = make_sampler(cfg, store)
   history: list[dict] = []

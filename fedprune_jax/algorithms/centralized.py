@@ -194,7 +194,12 @@ def server_config(cfg: dict) -> dict:
   """A resolved engine config (``rounds.resolve_config``) made to run on ``SERVER_STORE``: a
   cohort of one, chunks of one client on one device (no padding clients beside the server)."""
   engine = {**cfg["engine"], "chunk_size": 1, "num_devices": 1, "vmap_size": None}
-  return {**cfg, "cohort_size": 1, "sampling": "uniform", "engine": {**engine, "device_loop": False}}
+  return {
+    **cfg,
+    "cohort_size": 1,
+    "sampling": "uniform",
+    "engine": {**engine, "device_loop": False},
+  }
 
 
 class Sole(NamedTuple):

@@ -1,8 +1,10 @@
 """Centralized training of a Conformer ASR model: optax Adam(W) + warmup/cosine, clipping,
 SpecAugment, length-bucketed batches, periodic dev evaluation, final dev/test WER.
 
-The step takes an optional mask pytree so pruned weights stay exactly zero (the centralized
-pruning baseline, ``algorithms.centralized``, uses it). Data, model, loss and evaluation come from
+The step is the project's one training step (``algorithms.centralized.train_step``, here without a
+mask: dense training; the centralized pruning baseline and the warm start run the same step with
+the federated mask rule), the batches its one stream of length-bucketed epochs
+(``algorithms.centralized.batch_stream``). Data, model, loss and evaluation come from
 ``fedprune_jax.task``.
 """
 
@@ -21,10 +23,10 @@ import optax
 from fedprune_jax import io_utils
 from fedprune_jax import task
 from fedprune_jax import workdir as workdir_lib
+from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.data import batching
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
-from fedprune_jax.pruning.masks import apply_mask
 
 Params = Any
 
@@ -32,23 +34,16 @@ Params = Any
 def make_train_step(
   model: asr.AsrModel, optimizer: optax.GradientTransformation, specaug: dict | None
 ) -> Callable:
-  """Returns a jitted ``step(params, opt_state, batch, rng, mask=None) -> (params, opt_state, metrics)``.
-
-  ``mask`` (optional pytree of {0,1} arrays or None leaves, the params' structure) keeps pruned
-  weights exactly zero: gradients and updates are masked.
-  """
+  """Returns a jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``
+  (dense: ``centralized.train_step`` without a mask; params and opt_state are donated)."""
   loss_fn = task.make_training_loss(model, specaug)
 
-  def step(params, opt_state, batch, rng, mask=None):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
-    grads = apply_mask(grads, mask)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = apply_mask(optax.apply_updates(params, updates), mask)
-    return (
-      params,
-      opt_state,
-      {"loss": loss, "grad_norm": optax.tree.norm(grads), "num_examples": aux["num_examples"]},
+  def step(params, opt_state, batch, rng):
+    params, opt_state, loss, aux, grads = centralized_lib.train_step(
+      loss_fn, optimizer, params, opt_state, batch, rng
     )
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, {**metrics, "num_examples": aux["num_examples"]}
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -83,21 +78,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   specaug = dict(cfg.specaug) if cfg.train.spec_augment else None
   train_step = make_train_step(model, optimizer, specaug)
 
-  examples = train_fs.examples()
-  ids = [str(u) for u in train_fs.utt_ids]
-  boundaries = batching.bucket_boundaries(train_fs.num_frames, cfg.data.num_buckets)
-  max_labels = batching.round_up(int(train_fs.num_labels.max()), 16)
-
-  def epoch_batches(epoch: int):
-    return batching.bucketed_batches(
-      examples,
-      ids,
-      cfg.data.batch_size,
-      boundaries,
-      rng=np.random.default_rng([cfg.seed, epoch]),
-      max_labels=max_labels,
-    )
-
+  batches = centralized_lib.batch_stream(
+    train_fs.examples(),
+    cfg.data.batch_size,
+    batching.bucket_boundaries(train_fs.num_frames, cfg.data.num_buckets),
+    cfg.seed,
+    max_labels=batching.round_up(int(train_fs.num_labels.max()), 16),
+    ids=[str(u) for u in train_fs.utt_ids],
+  )
   history = []
   step, epoch, train_seconds = 0, 0, 0.0
   budget_s = cfg.train.max_minutes * 60.0
@@ -107,16 +95,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, *, progress: bool = True)
   tensorboard = workdir / "tensorboard" if cfg.get("tensorboard", True) else None
   log = io_utils.JsonlLogger(workdir / "metrics.jsonl", tensorboard_dir=tensorboard)
   bar = tqdm(total=cfg.train.steps, desc="train", unit="step", disable=not progress)
-  batches = epoch_batches(epoch)
   stop_reason = "steps"
   t_start = time.perf_counter()
   while step < cfg.train.steps:
-    try:
-      batch = next(batches)
-    except StopIteration:
-      epoch += 1
-      batches = epoch_batches(epoch)
-      continue
+    epoch, batch = next(batches)
     # Dispatch is asynchronous: the host pads the next batch while the device runs this step.
     params, opt_state, m = train_step(params, opt_state, batch, jax.random.fold_in(rng, step + 1))
     pending.append(m)
