@@ -99,7 +99,7 @@ def test_a_registered_third_algorithm_runs_through_the_round_driver_unchanged():
 
 
 def test_algorithms_are_looked_up_by_name():
-  assert {"fedavg", "fedadam", "fedyogi", "fedprune"} <= set(registry.names())
+  assert {"fedavg", "fedadam", "fedyogi", "fedprune", "centralized"} <= set(registry.names())
   cfg = build.rounds.resolve_config({"server": {"optimizer": "yogi"}})
   assert build.algorithm_name(cfg, None) == "fedyogi"
   alg = build.build_algorithm(cfg, toy.make_loss_fn())
@@ -107,3 +107,5 @@ def test_algorithms_are_looked_up_by_name():
   assert not hasattr(alg.init(toy.init_params(jax.random.key(0), 4, 3), 0), "mask")
   with pytest.raises(ConfigError, match="unknown federated algorithm 'nope'"):
     build.build_algorithm(cfg, toy.make_loss_fn(), name="nope")
+  with pytest.raises(ConfigError, match="algorithm 'centralized' trains on the server's data"):
+    build.build_algorithm(cfg, toy.make_loss_fn(), name="centralized")

@@ -102,6 +102,15 @@ def test_federated_pruning_job_resume_eval_and_baseline(tiny_corpus, tmp_path, c
   assert b["algorithm"] == "centralized_server" and b["steps"] == 8 and b["steps_per_round"] == 2
   assert abs(b["sparsity"] - 0.5) < 0.01
   assert b["warm_start"] == str(workdir / "warm_start")
+  # it ran on the round driver: per-round records, evaluations, round checkpoints
+  base_log = read_jsonl(base / "metrics.jsonl")
+  base_rounds = [r for r in base_log if "round" in r]
+  assert [r["round"] for r in base_rounds] == [0, 1, 2, 3]
+  assert [r["client_path"] for r in base_rounds] == ["server"] * 4
+  assert [r["sum_num_steps"] for r in base_rounds] == [2.0] * 4
+  assert ["eval_dev_wer" in r for r in base_rounds] == [False, True, False, True]
+  assert (base / "rounds").is_dir() and (base / "mask.npz").exists()
+  assert b["rounds"] == 4 and b["algorithm"] == "centralized_server"
   saved = task.load_run_config(base)
   assert build.policy_from_config(build.resolve_pruning(saved.pruning)) == policy
 
