@@ -23,10 +23,11 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any, Collection
+from typing import Any, Callable, Collection, NamedTuple
 
 import jax
 import ml_collections
@@ -46,6 +47,7 @@ from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
+from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.pruning import compaction
@@ -53,13 +55,21 @@ from fedprune_jax.pruning import compaction
 PyTree = Any
 
 
+class SpeakerSplit(NamedTuple):
+  """The train split's speakers: the server's (warm start, centralized baseline) and the
+  clients' (one client each); both sorted."""
+
+  server: list[str]
+  clients: list[str]
+
+
 def split_speakers(
   train_fs: batching.FeatureSet,
   num_server: int,
   seed: int,
   eligible: Collection[str] | None = None,
-):
-  """(server-side speakers, client speakers): a seeded split of the train split's speakers.
+) -> SpeakerSplit:
+  """A seeded split of the train split's speakers into server-side and client speakers.
 
   Args:
     eligible: the speakers the server's speakers are drawn from (e.g. those of a few accents:
@@ -75,7 +85,7 @@ def split_speakers(
     )
   order = np.random.default_rng([seed, 7]).permutation(len(pool))
   server = sorted(pool[i] for i in order[:num_server])
-  return server, [n for n in names if n not in set(server)]
+  return SpeakerSplit(server, [n for n in names if n not in set(server)])
 
 
 def server_eligible(cfg: ml_collections.ConfigDict) -> list[str] | None:
@@ -114,7 +124,17 @@ def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerCli
   )
 
 
-def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress):
+class WarmStart(NamedTuple):
+  """The params a run starts from and where they were saved (None: no warm start, ``params``
+  are the initialization)."""
+
+  params: PyTree
+  path: str | None
+
+
+def warm_start(
+  cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
+) -> WarmStart:
   """Params after ``warm_start.steps`` centralized steps on the server-side speakers.
 
   Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
@@ -124,14 +144,14 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   """
   ws = cfg.get("warm_start")
   if not ws or not ws.steps:
-    return params, None
+    return WarmStart(params, None)
   if not server_speakers:
     raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
   path = run_inputs.warm_start_path(cfg, workdir)
   if path.exists():
     run_inputs.check_warm_start_record(path, cfg)
     try:
-      return task.restore_params(path, params), str(path)
+      return WarmStart(task.restore_params(path, params), str(path))
     except Exception as e:  # pylint: disable=broad-except  (any orbax failure: not this model's)
       raise run_inputs.restore_error(path, e) from e
   seed = cfg.seed if ws.get("seed") is None else ws.seed
@@ -161,7 +181,7 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
     path.with_name(path.name + ".json"),
     {"history": history, "inputs": run_inputs.warm_start_inputs(cfg)},
   )
-  return params, str(path)
+  return WarmStart(params, str(path))
 
 
 def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
@@ -188,9 +208,22 @@ def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
   return dev
 
 
-def _setup(cfg: ml_collections.ConfigDict, progress: bool):
-  """What the federated job and its centralized baseline share: workdir, model, loss, the train
-  split, its server/client speaker split and the (cached) warm start."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the federated job and its centralized baseline share (``_setup``)."""
+
+  workdir: pathlib.Path
+  model: asr.AsrModel
+  loss_fn: Callable  # the training loss (``task.make_training_loss``), shared per process
+  params: PyTree  # the warm start's params, else the initialization (seeded by ``cfg.seed``)
+  train_fs: batching.FeatureSet
+  speakers: SpeakerSplit
+  warm_path: str | None  # where the warm start is saved (None: none)
+
+
+def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
+  """The workdir, model, loss, the train split, its server/client speaker split and the
+  (cached) warm start of a run."""
   workdir = pathlib.Path(cfg.workdir)
   model = task.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
@@ -204,16 +237,14 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   )
   train_fs = task.load_train_split(cfg)
   split_seed = cfg.data.get("split_seed")
-  server_speakers, client_speakers = split_speakers(
+  speakers = split_speakers(
     train_fs,
     cfg.data.get("server_speakers", 0),
     cfg.seed if split_seed is None else split_seed,
     server_eligible(cfg),
   )
-  params, warm_path = warm_start(
-    cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
-  )
-  return workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path
+  warm = warm_start(cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress)
+  return Setup(workdir, model, loss_fn, warm.params, train_fs, speakers, warm.path)
 
 
 def _check_inputs(cfg, model, params, workdir: pathlib.Path) -> None:
@@ -230,47 +261,49 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
   and dev/test at the end. ``fresh=True`` discards the workdir's run state first
   (``workdir.claimed``: the workdir is locked and must hold a run of this config)."""
-  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
-    cfg, progress
-  )
-  store = make_store(cfg, train_fs, client_speakers)
+  setup = _setup(cfg, progress)
+  store = make_store(cfg, setup.train_fs, setup.speakers.clients)
   evals = task.EvalSplits(cfg)
-  warm_dev = warm_start_dev(warm_path, lambda: evals.dev_metrics(model, params))
+  warm_dev = warm_start_dev(setup.warm_path, lambda: evals.dev_metrics(setup.model, setup.params))
 
   def eval_fn(model_params, round_index):
     del round_index
-    return evals.dev_metrics(model, model_params)
+    return evals.dev_metrics(setup.model, model_params)
 
   raw = cfg.to_dict()
   engine = rounds.resolve_config(raw)
   engine.update(
-    log_path=str(workdir / "metrics.jsonl"),
-    checkpoint_dir=str(workdir / "rounds"),
-    tensorboard_dir=str(workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
+    log_path=str(setup.workdir / "metrics.jsonl"),
+    checkpoint_dir=str(setup.workdir / "rounds"),
+    tensorboard_dir=str(setup.workdir / "tensorboard") if cfg.get("tensorboard", True) else None,
   )
   pcfg = build.resolve_pruning(raw.get("pruning"))
   policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
-    compact_model = _compact_model(cfg, model, loss_fn, store)
-    policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
-    round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
-    initial_mask = run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
-  log = workdir / "metrics.jsonl"
-  if not saved_rounds(workdir / "rounds"):
+    compact_model = _compact_model(cfg, setup.model, setup.loss_fn, store)
+    policy = build.policy_from_config(
+      pcfg, setup.model.config.d_model // setup.model.config.conv_groups
+    )
+    round_costs = _round_costs(cfg, setup.model, setup.loss_fn, setup.params, store, policy, engine)
+    initial_mask = run_inputs.initial_mask(
+      pcfg, run_inputs.prunable_mask(pcfg, policy, setup.params)
+    )
+  log = setup.workdir / "metrics.jsonl"
+  if not saved_rounds(setup.workdir / "rounds"):
     log.unlink(missing_ok=True)  # no checkpoint to resume: the log starts afresh
   if cfg.eval_every and not log.exists():
     # the starting point, so the log shows what the rounds changed
     with io_utils.JsonlLogger(
       log, engine["tensorboard_dir"], step_key="rounds_completed"
     ) as logger:
-      start = eval_fn(params, 0)
+      start = eval_fn(setup.params, 0)
       logger.log(rounds_completed=0, **{f"eval_{k}": v for k, v in start.items()})
   fed_cfg = {**engine, "pruning": pcfg}
-  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, initial_mask, compact_model)
+  algorithm = build.model_algorithm(fed_cfg, setup.loss_fn, policy, initial_mask, compact_model)
   state, history = build.run_federated(
     fed_cfg,
-    loss_fn,
-    params,
+    setup.loss_fn,
+    setup.params,
     store,
     eval_fn=eval_fn,
     progress=progress,
@@ -280,14 +313,14 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     compact_model=compact_model,
   )
   algorithm_params = algorithm.model_params(state)
-  final = evals.evaluate_all(model, algorithm_params)
+  final = evals.evaluate_all(setup.model, algorithm_params)
   mask = getattr(state, "mask", None)  # None: the algorithm has no mask
   summary = {
     "rounds": int(state.round),
     "algorithm": algorithm.name,
     "num_clients": store.num_clients,
-    "server_speakers": len(server_speakers),
-    "warm_start": warm_path,
+    "server_speakers": len(setup.speakers.server),
+    "warm_start": setup.warm_path,
     # the starting point's dev WER: the report's regime gate compares the dense run with it
     "warm_start_dev_wer": warm_dev and warm_dev["dev_wer"],
     "padding_fraction": store.padding_fraction(),
@@ -315,9 +348,9 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
       "client_flops_per_step",
     ):
       summary[f"last_{key}"] = history[-1].get(key) if history else None
-    pruning.save_mask(workdir / "mask.npz", mask)
+    pruning.save_mask(setup.workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
-  return finish(workdir, result, algorithm_params)
+  return finish(setup.workdir, result, algorithm_params)
 
 
 @workdir_lib.claimed
@@ -330,25 +363,23 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   server-side speakers (``baseline.data='server'``) or on all clients' data pooled
   (``'pooled'``, the non-private upper bound). Writes ``results.json`` like the federated job.
   """
-  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
-    cfg, progress
-  )
+  setup = _setup(cfg, progress)
   which = cfg.baseline.data
   if which not in ("server", "pooled"):
     raise ConfigError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
-  speakers = server_speakers if which == "server" else client_speakers
+  speakers = setup.speakers.server if which == "server" else setup.speakers.clients
   if not speakers:
     raise ConfigError("config field baseline.data='server' needs data.server_speakers > 0")
   policy = build.policy_from_config(
-    build.resolve_pruning(cfg.pruning), model.config.d_model // model.config.conv_groups
+    build.resolve_pruning(cfg.pruning), setup.model.config.d_model // setup.model.config.conv_groups
   )
   per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
   steps = cfg.rounds * per_round
   client = rounds.resolve_config(cfg.to_dict())["client"]
   params, mask, history = centralized_lib.train(
-    loss_fn,
-    params,
-    examples_of(train_fs, speakers),
+    setup.loss_fn,
+    setup.params,
+    examples_of(setup.train_fs, speakers),
     steps=steps,
     optimizer=rounds.make_client_optimizer(client),
     optimizer_key=programs.config_key(client),
@@ -361,13 +392,13 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     desc=f"centralized pruning ({which})",
   )
   model_params = pruning.apply_mask(params, mask)
-  final = task.EvalSplits(cfg).evaluate_all(model, model_params)
+  final = task.EvalSplits(cfg).evaluate_all(setup.model, model_params)
   summary = {
     "algorithm": f"centralized_{which}",
     "steps": steps,
     "steps_per_round": per_round,
     "speakers": len(speakers),
-    "warm_start": warm_path,
+    "warm_start": setup.warm_path,
     "sparsity": float(pruning.sparsity(mask)),
     "nonzero_params": int(pruning.param_count(params, mask)),
     "num_params": conformer.count_params(params),
@@ -376,8 +407,8 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     "mask_sha256": io_utils.tree_sha256(mask),
   }
   result = {"final": final, "train": summary, "history": history}
-  pruning.save_mask(workdir / "mask.npz", mask)
-  return finish(workdir, result, model_params)
+  pruning.save_mask(setup.workdir / "mask.npz", mask)
+  return finish(setup.workdir, result, model_params)
 
 
 def finish(workdir: pathlib.Path, result: dict, model_params) -> dict:
