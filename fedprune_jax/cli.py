@@ -7,7 +7,6 @@ instant and the core never imports TensorFlow.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import pathlib
 import signal
 import sys
 import threading
-import time
 from typing import Callable, Sequence
 
 
@@ -75,15 +73,8 @@ def _load(args: argparse.Namespace, writes_workdir: bool = True):
 def cmd_corpus_synth(args: argparse.Namespace) -> int:
   from fedprune_jax.data import synth
 
-  sizes = {
-    k: v
-    for k, v in (
-      ("speakers", args.speakers),
-      ("utterances", args.utterances),
-      ("vocab_size", args.vocab_size),
-    )
-    if v is not None
-  }
+  # sizes not given on the command line are absent (argparse.SUPPRESS): the library's defaults
+  sizes = {k: getattr(args, k) for k in ("speakers", "utterances", "vocab_size") if k in args}
   out = synth.synthesize_corpus(
     args.out, seed=args.seed, workers=args.workers, progress=not args.quiet, **sizes
   )
@@ -93,21 +84,9 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 
 def cmd_corpus_stats(args: argparse.Namespace) -> int:
   from fedprune_jax.data import librispeech
-  from fedprune_jax.data.records import CorpusError
 
-  root = pathlib.Path(args.dir)
-  if not root.is_dir():
-    what = "does not exist" if not root.exists() else "is not a directory"
-    raise CorpusError(f"corpus directory {str(root)!r} {what}")
-  is_split = next(root.glob("*/*/*.trans.txt"), None) is not None
-  # A corpus root holds split directories, plus hidden ones such as the feature cache.
-  split_dirs = (
-    [root]
-    if is_split
-    else sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-  )
   print(f"{'split':<12} {'speakers':>8} {'utterances':>10}")
-  for split_dir in split_dirs:
+  for split_dir in librispeech.corpus_splits(args.dir):
     infos = librispeech.scan_split(split_dir)
     speakers = {info.speaker_id for info in infos}
     print(f"{split_dir.name:<12} {len(speakers):>8} {len(infos):>10}")
@@ -138,10 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     raise InputError(f"--checkpoint {str(checkpoint)!r} {what} (pass a checkpoint directory)")
   # The run's own config (model preset and overrides) when the checkpoint sits in a workdir.
   workdir = pathlib.Path(args.workdir or checkpoint.absolute().parent)
-  try:
-    saved = task.load_run_config(workdir)
-  except ValueError as e:  # a truncated or hand-edited config.json
-    raise config_lib.ConfigError(f"{workdir / 'config.json'}: unreadable run config: {e}") from e
+  saved = task.load_run_config(workdir)  # ConfigError if config.json is unreadable
   if saved is not None and args.config is None:
     cfg = saved
     source = str(workdir / "config.json")
@@ -191,42 +167,13 @@ def cmd_fields(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
   """Synthesizes the embedded corpus, runs dense federated training and federated pruning from
   one warm start, prints the comparison table."""
-  from fedprune_jax import config as config_lib
-  from fedprune_jax import io_utils
+  from fedprune_jax import demo
   from fedprune_jax import job
 
-  cfg = config_lib.load_config("demo", args.overrides)
-  io_utils.ensure_writable_dir(args.workdir, "--workdir")
-  cfg.data.root = str(_embedded_corpus(cfg.data, args.data))
-  workdir = pathlib.Path(args.workdir)
-  cfg.warm_start.path = str(workdir / "warm_start")
-  cfg.warm_start.train_if_missing = True  # the first run trains it, the second reuses it
-  results = {}
-  for name in ("dense", "pruned"):
-    run_cfg = cfg.copy_and_resolve_references()
-    run_cfg.workdir = str(workdir / name)
-    if name == "dense":
-      run_cfg.pruning = None
-    print(f"\n== {name}: {run_cfg.rounds} federated rounds ==", file=sys.stderr)
-    results[name] = job.run(run_cfg, fresh=args.fresh)
+  results = demo.run(args.workdir, args.data, args.overrides, fresh=args.fresh)
   print()
   print(job.format_comparison(results))
   return 0
-
-
-def _embedded_corpus(data_cfg, data_dir: str) -> pathlib.Path:
-  """The embedded corpus a config describes (``data.synth_*``), synthesized under ``data_dir``
-  as ``synth_v<vocab>`` unless it is already there."""
-  from fedprune_jax.data import synth
-
-  return synth.synthesize_corpus(
-    pathlib.Path(data_dir) / f"synth_v{data_cfg.synth_vocab_size}",
-    speakers=data_cfg.synth_speakers,
-    utterances=data_cfg.synth_utterances,
-    vocab_size=data_cfg.synth_vocab_size,
-    seed=data_cfg.synth_seed,
-    progress=True,
-  )
 
 
 # --- the paper's experiments --------------------------------------------------------------------
@@ -236,56 +183,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
   """Runs (resumes) experiments of the paper; prints the report of what is done."""
   from fedprune_jax import report
   from fedprune_jax import suite
-  from fedprune_jax import workers as workers_lib
 
-  names = suite.EXPERIMENTS if args.names == ["all"] else args.names
-  experiments = [suite.load_experiment(n, args.setting) for n in names]
-  if args.seeds is not None:
-    seeds = _parse_seeds(args.seeds)
-  else:
-    seeds = sorted({s for e in experiments for s in e.seeds[: 1 if args.quick else None]})
-  base = experiments[0].base
-  root_set = any(o.startswith("data.root=") for o in args.overrides)
-  embedded = "synth_vocab_size" in base.data and not root_set
-  for experiment in experiments:  # every run's config (and the corpus) checked before any run
-    suite.check_experiment(
-      experiment,
-      args.runs,
-      quick=args.quick,
-      seeds=[s for s in seeds if s in experiment.seeds or args.seeds],
-      data_root=args.data,
-      overrides=args.overrides,
-      check_data=not embedded,
-    )
-  data_root = args.data
-  if embedded:
-    # the small setting's corpus is the embedded one: synthesized under --data if absent
-    data_root = str(_embedded_corpus(base.data, args.data or "data"))
-  # seed-major: every table gets its first seed before any gets a second (one table: all its
-  # seeds in one call, so workers never wait for a seed to finish)
-  seed_groups = [seeds] if len(experiments) == 1 else [[s] for s in seeds]
-  failed_by_experiment = {}  # of the latest index of each experiment (it covers every seed)
-  runner = functools.partial(suite.default_runner, progress=args.workers == 1)
-  start = time.monotonic()
-  with workers_lib.RunPool(runner, args.workers) as pool:
-    for group in seed_groups:
-      for experiment in experiments:
-        group_seeds = [s for s in group if s in experiment.seeds or args.seeds]
-        if not group_seeds:
-          continue
-        index = suite.run_experiment(
-          experiment,
-          args.runs,
-          quick=args.quick,
-          seeds=group_seeds,
-          data_root=data_root,
-          overrides=args.overrides,
-          pool=pool,
-        )
-        failed_by_experiment[experiment.name] = sum(r["state"] == "failed" for r in index["runs"])
-  print(
-    f"{', '.join(names)}: {(time.monotonic() - start) / 60:.1f} min with {args.workers} worker(s)",
-    file=sys.stderr,
+  failed_by_experiment = suite.run_experiments(
+    suite.EXPERIMENTS if args.names == ["all"] else args.names,
+    args.runs,
+    setting=args.setting,
+    quick=args.quick,
+    seeds=None if args.seeds is None else _parse_seeds(args.seeds),
+    data_root=args.data,
+    overrides=args.overrides,
+    workers=args.workers,
   )
   failed = sum(failed_by_experiment.values())
   print(report.render(args.runs, args.report_dir))
@@ -338,15 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     "--out", required=True, help="output root (gets train/ dev/ test/ SPEAKERS.TXT)"
   )
   synth_p.add_argument(
-    "--speakers", type=int, default=None, help="number of speakers (default: 48)"
+    "--speakers", type=int, default=argparse.SUPPRESS, help="number of speakers (default: 48)"
   )
   synth_p.add_argument(
-    "--utterances", type=int, default=None, help="utterances per speaker (default: 40)"
+    "--utterances", type=int, default=argparse.SUPPRESS, help="utterances per speaker (default: 40)"
   )
   synth_p.add_argument(
     "--vocab-size",
     type=int,
-    default=None,
+    default=argparse.SUPPRESS,
     help="words in the Zipfian vocabulary (default: 2000; e.g. 30 for a quick-to-learn corpus)",
   )
   synth_p.add_argument("--seed", type=int, default=0)

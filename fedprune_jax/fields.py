@@ -12,8 +12,9 @@
 
 A field whose value always comes from a config file (``data.root``, ``optim.peak_lr``, ...) has
 no library default (``NO_DEFAULT``). To add a field: one row here, then read it where it is used.
-This module imports nothing from the package but ``errors`` (choices defined next to their
-implementation, such as Conformer presets, are callables imported only when checked).
+This module imports from the package only ``errors`` and ``pruning.spec`` (the pruning library's
+config-level values: default prunable paths, allocation strings); choices defined next to their
+implementation, such as Conformer presets, are callables imported only when checked.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 from typing import Any, Callable, Collection
 
 from fedprune_jax.errors import ConfigError
+from fedprune_jax.pruning.spec import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, parse_allocation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +171,7 @@ def _parse_error(parse: Callable[[str], Any], value: str) -> str | None:
 
 
 def _allocation_error(value: str) -> str | None:
-  from fedprune_jax.pruning import allocation  # pylint: disable=g-import-not-at-top
-
-  return _parse_error(allocation.parse_allocation, value)
+  return _parse_error(parse_allocation, value)
 
 
 def _pattern_error(value: str) -> str | None:
@@ -191,17 +191,6 @@ def _regexes_error(values: Any) -> str | None:
     except re.error as e:
       return f"must be path regexes: {pattern!r} is not one ({e})"
   return None
-
-
-# Params prunable by default (``pruning.include``/``exclude``, ``pruning.masks``): kernels of
-# Dense / Conv layers, except the output layer, embeddings and anything that is a norm.
-PRUNE_INCLUDE: tuple[str, ...] = (r"(^|/)kernel$",)
-PRUNE_EXCLUDE: tuple[str, ...] = (
-  r"(^|/)ctc_head/",
-  r"(^|/)output(_layer)?/",
-  r"(^|/)embed[^/]*/",
-  r"norm[^/]*/",
-)
 
 
 # --- allowed names (implementations import these) ------------------------------------------------
@@ -407,11 +396,11 @@ FIELDS: dict[str, Spec] = {
   ),
   "pruning.mask_path": S(STRING, "", "a mask.npz to train with, frozen, from round 0"),
   "pruning.include": S(
-    Field("strs", check=_regexes_error), PRUNE_INCLUDE, "path regexes of the prunable params"
+    Field("strs", check=_regexes_error), DEFAULT_INCLUDE, "path regexes of the prunable params"
   ),
   "pruning.exclude": S(
     Field("strs", check=_regexes_error),
-    PRUNE_EXCLUDE,
+    DEFAULT_EXCLUDE,
     "path regexes left dense (e.g. pruning.STRUCTURED_EXCLUDE)",
   ),
 }

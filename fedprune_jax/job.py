@@ -23,9 +23,10 @@ a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-from typing import Any, Collection
+from typing import Any, Callable, Collection, NamedTuple
 
 import jax
 import ml_collections
@@ -45,6 +46,7 @@ from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.federated.speakers import SpeakerClientStore
+from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.pruning import compaction
@@ -52,13 +54,21 @@ from fedprune_jax.pruning import compaction
 PyTree = Any
 
 
+class SpeakerSplit(NamedTuple):
+  """The train split's speakers: the server's (warm start, centralized baseline) and the
+  clients' (one client each); both sorted."""
+
+  server: list[str]
+  clients: list[str]
+
+
 def split_speakers(
   train_fs: batching.FeatureSet,
   num_server: int,
   seed: int,
   eligible: Collection[str] | None = None,
-):
-  """(server-side speakers, client speakers): a seeded split of the train split's speakers.
+) -> SpeakerSplit:
+  """A seeded split of the train split's speakers into server-side and client speakers.
 
   Args:
     eligible: the speakers the server's speakers are drawn from (e.g. those of a few accents:
@@ -74,7 +84,7 @@ def split_speakers(
     )
   order = np.random.default_rng([seed, 7]).permutation(len(pool))
   server = sorted(pool[i] for i in order[:num_server])
-  return server, [n for n in names if n not in set(server)]
+  return SpeakerSplit(server, [n for n in names if n not in set(server)])
 
 
 def server_eligible(cfg: ml_collections.ConfigDict) -> list[str] | None:
@@ -113,10 +123,20 @@ def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerCli
   )
 
 
+class WarmStart(NamedTuple):
+  """The params a run starts from and where they were saved (None: no warm start, ``params``
+  are the initialization)."""
+
+  params: PyTree
+  path: str | None
+
+
 WARM_START_ROUND = 25  # warm-start steps a record of its history (without warm_start.eval_every)
 
 
-def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress):
+def warm_start(
+  cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
+) -> WarmStart:
   """Params after ``warm_start.steps`` centralized steps on the server-side speakers (dense
   ``centralized`` training through the round driver: a round of ``warm_start.eval_every`` steps,
   else of ``WARM_START_ROUND``, one history record each).
@@ -128,14 +148,14 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
   """
   ws = cfg.get("warm_start")
   if not ws or not ws.steps:
-    return params, None
+    return WarmStart(params, None)
   if not server_speakers:
     raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
   path = run_inputs.warm_start_path(cfg, workdir)
   if path.exists():
     run_inputs.check_warm_start_record(path, cfg)
     try:
-      return task.restore_params(path, params), str(path)
+      return WarmStart(task.restore_params(path, params), str(path))
     except Exception as e:  # pylint: disable=broad-except  (any orbax failure: not this model's)
       raise run_inputs.restore_error(path, e) from e
   seed = cfg.seed if ws.get("seed") is None else ws.seed
@@ -182,7 +202,7 @@ def warm_start(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, 
     path.with_name(path.name + ".json"),
     {"history": history, "inputs": run_inputs.warm_start_inputs(cfg)},
   )
-  return params, str(path)
+  return WarmStart(params, str(path))
 
 
 def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
@@ -209,9 +229,22 @@ def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
   return dev
 
 
-def _setup(cfg: ml_collections.ConfigDict, progress: bool):
-  """What the federated job and its centralized baseline share: workdir, model, loss, the train
-  split, its server/client speaker split and the (cached) warm start."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the federated job and its centralized baseline share (``_setup``)."""
+
+  workdir: pathlib.Path
+  model: asr.AsrModel
+  loss_fn: Callable  # the training loss (``task.make_training_loss``), shared per process
+  params: PyTree  # the warm start's params, else the initialization (seeded by ``cfg.seed``)
+  train_fs: batching.FeatureSet
+  speakers: SpeakerSplit
+  warm_path: str | None  # where the warm start is saved (None: none)
+
+
+def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
+  """The workdir, model, loss, the train split, its server/client speaker split and the
+  (cached) warm start of a run."""
   workdir = pathlib.Path(cfg.workdir)
   model = task.make_model(cfg)
   params = model.init(jax.random.key(cfg.seed))
@@ -225,16 +258,14 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool):
   )
   train_fs = task.load_train_split(cfg)
   split_seed = cfg.data.get("split_seed")
-  server_speakers, client_speakers = split_speakers(
+  speakers = split_speakers(
     train_fs,
     cfg.data.get("server_speakers", 0),
     cfg.seed if split_seed is None else split_seed,
     server_eligible(cfg),
   )
-  params, warm_path = warm_start(
-    cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
-  )
-  return workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path
+  warm = warm_start(cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress)
+  return Setup(workdir, model, loss_fn, warm.params, train_fs, speakers, warm.path)
 
 
 def _check_inputs(cfg, model, params, workdir: pathlib.Path) -> None:
@@ -251,33 +282,35 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   """Runs (or resumes) ``cfg.rounds`` rounds; evaluates dev WER every ``cfg.eval_every`` rounds
   and dev/test at the end. ``fresh=True`` discards the workdir's run state first
   (``workdir.claimed``: the workdir is locked and must hold a run of this config)."""
-  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
-    cfg, progress
-  )
-  store = make_store(cfg, train_fs, client_speakers)
+  setup = _setup(cfg, progress)
+  store = make_store(cfg, setup.train_fs, setup.speakers.clients)
   evals = task.EvalSplits(cfg)
-  warm_dev = warm_start_dev(warm_path, lambda: evals.dev_metrics(model, params))
+  warm_dev = warm_start_dev(setup.warm_path, lambda: evals.dev_metrics(setup.model, setup.params))
 
   def eval_fn(model_params, round_index):
     del round_index
-    return evals.dev_metrics(model, model_params)
+    return evals.dev_metrics(setup.model, model_params)
 
   raw = cfg.to_dict()
-  engine = _engine_config(cfg, workdir)
+  engine = _engine_config(cfg, setup.workdir)
   pcfg = build.resolve_pruning(raw.get("pruning"))
   policy, round_costs, initial_mask, compact_model = None, None, None, None
   if pcfg is not None:
-    compact_model = _compact_model(cfg, model, loss_fn, store)
-    policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
-    round_costs = _round_costs(cfg, model, loss_fn, params, store, policy, engine)
-    initial_mask = run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
-  _start_log(cfg, workdir, engine, eval_fn, params)
+    compact_model = _compact_model(cfg, setup.model, setup.loss_fn, store)
+    policy = build.policy_from_config(
+      pcfg, setup.model.config.d_model // setup.model.config.conv_groups
+    )
+    round_costs = _round_costs(cfg, setup.model, setup.loss_fn, setup.params, store, policy, engine)
+    initial_mask = run_inputs.initial_mask(
+      pcfg, run_inputs.prunable_mask(pcfg, policy, setup.params)
+    )
+  _start_log(cfg, setup.workdir, engine, eval_fn, setup.params)
   fed_cfg = {**engine, "pruning": pcfg}
-  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, initial_mask, compact_model)
+  algorithm = build.model_algorithm(fed_cfg, setup.loss_fn, policy, initial_mask, compact_model)
   state, history = build.run_federated(
     fed_cfg,
-    loss_fn,
-    params,
+    setup.loss_fn,
+    setup.params,
     store,
     eval_fn=eval_fn,
     progress=progress,
@@ -288,15 +321,15 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   )
   train = {
     "num_clients": store.num_clients,
-    "server_speakers": len(server_speakers),
-    "warm_start": warm_path,
+    "server_speakers": len(setup.speakers.server),
+    "warm_start": setup.warm_path,
     # the starting point's dev WER: the report's regime gate compares the dense run with it
     "warm_start_dev_wer": warm_dev and warm_dev["dev_wer"],
     "padding_fraction": store.padding_fraction(),
     "mean_clients_per_s": _mean(history, "clients_per_s"),
     "mean_examples_per_s": _mean(history, "examples_per_s"),
   }
-  return _finish_run(cfg, workdir, model, evals, algorithm, state, history, train)
+  return _finish_run(cfg, setup, evals, algorithm, state, history, train)
 
 
 @workdir_lib.claimed
@@ -311,55 +344,55 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   run by the round driver (``build.run_federated``), so it logs, evaluates, checkpoints, resumes
   and writes ``results.json`` like the federated job.
   """
-  workdir, model, loss_fn, params, train_fs, server_speakers, client_speakers, warm_path = _setup(
-    cfg, progress
-  )
+  setup = _setup(cfg, progress)
   which = cfg.baseline.data
   if which not in ("server", "pooled"):
     raise ConfigError(f"config field baseline.data={which!r}; expected 'server' or 'pooled'")
-  speakers = server_speakers if which == "server" else client_speakers
+  speakers = setup.speakers.server if which == "server" else setup.speakers.clients
   if not speakers:
     raise ConfigError("config field baseline.data='server' needs data.server_speakers > 0")
   pcfg = build.resolve_pruning(cfg.pruning.to_dict())
-  policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
+  policy = build.policy_from_config(
+    pcfg, setup.model.config.d_model // setup.model.config.conv_groups
+  )
   per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
   data = centralized_lib.ServerBatches(
-    examples_of(train_fs, speakers),
+    examples_of(setup.train_fs, speakers),
     cfg.baseline.batch_size,
     cfg.data.num_buckets,
     cfg.seed,
     per_round,
     label=which,
   )
-  engine = _engine_config(cfg, workdir)
+  engine = _engine_config(cfg, setup.workdir)
   evals = task.EvalSplits(cfg)
 
   def eval_fn(model_params, round_index):
     del round_index
-    return evals.dev_metrics(model, model_params)
+    return evals.dev_metrics(setup.model, model_params)
 
-  _start_log(cfg, workdir, engine, eval_fn, params)
+  _start_log(cfg, setup.workdir, engine, eval_fn, setup.params)
   # the optimizer of federated clients, named for program sharing
   server = centralized_lib.ServerInputs(data, key=programs.config_key(engine["client"]))
   fed_cfg = {**engine, "pruning": pcfg}
   state, history = build.run_federated(
     fed_cfg,
-    loss_fn,
-    params,
+    setup.loss_fn,
+    setup.params,
     centralized_lib.SERVER_STORE,
     eval_fn=eval_fn,
     progress=progress,
     policy=policy,
     server=server,
   )
-  algorithm = build.model_algorithm(fed_cfg, loss_fn, policy, server=server)
+  algorithm = build.model_algorithm(fed_cfg, setup.loss_fn, policy, server=server)
   train = {
     "steps": cfg.rounds * per_round,
     "steps_per_round": per_round,
     "speakers": len(speakers),
-    "warm_start": warm_path,
+    "warm_start": setup.warm_path,
   }
-  return _finish_run(cfg, workdir, model, evals, algorithm, state, history, train)
+  return _finish_run(cfg, setup, evals, algorithm, state, history, train)
 
 
 def _engine_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -400,13 +433,13 @@ COST_KEYS = (  # the last round's per-client costs, in the summary of a pruning 
 )
 
 
-def _finish_run(cfg, workdir, model, evals, algorithm, state, history, train: dict) -> dict:
+def _finish_run(cfg, setup: Setup, evals, algorithm, state, history, train: dict) -> dict:
   """Every run's summary and saves (``job.run`` and ``job.run_baseline``): final dev/test of
   ``algorithm.model_params(state)``, the summary (``train`` first, then the algorithm's name,
   rounds, sizes, hashes, compilations; with a mask its sparsity, hash and costs, and
   ``mask.npz``), then ``finish``."""
   model_params = algorithm.model_params(state)
-  final = evals.evaluate_all(model, model_params)
+  final = evals.evaluate_all(setup.model, model_params)
   mask = getattr(state, "mask", None)  # None: the algorithm has no mask
   summary = {
     "rounds": int(state.round),
@@ -426,9 +459,9 @@ def _finish_run(cfg, workdir, model, evals, algorithm, state, history, train: di
     )
     if any("bytes_down_dense" in h for h in history):  # clients' costs (not the server's)
       summary.update({f"last_{k}": history[-1].get(k) for k in COST_KEYS})
-    pruning.save_mask(workdir / "mask.npz", mask)
+    pruning.save_mask(setup.workdir / "mask.npz", mask)
   result = {"final": final, "train": summary, "history": history}
-  return finish(workdir, result, model_params)
+  return finish(setup.workdir, result, model_params)
 
 
 def finish(workdir: pathlib.Path, result: dict, model_params) -> dict:

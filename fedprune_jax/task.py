@@ -1,5 +1,6 @@
-"""The ASR task as both trainers see it: loading a split, the model, the training loss
-(SpecAugment, then dropout), evaluation splits, the run's workdir and params checkpoints.
+"""The ASR task as both trainers see it: loading a split (and synthesizing the embedded corpus),
+the model, the training loss (SpecAugment, then dropout), evaluation splits, the run's workdir
+and params checkpoints.
 
 Shared by the centralized trainer (``train.centralized``), the federated job
 (``job``) and the centralized pruning baseline, so all of them train and evaluate the
@@ -60,6 +61,21 @@ def load_train_split(cfg: ml_collections.ConfigDict, strict: bool = True) -> bat
   split = cfg.data.train_split
   where = f"tfds:{split}" if cfg.data.source == "tfds" else pathlib.Path(cfg.data.root) / split
   return alignable.check_alignable(load_split(cfg, split), cfg.model.head, where, strict=strict)
+
+
+def embedded_corpus(data_cfg: ml_collections.ConfigDict, data_dir: str) -> pathlib.Path:
+  """The embedded corpus a data config describes (``data.synth_*``), synthesized under
+  ``data_dir`` as ``synth_v<vocab>`` unless it is already there."""
+  from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
+
+  return synth.synthesize_corpus(
+    pathlib.Path(data_dir) / f"synth_v{data_cfg.synth_vocab_size}",
+    speakers=data_cfg.synth_speakers,
+    utterances=data_cfg.synth_utterances,
+    vocab_size=data_cfg.synth_vocab_size,
+    seed=data_cfg.synth_seed,
+    progress=True,
+  )
 
 
 def zip_featurized(utterances):
@@ -188,8 +204,12 @@ def evaluate_checkpoint(
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
-  """The resolved config a run recorded in ``workdir/config.json`` (None if there is none)."""
+  """The resolved config a run recorded in ``workdir/config.json`` (None if there is none);
+  ConfigError naming the file if it is unreadable (truncated or hand-edited)."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     return None
-  return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+  except ValueError as e:
+    raise errors.ConfigError(f"{path}: unreadable run config: {e}") from e

@@ -484,18 +484,19 @@ def test_killed_between_checkpoint_and_marker_then_suite_rerun(trained, tmp_path
   shutil.rmtree(a / "checkpoint")
   spec_b = suite.expand(kill_experiment(str(corpus)))[1]
   with pytest.raises(InputError, match=f"runs/{b_key}.*arm 'a'"):
-    suite._check_needs(spec_b, runs)  # pylint: disable=protected-access
+    suite.check_needs(spec_b, runs)
 
 
 def test_a_corrupt_suite_record_is_not_fatal(tmp_path):
   """Case 12: a corrupt ``suite.json`` (the suite's record of a run) crashed the suite."""
   from fedprune_jax import suite
+  from fedprune_jax import suite_index
 
   spec = suite.expand(kill_experiment("corpus"))[0]
   workdir = tmp_path / spec.dirname
   workdir.mkdir(parents=True)
   (workdir / "suite.json").write_text("{trunc")
-  entry = suite._entry(spec, tmp_path)  # pylint: disable=protected-access
+  entry = suite_index.entry(spec, tmp_path)
   assert entry["state"] == "pending" and entry["seconds"] is None
-  suite._record_seconds(workdir, 3.0)  # pylint: disable=protected-access
+  suite_index.record_seconds(workdir, 3.0)
   assert json.loads((workdir / "suite.json").read_text()) == {"seconds": 3.0}

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from fedprune_jax import io_utils
+from fedprune_jax.algorithms import centralized
 from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.bench import peak as peak_lib
 from fedprune_jax.models import asr
@@ -56,12 +57,15 @@ def synthetic_batch(
 
 
 def make_train_step(model: asr.AsrModel, optimizer: optax.GradientTransformation):
-  """(params, opt_state, batch, rng) -> (params, opt_state, loss); donated, jitted."""
+  """(params, opt_state, batch, rng) -> (params, opt_state, loss); donated, jitted (the
+  project's one training step, ``centralized.train_step``, on the model's loss, no SpecAugment)."""
 
   def step(params, opt_state, batch, rng):
-    (loss, _), grads = jax.value_and_grad(model.loss, has_aux=True)(params, batch, rng, True)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    loss_fn = lambda p, b, r: model.loss(p, b, r, True)  # noqa: E731
+    params, opt_state, loss, _, _ = centralized.train_step(
+      loss_fn, optimizer, params, opt_state, batch, rng
+    )
+    return params, opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
 

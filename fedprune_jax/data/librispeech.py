@@ -94,6 +94,18 @@ def speakers_of(split_dir: str | os.PathLike) -> list[str]:
   return [p.name for p in _subdirs(split_dir)]
 
 
+def corpus_splits(root: str | os.PathLike) -> list[Path]:
+  """The split directories under a corpus root (hidden ones, such as the feature cache, left
+  out), or ``[root]`` when ``root`` is itself one split directory; CorpusError if it is none."""
+  root = Path(root)
+  if not root.is_dir():
+    what = "does not exist" if not root.exists() else "is not a directory"
+    raise CorpusError(f"corpus directory {str(root)!r} {what}")
+  if next(root.glob("*/*/*.trans.txt"), None) is not None:
+    return [root]
+  return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def validate_text(text: str, where: str) -> str:
   """Returns ``text`` with whitespace runs collapsed; raises on bad chars."""
   text = " ".join(text.split())

@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedprune_jax import fields, io_utils
+from fedprune_jax import io_utils
 from fedprune_jax.errors import InputError
+from fedprune_jax.pruning.spec import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # noqa: F401  (re-exported)
 
 PyTree = Any
 
-DEFAULT_INCLUDE: tuple[str, ...] = fields.PRUNE_INCLUDE
-DEFAULT_EXCLUDE: tuple[str, ...] = fields.PRUNE_EXCLUDE
 # Structured pruning (whole rows / columns) leaves out, besides DEFAULT_EXCLUDE, the layers where
 # removing a row or column cuts the model's width: the subsampling convs and the input projection
 # (``encoder/subsample/...``) and every matrix that writes into the d_model residual stream (the
