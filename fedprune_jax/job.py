@@ -178,7 +178,7 @@ def warm_start(
   state, rounds_run = build.run_federated(
     {
       "seed": seed,
-      "rounds": -(-ws.steps // data.steps_per_round),
+      "rounds": -(-ws.steps // data.steps_per_call),
       "eval_every": int(bool(eval_every)),
     },
     loss_fn,
@@ -191,7 +191,7 @@ def warm_start(
   params = state.params
   history = [
     {
-      "step": h["round"] * data.steps_per_round + data.steps_in(h["round"]),
+      "step": h["round"] * data.steps_per_call + data.steps_in(h["round"]),
       "loss": h["train_loss"],
       **{k[len("eval_") :]: v for k, v in h.items() if k.startswith("eval_")},
     }
@@ -365,6 +365,9 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
     label=which,
   )
   engine = _engine_config(cfg, setup.workdir)
+  # a driver round is one call of data.steps_per_call steps, data.parts calls a baseline round
+  for field in ("rounds", "eval_every", "checkpoint_every"):
+    engine[field] *= data.parts
   evals = task.EvalSplits(cfg)
 
   def eval_fn(model_params, round_index):
@@ -387,6 +390,8 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   )
   algorithm = build.model_algorithm(fed_cfg, setup.loss_fn, policy, server=server)
   train = {
+    "rounds": int(state.round) // data.parts,
+    "calls_per_round": data.parts,
     "steps": cfg.rounds * per_round,
     "steps_per_round": per_round,
     "speakers": len(speakers),

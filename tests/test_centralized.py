@@ -160,9 +160,9 @@ def reference_baseline(
 def test_centralized_baseline_equals_the_reference_loop(
   tiny_corpus, tmp_path, score, num_buckets, resume
 ):
-  """The ``centralized`` algorithm through the round driver (with 2 buckets: a round's batches
-  padded to its longest; and resumed from a round checkpoint by a second call) trains the
-  reference loop's masks and params."""
+  """The ``centralized`` algorithm through the round driver (with 2 buckets: a call's batches
+  padded to its longest; with rounds split into 3 calls; resumed from a round checkpoint by a
+  second call) trains the reference loop's masks and params."""
   cfg = _micro_cfg("fedprune_tiny", [f"data.root={tiny_corpus}", f"pruning.score={score!r}"])
   model = task.make_model(cfg)
   loss_fn = task.make_training_loss(model, dict(cfg.specaug))
@@ -187,24 +187,27 @@ def test_centralized_baseline_equals_the_reference_loop(
   ref_params, ref_mask, ref_masks = reference_baseline(
     loss_fn, params, examples, optimizer, policy, rounds_=5, per_round=3, **kw
   )
+  parts = 3 if resume else 1  # rounds of 3 calls of 1 step, or of one call of 3 steps
   for rounds_ in (2, 5) if resume else (5,):  # a second process resumes from the checkpoint
+    data = centralized_lib.ServerBatches(
+      examples, steps_per_round=3, max_steps_per_call=3 // parts, **kw
+    )
+    assert data.parts == parts
     state, history = build.run_federated(
-      {"seed": kw["seed"], "rounds": rounds_, "checkpoint_dir": str(tmp_path / "rounds")},
+      {"seed": kw["seed"], "rounds": rounds_ * parts, "checkpoint_dir": str(tmp_path / "rounds")},
       loss_fn,
       params,
       centralized_lib.SERVER_STORE,
       progress=False,
       policy=policy,
-      server=centralized_lib.ServerInputs(
-        centralized_lib.ServerBatches(examples, steps_per_round=3, **kw), optimizer
-      ),
+      server=centralized_lib.ServerInputs(data, optimizer),
     )
   got_params, got_mask = state.params, state.mask
   assert len({float(pruning.sparsity(m)) for m in ref_masks}) >= 3  # the mask did change
   assert [h["sparsity"] for h in history] == pytest.approx(
-    [float(pruning.sparsity(m)) for m in ref_masks], abs=1e-7
+    [float(pruning.sparsity(m)) for m in ref_masks for _ in range(parts)], abs=1e-7
   )
-  assert [h["sum_num_steps"] for h in history] == [3.0] * 5
+  assert [h["sum_num_steps"] for h in history] == [3.0 / parts] * 5 * parts
   for a, b in zip(jax.tree.leaves(got_mask), jax.tree.leaves(ref_mask)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # float tolerance: the loop is jitted differently (a scan over a round's steps); measured

@@ -14,10 +14,12 @@ the former zeroing variant of the trainer (no caller trained a mask with it) is 
 
 The algorithm (``centralized``): a round is ``steps_per_round`` steps on the server's batches
 (``ServerBatches``: the endless stream of length-bucketed epochs, epoch ``e`` shuffled with rng
-``[seed, e]``; round ``r`` is steps ``[r*S, (r+1)*S)``). The host step (``plan_round``) hands the
-round's batches, stacked ``[S, B, T, F]`` and padded to the round's longest bucket, with the
-state to a program of one client (the server); the round driver runs it like any client program
-on a one-client store (``SERVER_STORE``). At the start of round ``r`` the mask follows the *same*
+``[seed, e]``; round ``r`` is steps ``[r*S, (r+1)*S)``), run as ``parts`` driver rounds ("calls")
+of ``P = S / parts <= MAX_CALL_STEPS`` steps (one call when ``S`` is small). The host step
+(``plan_round``) hands the call's batches, stacked ``[P, B, T, F]`` and padded to the call's
+longest bucket, with the state to a program of one client (the server); the round driver runs it
+like any client program on a one-client store (``SERVER_STORE``). At the start of round ``r`` (its
+first call) the mask follows the *same*
 ``MaskPolicy`` as federated pruning, keyed by round: if ``policy.should_update(r)`` it is rescored
 from the server's params or, for client-data scores (``saliency``), from the mean ``|g|`` of the
 steps since the last update (the clients' statistic), else from the params. Step ``s`` overall
@@ -46,6 +48,7 @@ from fedprune_jax.federated.client_data import Bucket, ClientStore
 PyTree = Any
 LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, Any]]
 STEP_KEY_OFFSET = 1_000_003  # step s trains with fold_in(key(seed), s + STEP_KEY_OFFSET)
+MAX_CALL_STEPS = 64  # steps of one program call (a round's batches are its input: memory)
 
 
 def train_step(
@@ -112,11 +115,13 @@ def _pad_frames(batch: dict, frames: int) -> dict:
 
 
 class ServerBatches:
-  """The server's training batches a round at a time (host side).
+  """The server's training batches a call at a time (host side).
 
-  Round ``r`` is steps ``[r*S, min((r+1)*S, total_steps))`` of ``batch_stream``, padded to the
-  round's longest bucket and stacked ``[S_r, B, T_r, ...]`` (at most ``num_buckets`` shapes, so
-  at most that many compilations of the round program).
+  A round of ``S = steps_per_round`` steps is run as ``parts`` calls of ``P = S / parts`` steps
+  (the fewest parts with ``P <= max_steps_per_call``: a call's batches are one program input, so
+  this bounds their memory). Call ``d`` is steps ``[d*P, min((d+1)*P, total_steps))`` of
+  ``batch_stream``, padded to the call's longest bucket and stacked ``[P_d, B, T_d, ...]`` (at
+  most ``num_buckets`` shapes, so at most that many compilations of the program).
   """
 
   def __init__(
@@ -128,6 +133,7 @@ class ServerBatches:
     steps_per_round: int,
     total_steps: int | None = None,
     label: str = "server",
+    max_steps_per_call: int = MAX_CALL_STEPS,
   ):
     if steps_per_round < 1:
       raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
@@ -136,25 +142,32 @@ class ServerBatches:
     self.examples = list(examples)
     self.batch_size, self.seed, self.steps_per_round = batch_size, seed, steps_per_round
     self.total_steps, self.label = total_steps, label
+    self.parts = next(
+      d
+      for d in range(1, steps_per_round + 1)
+      if steps_per_round % d == 0 and steps_per_round // d <= max(max_steps_per_call, 1)
+    )
+    self.steps_per_call = steps_per_round // self.parts
     frames = np.array([e.features.shape[0] for e in self.examples])
     self.boundaries = batching.bucket_boundaries(frames, num_buckets)
     self.max_labels = batching.round_up(max(len(e.tokens) for e in self.examples), 16)
     self._stream: Iterator | None = None
     self._next_step = 0
 
-  def steps_in(self, r: int) -> int:
-    first = r * self.steps_per_round
-    last = first + self.steps_per_round
+  def steps_in(self, d: int) -> int:
+    """Steps of call ``d``."""
+    first = d * self.steps_per_call
+    last = first + self.steps_per_call
     return (last if self.total_steps is None else min(last, self.total_steps)) - first
 
-  def round(self, r: int) -> dict[str, np.ndarray]:
-    """Round ``r``'s batches ``[S_r, B, T_r, ...]`` (resumable: any ``r``, in any order)."""
-    first = r * self.steps_per_round
+  def call(self, d: int) -> dict[str, np.ndarray]:
+    """Call ``d``'s batches ``[P_d, B, T_d, ...]`` (resumable: any ``d``, in any order)."""
+    first = d * self.steps_per_call
     if self._stream is None or self._next_step != first:
       self._stream, self._next_step = self._new_stream(), 0
       for _ in range(first):
         next(self._stream)
-    batches = [next(self._stream)[1] for _ in range(self.steps_in(r))]
+    batches = [next(self._stream)[1] for _ in range(self.steps_in(d))]
     self._next_step = first + len(batches)
     frames = max(b["features"].shape[1] for b in batches)
     batches = [_pad_frames(b, frames) for b in batches]
@@ -268,15 +281,18 @@ class CentralizedState:
 
 
 class _RoundInput(NamedTuple):
-  """What the server's program receives: the state and the round's batches ``[S, B, ...]``."""
+  """What the server's program receives: the state and the call's batches ``[P, B, ...]``."""
 
   state: CentralizedState
   batches: dict
 
 
-def _next_mask(policy: MaskPolicy, state: CentralizedState, tracks: bool) -> CentralizedState:
-  """The state at the start of round ``state.round``: the mask rescored if the policy says so."""
-  r = state.round
+def _next_mask(
+  policy: MaskPolicy, state: CentralizedState, tracks: bool, parts: int
+) -> CentralizedState:
+  """The state at the start of call ``state.round`` (of ``parts`` a round): at a round's first
+  call, the mask rescored if the policy says so."""
+  r = state.round // parts
   key = jax.random.fold_in(jax.random.key(state.seed), r)
   scores = policy.scores(r, state.params, None, key)
   if tracks:  # the mean |g| since the last update, once there was a step to average
@@ -290,7 +306,8 @@ def _next_mask(policy: MaskPolicy, state: CentralizedState, tracks: bool) -> Cen
     grad_abs=jax.tree.map(jnp.zeros_like, state.grad_abs),
     grad_steps=jnp.zeros_like(state.grad_steps),
   )
-  return server_lib.tree_select(policy.should_update(r), updated, state)
+  first_call = state.round % parts == 0
+  return server_lib.tree_select(policy.should_update(r) & first_call, updated, state)
 
 
 def centralized(
@@ -301,7 +318,9 @@ def centralized(
   key: Hashable | None = None,
 ) -> FederatedAlgorithm:
   """Centralized (pruning) training on ``data`` as a ``FederatedAlgorithm`` named
-  ``centralized_{data.label}``; run it on ``SERVER_STORE`` with a cohort of one.
+  ``centralized_{data.label}``; run it on ``SERVER_STORE`` with a cohort of one. A driver round
+  is one call of ``data`` (``data.parts`` calls make a policy round: ``state.round`` counts
+  calls).
 
   Args:
     loss_fn: ``(params, batch, rng) -> (loss, aux)``.
@@ -313,7 +332,7 @@ def centralized(
   """
   tx = optimizer if policy is None else pruning.masked_optimizer(optimizer, pruned="freeze")
   tracks = policy is not None and policy.uses_client_scores
-  per_round = data.steps_per_round
+  per_call, parts = data.steps_per_call, data.parts
 
   def init(params: PyTree, seed: int = 0) -> CentralizedState:
     return CentralizedState(
@@ -329,9 +348,9 @@ def centralized(
     del data, rng  # the server's data travel in round_input; step keys derive from the seed
     state, batches = round_input
     if policy is not None:
-      state = _next_mask(policy, state, tracks)
+      state = _next_mask(policy, state, tracks, parts)
     base = jax.random.key(state.seed)
-    first = state.round * per_round
+    first = state.round * per_call
 
     def step(carry, xs):
       params, opt_state, gabs, loss_sum = carry
@@ -369,13 +388,13 @@ def centralized(
     )
 
   program = ClientProgram(
-    key=None if key is None else ("centralized", key, per_round),
+    key=None if key is None else ("centralized", key, per_call, parts),
     client_update=client_update,
     reducers={"state": Sole()},
   )
 
   def plan_round(state: CentralizedState) -> RoundPlan:
-    batches = data.round(int(state.round))
+    batches = data.call(int(state.round))
     return RoundPlan(program, _RoundInput(state, batches), metrics={"client_path": "server"})
 
   def server_update(state: CentralizedState, aggregate: Aggregate):
@@ -383,7 +402,8 @@ def centralized(
     new = new.replace(round=state.round + 1, seed=state.seed)
     if policy is None:
       return new, {}
-    return new, {"sparsity": pruning.sparsity(new.mask), "phase": policy.phase(state.round)}
+    phase = policy.phase(state.round // parts)
+    return new, {"sparsity": pruning.sparsity(new.mask), "phase": phase}
 
   return FederatedAlgorithm(
     name=f"centralized_{data.label}",
