@@ -139,7 +139,8 @@ def warm_start(
 ) -> WarmStart:
   """Params after ``warm_start.steps`` centralized steps on the server-side speakers (dense
   ``centralized`` training through the round driver: a round of ``warm_start.eval_every`` steps,
-  else of ``WARM_START_ROUND``, one history record each).
+  else of ``WARM_START_ROUND``; one history record per call of the round, dev metrics every
+  ``eval_every`` steps and at the end).
 
   Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
   start (dense reference and pruned runs) train it once; ``warm_start.seed`` (default: the run's
@@ -179,7 +180,7 @@ def warm_start(
     {
       "seed": seed,
       "rounds": -(-ws.steps // data.steps_per_call),
-      "eval_every": int(bool(eval_every)),
+      "eval_every": data.parts if eval_every else 0,  # every eval_every steps
     },
     loss_fn,
     params,
@@ -197,6 +198,8 @@ def warm_start(
     }
     for h in rounds_run
   ]
+  if eval_fn is not None and history and "dev_wer" not in history[-1]:  # and at the end
+    history[-1].update(eval_fn(params, len(history)))
   task.save_params(path, params)
   io_utils.write_json_atomic(
     path.with_name(path.name + ".json"),
