@@ -214,3 +214,32 @@ def test_centralized_baseline_equals_the_reference_loop(
   # against main's loop: equal with one bucket, max |diff| 4e-6 with two
   for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_server_batches_cut_rounds_into_calls_and_resume_anywhere():
+  """A round of S steps is the fewest equal calls of <= max steps; call d is steps [d*P, (d+1)*P)
+  of the epoch stream, padded to its longest bucket, the same when asked first (a resume)."""
+  rng = np.random.default_rng(0)
+  examples = [
+    batching.Example(
+      rng.normal(size=(int(t), 4)).astype(np.float32), np.arange(1, 4, dtype=np.int32)
+    )
+    for t in rng.integers(5, 40, 30)
+  ]
+  assert centralized_lib.ServerBatches(examples, 2, 1, 0, 2000).parts == 40  # 40 calls of 50
+  data = centralized_lib.ServerBatches(examples, 2, 3, 0, 6, total_steps=40, max_steps_per_call=4)
+  assert (data.parts, data.steps_per_call) == (2, 3)
+  stream = centralized_lib.batch_stream(examples, 2, data.boundaries, 0, data.max_labels)
+  expected = [next(stream)[1] for _ in range(40)]
+  calls = [data.call(d) for d in range(14)]
+  assert [c["weights"].shape[0] for c in calls] == [3] * 13 + [1]  # the last call: 40 - 39
+  for d, call in enumerate(calls):
+    for s in range(call["weights"].shape[0]):
+      want, got = expected[d * 3 + s], jax.tree.map(lambda x: x[s], call)
+      t = want["features"].shape[1]
+      np.testing.assert_array_equal(got["features"][:, :t], want["features"])
+      assert np.all(got["features"][:, t:] == 0) and np.all(got["feature_paddings"][:, t:] == 1)
+      np.testing.assert_array_equal(got["labels"], want["labels"])
+  again = centralized_lib.ServerBatches(examples, 2, 3, 0, 6, total_steps=40, max_steps_per_call=4)
+  for k in calls[9]:
+    np.testing.assert_array_equal(again.call(9)[k], calls[9][k])
