@@ -124,7 +124,14 @@ CLIENT_READS = [
   {**KEY_BASE, "faults": {"dropout": 0.5}},
 ]
 CLIENT_IGNORES = [
-  {"pruning": {"score": "saliency", "target_sparsity": 0.7, "pattern": "row", "schedule": "constant"}},
+  {
+    "pruning": {
+      "score": "saliency",
+      "target_sparsity": 0.7,
+      "pattern": "row",
+      "schedule": "constant",
+    }
+  },
   # magnitude pruning refined with client scores: the clients compute saliency, as in KEY_BASE
   {"pruning": {"score": "magnitude", "refinement": "client", "refining_rounds": 1}},
 ]

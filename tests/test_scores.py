@@ -76,7 +76,9 @@ def test_movement_shift_keeps_the_order_and_ranks_every_entry_above_zero():
   flat_in = np.concatenate([np.ravel(s["a"]), np.ravel(s["b"])])
   flat_out = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])
   assert out["n"] is None and np.all(flat_out > 0)
-  np.testing.assert_array_equal(np.argsort(flat_in, kind="stable"), np.argsort(flat_out, kind="stable"))
+  np.testing.assert_array_equal(
+    np.argsort(flat_in, kind="stable"), np.argsort(flat_out, kind="stable")
+  )
   np.testing.assert_allclose(flat_out, flat_in + 3.0, atol=1e-7)
 
 
@@ -129,7 +131,9 @@ def test_one_round_selecting_the_score_equals_a_hand_written_reference(score):
     weights.append(float(data["weights"].sum()))
   w = np.array(weights) / sum(weights)
   start = pruning.apply_mask(params, mask0)
-  new_params = jax.tree.map(lambda s, *e: s - sum(wi * (s - ei) for wi, ei in zip(w, e)), start, *ends)
+  new_params = jax.tree.map(
+    lambda s, *e: s - sum(wi * (s - ei) for wi, ei in zip(w, e)), start, *ends
+  )
   agg = jax.tree.map(lambda *u: sum(wi * ui for wi, ui in zip(w, u)), *uploads)
   if score == "movement":  # shifted by the minimum to > 0 (the smallest one to the tiniest float)
     low = min(float(np.min(x)) for x in jax.tree.leaves(agg))
@@ -167,9 +171,13 @@ def test_a_run_selects_the_score_through_the_config(score):
                 "begin_round": 1},
   }  # fmt: skip
   params = toy.init_params(jax.random.key(0), F, K, hidden=H)
-  state, hist = build.run_federated(cfg, toy.make_loss_fn(), params, toy_store(8, 1), progress=False)
+  state, hist = build.run_federated(
+    cfg, toy.make_loss_fn(), params, toy_store(8, 1), progress=False
+  )
   assert build.resolve(cfg)[1].client_score is scores_lib.REGISTRY[score]
-  assert hist[0]["sparsity"] == pytest.approx(0.0, abs=1e-6) and hist[1]["sparsity"] == pytest.approx(0.5, abs=0.05)
+  assert hist[0]["sparsity"] == pytest.approx(0.0, abs=1e-6) and hist[1][
+    "sparsity"
+  ] == pytest.approx(0.5, abs=0.05)
   # the clients of round 0 uploaded scores (the delta and as much again)
   assert hist[0]["bytes_up_sent"] > hist[1]["bytes_up_sent"] * 1.5
 
