@@ -154,11 +154,11 @@ def _program(
   """The client program ``_client_update(local, scoring, ...)`` with ``reducers``, keyed by
   exactly what it closes over: ``local`` by its key, ``scoring`` and the reducers by value (None:
   ``local`` is unnamed, never shared)."""
+  update = functools.partial(_client_update, local, scoring)
   if local_key is None:
-    return ClientProgram(None, functools.partial(_client_update, local, scoring), reducers)
+    return ClientProgram(None, update, reducers)
   reducers_key = tuple(sorted((k, type(r).__name__, r) for k, r in reducers.items()))
-  key = ("fedprune", local_key, scoring, reducers_key, *tags)
-  return ClientProgram(key, functools.partial(_client_update, local, scoring), reducers)
+  return ClientProgram(("fedprune", local_key, scoring, reducers_key, *tags), update, reducers)
 
 
 def federated_pruning(
