@@ -6,8 +6,11 @@ steps instead of rounds: training step ``s`` is policy step ``s // steps_per_rou
 is updated at the first training step of every policy step that ``policy.should_update``. The
 server optimizer rule is the federated one (``pruning.masked_optimizer(..., pruned="freeze")``:
 the model is ``apply_mask(params, mask)``, pruned values are kept and frozen, moments reset on
-regrowth), and data scores (``saliency``) use the mean ``|g|`` of the steps since the last mask
-update, as the clients' do. Without a policy it is plain (dense) training.
+regrowth), and data scores (``saliency``, ``taylor``, ...) are made as one client's would be
+(``pruning.scores.Score``): the mean of the score's per-step terms (``per_step(masked params,
+g)``) over the steps since the last mask update, and the upload from that mean, the params at the
+last mask update and the delta since (``update`` scores that delta). Without a policy it is plain
+(dense) training.
 """
 
 from __future__ import annotations
@@ -27,19 +30,25 @@ from fedprune_jax.data import batching
 PyTree = Any
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """Jitted ``step(params, opt_state, mask, batch, rng, gabs) -> (params, opt_state, loss, gabs)``.
+def make_step(
+  loss_fn: Callable,
+  tx: optax.GradientTransformation,
+  per_step: Callable[[PyTree, PyTree], PyTree] | None = None,
+) -> Callable:
+  """Jitted ``step(params, opt_state, mask, batch, rng, acc) -> (params, opt_state, loss, acc)``.
 
-  The gradient is taken at the masked model; ``gabs`` accumulates ``|g|`` (data scores).
+  The gradient ``g`` is taken at the masked model; with ``per_step`` (a client-data score's
+  ``Score.per_step``) ``acc`` accumulates ``per_step(masked params, g)``, else it is returned as
+  given.
   """
 
-  def step(params, opt_state, mask, batch, rng, gabs):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      pruning.apply_mask(params, mask), batch, rng
-    )
+  def step(params, opt_state, mask, batch, rng, acc):
+    model = pruning.apply_mask(params, mask)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(model, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
-    gabs = jax.tree.map(lambda a, g: a + jnp.abs(g), gabs, grads)
-    return optax.apply_updates(params, updates), opt_state, loss, gabs
+    if per_step is not None:
+      acc = jax.tree.map(jnp.add, acc, per_step(model, grads))
+    return optax.apply_updates(params, updates), opt_state, loss, acc
 
   return jax.jit(step)
 
@@ -85,16 +94,17 @@ def train(
   tx = pruning.masked_optimizer(optimizer, pruned="freeze")
   opt_state = tx.init(params)
   mask = policy.init_mask(params) if policy is not None else None
+  per_step = None if policy is None else policy.per_step
   step_fn = programs.shared(
-    None if optimizer_key is None else ("centralized_step", loss_fn, optimizer_key),
-    lambda: make_step(loss_fn, tx),
+    None if optimizer_key is None else ("centralized_step", loss_fn, optimizer_key, per_step),
+    lambda: make_step(loss_fn, tx, per_step),
   )
   frames = np.array([e.features.shape[0] for e in examples])
   boundaries = batching.bucket_boundaries(frames, num_buckets)
   max_labels = batching.round_up(max(len(e.tokens) for e in examples), 16)
   ids = [str(i) for i in range(len(examples))]
   zero = jax.tree.map(jnp.zeros_like, params)
-  gabs, gsteps = zero, 0
+  acc, acc_steps, start = zero, 0, params  # since the last mask update
   history: list[dict] = []
   key = jax.random.key(seed)
   epoch, step = 0, 0
@@ -110,16 +120,18 @@ def train(
         r = step // steps_per_round
         if bool(policy.should_update(r)):
           data_scores = None
-          if bool(policy.scores_from_clients(r)) and gsteps:
-            data_scores = jax.tree.map(lambda a: a / gsteps, gabs)
+          if bool(policy.scores_from_clients(r)) and acc_steps:
+            mean = jax.tree.map(lambda a: a / acc_steps, acc) if per_step is not None else None
+            delta = jax.tree.map(jnp.subtract, start, params)
+            data_scores = policy.client_score.upload(mean, start, delta)
           scores = policy.scores(r, params, data_scores, jax.random.fold_in(key, r))
           mask = policy.next_mask(mask, scores, r, params)
           opt_state = pruning.update_mask(opt_state, mask)
-          gabs, gsteps = zero, 0
-      params, opt_state, loss, gabs = step_fn(
-        params, opt_state, mask, batch, jax.random.fold_in(key, step + 1_000_003), gabs
+          acc, acc_steps, start = zero, 0, params
+      params, opt_state, loss, acc = step_fn(
+        params, opt_state, mask, batch, jax.random.fold_in(key, step + 1_000_003), acc
       )
-      gsteps += 1
+      acc_steps += 1
       step += 1
       bar.update(1)
       evaluate = eval_fn is not None and (step == steps or eval_every and step % eval_every == 0)
