@@ -202,7 +202,6 @@ def federated_pruning(
 
   def init(params: PyTree, seed: int = 0) -> PruningState:
     mask = policy.init_mask(params) if initial_mask is None else initial_mask
-    kept, total = mask_stats(mask)
     opt_state = tx.init(params)
     state = PruningState(
       params=params,
@@ -210,7 +209,7 @@ def federated_pruning(
       round=jnp.zeros((), jnp.int32),
       seed=jnp.asarray(seed, jnp.int32),
       mask=mask,
-      sparsity=1.0 - kept / jnp.maximum(total, 1.0),
+      sparsity=pruning.sparsity(mask),
       phase=policy.phase(0),
     )
     if not round0_from_clients:
@@ -260,13 +259,12 @@ def federated_pruning(
     # without surviving clients there are no client scores: keep the mask then
     skip = policy.scores_from_clients(nxt) & ~has_scores
     stepped = server_lib.tree_select(skip, new.replace(phase=policy.phase(nxt)), stepped)
-    kept, total = mask_stats(state.mask)
     revived = sum(
       jnp.sum(n & ~o, dtype=jnp.float32)
       for n, o in zip(jax.tree.leaves(stepped.mask), jax.tree.leaves(state.mask))
     )
     metrics = {  # of the mask this round trained, and what changed for the next round
-      "sparsity": 1.0 - kept / jnp.maximum(total, 1.0),
+      "sparsity": pruning.sparsity(state.mask),
       "target_sparsity": state.sparsity,
       "phase": state.phase,
       "mask_updated": jnp.any(
