@@ -208,8 +208,10 @@ EXECUTORS = ("chunked", "sequential", "drjax")
 WEIGHTINGS = ("num_examples", "uniform")
 CORRUPT_KINDS = ("nan", "scale")
 SCHEDULES = ("polynomial", "constant", "step")
+# importance scores (``pruning.scores.REGISTRY`` holds one ``Score`` per name; tests/test_scores.py
+# checks that the two agree)
 SERVER_SCORES = ("magnitude", "random")  # computed from the server's params
-CLIENT_SCORES = ("saliency", "update")  # computed from the clients' data
+CLIENT_SCORES = ("saliency", "update", "taylor", "movement")  # computed from the clients' data
 REFINEMENTS = ("none", "server", "client")
 AGGREGATIONS = ("mean", "trimmed_mean", "vote")
 

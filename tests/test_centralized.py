@@ -101,8 +101,9 @@ def reference_baseline(
   loss_fn, params, examples, optimizer, policy, *, rounds_, per_round, batch_size, num_buckets, seed
 ):
   """Brute force: ``rounds_ * per_round`` steps over the epochs' bucketed batches; at the start
-  of every round the policy may update the mask (scores from the server's params, or the mean
-  |g| since the last update); the model is apply_mask(params, mask) and the optimizer the
+  of every round the policy may update the mask (scores from the server's params, or from what
+  one client would upload: the mean per-step score term since the last update, the params then
+  and the delta since); the model is apply_mask(params, mask) and the optimizer the
   federated one (pruned values frozen, moments reset on regrowth).
 
   Returns (params, mask, [mask of every round])."""
@@ -129,27 +130,29 @@ def reference_baseline(
   grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   key = jax.random.key(seed)
   batches = stream()
-  gsum, gcount = None, 0
+  per_step = policy.per_step
+  gsum, gcount, start = None, 0, params  # since the last mask update
   masks = []
   for r in range(rounds_):
     if bool(policy.should_update(r)):
       data = None
       if bool(policy.scores_from_clients(r)) and gcount:
-        data = jax.tree.map(lambda a: a / gcount, gsum)
+        mean = None if gsum is None else jax.tree.map(lambda a: a / gcount, gsum)
+        data = policy.client_score.upload(mean, start, jax.tree.map(jnp.subtract, start, params))
       scores = policy.scores(r, params, data, jax.random.fold_in(key, r))
       mask = policy.next_mask(mask, scores, r, params)
       state = pruning.update_mask(state, mask)
-      gsum, gcount = None, 0
+      gsum, gcount, start = None, 0, params
     masks.append(mask)
     for s in range(per_round):
       step = r * per_round + s
-      _, g = grad(
-        pruning.apply_mask(params, mask), next(batches), jax.random.fold_in(key, step + 1_000_003)
-      )
+      model = pruning.apply_mask(params, mask)
+      _, g = grad(model, next(batches), jax.random.fold_in(key, step + 1_000_003))
       updates, state = tx.update(g, state, params)
       params = optax.apply_updates(params, updates)
-      absg = jax.tree.map(jnp.abs, g)
-      gsum = absg if gsum is None else jax.tree.map(jnp.add, gsum, absg)
+      if per_step is not None:
+        term = per_step(model, g)
+        gsum = term if gsum is None else jax.tree.map(jnp.add, gsum, term)
       gcount += 1
   return params, mask, masks
 

@@ -42,9 +42,7 @@ def _policy(schedule="polynomial", **kw):
 
 
 def _algorithm(policy, lr=0.3, server="fedavg", cohort=6):
-  local = client.make_client_update(
-    toy.make_loss_fn(), optax.sgd(lr), grad_stats=policy.uses_client_scores
-  )
+  local = client.make_client_update(toy.make_loss_fn(), optax.sgd(lr), per_step=policy.per_step)
   opt = optax.sgd(1.0) if server == "fedavg" else optax.adam(0.05, eps=1e-3)
   return fedprune.federated_pruning(local, opt, policy, cohort)
 

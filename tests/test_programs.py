@@ -104,3 +104,81 @@ def test_tree_sha256_skips_none_and_sees_every_byte():
   other["a"][3] = np.nextafter(np.float32(3), np.float32(4))  # one bit of one value
   assert io_utils.tree_sha256(tree) == io_utils.tree_sha256(same)
   assert io_utils.tree_sha256(tree) != io_utils.tree_sha256(other)
+
+
+# The client program's key is derived from what it closes over (the local update's hashable
+# inputs, ``mask_policy.ClientScoring`` and the reducers): configs that differ in a value the
+# client program reads get other programs; configs that differ only in what it does not read
+# share one, and such programs give equal outputs.
+KEY_BASE = {"pruning": {"score": "saliency"}}
+CLIENT_READS = [
+  {"pruning": {"score": "taylor"}},
+  {"pruning": {"score": "movement"}},
+  {"pruning": {"score": "update"}},
+  {"pruning": {"score": "magnitude"}},  # no client scores at all
+  {"pruning": {"score": "saliency", "client_aggregation": "vote"}},
+  {"pruning": {"score": "saliency", "client_aggregation": "trimmed_mean"}},
+  {"pruning": {"score": "saliency", "client_aggregation": "trimmed_mean", "trim_fraction": 0.3}},
+  {**KEY_BASE, "client": {"learning_rate": 0.2}},
+  {**KEY_BASE, "client": {"num_epochs": 2}},
+  {**KEY_BASE, "faults": {"dropout": 0.5}},
+]
+CLIENT_IGNORES = [
+  {
+    "pruning": {
+      "score": "saliency",
+      "target_sparsity": 0.7,
+      "pattern": "row",
+      "schedule": "constant",
+    }
+  },
+  # magnitude pruning refined with client scores: the clients compute saliency, as in KEY_BASE
+  {"pruning": {"score": "magnitude", "refinement": "client", "refining_rounds": 1}},
+]
+
+
+def _program(arm: dict, loss_fn, params):
+  cfg = {
+    "cohort_size": 5,
+    "client": {"learning_rate": 0.3, **arm.get("client", {})},
+    "faults": arm.get("faults", {}),
+    "pruning": {"pruning_rounds": 2, "update_every": 1, **arm["pruning"]},
+  }
+  resolved, policy = build.resolve(cfg)
+  alg = build.build_algorithm(resolved, loss_fn, policy)
+  plan = alg.plan_round(jax.jit(alg.init)(params, 0))
+  return plan.program, plan.client_input
+
+
+def _outputs(program, client_input, store):
+  run = jax.jit(program.client_update)
+  return [
+    run(client_input, {k: v[0] for k, v in store.get(np.array([c])).items()}, jax.random.key(c))
+    for c in range(4)
+  ]
+
+
+def _same(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_client_program_key_follows_what_the_client_program_reads():
+  loss_fn, store = toy.make_loss_fn(), toy_store(6, 2)
+  params = toy.init_params(jax.random.key(0), 4, 3, hidden=6)
+  base, base_input = _program(KEY_BASE, loss_fn, params)
+  base_out = _outputs(base, base_input, store)
+  again, _ = _program({"pruning": dict(KEY_BASE["pruning"])}, loss_fn, params)  # an equal config
+  assert again.key == base.key
+  keys = {base.key}
+  for arm in CLIENT_READS:
+    program, _ = _program(arm, loss_fn, params)
+    assert program.key not in keys, arm
+    keys.add(program.key)
+    # and the value does matter: other outputs on the same input, or another reduction
+    outs = _outputs(program, base_input, store)
+    assert not _same(outs, base_out) or program.reducers != base.reducers, arm
+  for arm in CLIENT_IGNORES:
+    program, _ = _program(arm, loss_fn, params)
+    assert program.key == base.key, arm
+    assert _same(_outputs(program, base_input, store), base_out), arm

@@ -144,6 +144,25 @@ def algorithm_name(
   return SERVER_ALIASES.get(name, name)
 
 
+def local_update_of(
+  loss: LossFn, client_json: str, faults_json: str, per_step: Callable | None
+) -> Callable:
+  """A client's local update (``make_client_update`` with simulated faults) built from hashable
+  values only: the loss (by identity), the resolved ``client`` and ``faults`` sections as
+  ``programs.config_key`` strings, and the score's per-step accumulator (``MaskPolicy.per_step``).
+  Its program key is ``('local', *arguments)`` (``build_algorithm``): it reads nothing else, so
+  the key cannot miss a value it depends on."""
+  (c,), (fault_cfg,) = json.loads(client_json), json.loads(faults_json)
+  local = make_client_update(
+    loss,
+    rounds.make_client_optimizer(c),
+    num_epochs=c["num_epochs"],
+    shuffle=c["shuffle"],
+    per_step=per_step,
+  )
+  return faults.with_faults(local, faults.FaultConfig(**fault_cfg))
+
+
 def build_algorithm(
   cfg: Mapping[str, Any],
   loss_fn: LossFn,
@@ -156,23 +175,18 @@ def build_algorithm(
   """The registered algorithm ``name`` (default ``algorithm_name(cfg, policy, server)``) from a
   resolved engine config."""
   c, s = cfg["client"], cfg["server"]
-  grad_stats = policy is not None and policy.uses_client_scores
-  local_key = programs.config_key(
-    {k: v for k, v in c.items() if k not in ("compact", "compact_quantum")}, cfg["faults"]
+  # the local update's inputs besides the loss, as hashable values (``local_update_of``)
+  local_inputs = (
+    programs.config_key({k: v for k, v in c.items() if k not in ("compact", "compact_quantum")}),
+    programs.config_key(cfg["faults"]),
+    None if policy is None else policy.per_step,
   )
 
   def local_for_loss(loss: LossFn):
-    local = make_client_update(
-      loss,
-      rounds.make_client_optimizer(c),
-      num_epochs=c["num_epochs"],
-      shuffle=c["shuffle"],
-      grad_stats=grad_stats,
-    )
-    return faults.with_faults(local, faults.FaultConfig(**cfg["faults"]))
+    return local_update_of(loss, *local_inputs)
 
   def key_of(loss: LossFn):
-    return ("local", loss, local_key, grad_stats)
+    return ("local", loss, *local_inputs)
 
   compact = None
   if policy is not None and compact_model is not None:

@@ -21,9 +21,10 @@ longest bucket, with the state to a program of one client (the server); the roun
 like any client program on a one-client store (``SERVER_STORE``). At the start of round ``r`` (its
 first call) the mask follows the *same*
 ``MaskPolicy`` as federated pruning, keyed by round: if ``policy.should_update(r)`` it is rescored
-from the server's params or, for client-data scores (``saliency``), from the mean ``|g|`` of the
-steps since the last update (the clients' statistic), else from the params. Step ``s`` overall
-uses the key ``fold_in(key(seed), s + 1_000_003)``.
+from the server's params or, for client-data scores (``saliency``, ``taylor``, ...), from what one
+client would upload (``pruning.scores.Score``: the mean of the score's per-step terms over the
+steps since the last update, the params then and the delta since). Step ``s`` overall uses the
+key ``fold_in(key(seed), s + 1_000_003)``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,36 @@ def train_step(
   )
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss, aux, grads
+
+
+def scoring_step(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  per_step: Callable[[PyTree, PyTree], PyTree] | None = None,
+) -> Callable:
+  """``step(params, opt_state, mask, batch, rng, acc) -> (params, opt_state, loss, acc)``:
+  ``train_step``, and with ``per_step`` (a client-data score's ``Score.per_step``) ``acc`` adds
+  ``per_step(model, g)`` at the model the gradient was taken at, as a client's would."""
+
+  def step(params, opt_state, mask, batch, rng, acc):
+    model = pruning.apply_mask(params, mask)
+    params, opt_state, loss, _, grads = train_step(
+      loss_fn, optimizer, params, opt_state, batch, rng, mask
+    )
+    if per_step is not None:
+      acc = jax.tree.map(jnp.add, acc, per_step(model, grads))
+    return params, opt_state, loss, acc
+
+  return step
+
+
+def make_step(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  per_step: Callable[[PyTree, PyTree], PyTree] | None = None,
+) -> Callable:
+  """``scoring_step``, jitted."""
+  return jax.jit(scoring_step(loss_fn, optimizer, per_step))
 
 
 # --- the server's batches -------------------------------------------------------------------------
@@ -266,9 +297,10 @@ class CentralizedState:
     round: int32 scalar, completed rounds.
     seed: int32 scalar (step keys and random scores derive from it).
     mask: the mask of the last round (bool leaves, None for unprunable params), None: dense.
-    grad_abs: sum of ``|g|`` over the steps since the last mask update (client-data scores), or
-      ``()``.
-    grad_steps: float32 scalar, the steps summed in ``grad_abs``.
+    score_acc: sum of the client score's per-step terms (``policy.per_step(model, g)``) over the
+      steps since the last mask update (client-data scores), or ``()``.
+    score_steps: float32 scalar, the steps since the last mask update.
+    score_start: the params at the last mask update (a client score's ``delta``), or ``()``.
   """
 
   params: PyTree
@@ -276,8 +308,9 @@ class CentralizedState:
   round: jax.Array
   seed: jax.Array
   mask: PyTree = None
-  grad_abs: PyTree = ()
-  grad_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  score_acc: PyTree = ()
+  score_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  score_start: PyTree = ()
 
 
 class _RoundInput(NamedTuple):
@@ -295,16 +328,21 @@ def _next_mask(
   r = state.round // parts
   key = jax.random.fold_in(jax.random.key(state.seed), r)
   scores = policy.scores(r, state.params, None, key)
-  if tracks:  # the mean |g| since the last update, once there was a step to average
-    mean = jax.tree.map(lambda a: a / jnp.maximum(state.grad_steps, 1.0), state.grad_abs)
-    data = policy.scores(r, state.params, mean, key)
-    scores = server_lib.tree_select(state.grad_steps > 0, data, scores)
+  if tracks:  # a client's upload from the steps since the last update, once there was one
+    mean = None
+    if policy.per_step is not None:
+      mean = jax.tree.map(lambda a: a / jnp.maximum(state.score_steps, 1.0), state.score_acc)
+    delta = jax.tree.map(jnp.subtract, state.score_start, state.params)
+    upload = policy.client_score.upload(mean, state.score_start, delta)
+    data = policy.scores(r, state.params, upload, key)
+    scores = server_lib.tree_select(state.score_steps > 0, data, scores)
   mask = policy.next_mask(state.mask, scores, r, state.params)
   updated = state.replace(
     mask=mask,
     opt_state=pruning.update_mask(state.opt_state, mask),
-    grad_abs=jax.tree.map(jnp.zeros_like, state.grad_abs),
-    grad_steps=jnp.zeros_like(state.grad_steps),
+    score_acc=jax.tree.map(jnp.zeros_like, state.score_acc),
+    score_steps=jnp.zeros_like(state.score_steps),
+    score_start=state.params if tracks else (),
   )
   first_call = state.round % parts == 0
   return server_lib.tree_select(policy.should_update(r) & first_call, updated, state)
@@ -332,6 +370,8 @@ def centralized(
   """
   tx = optimizer if policy is None else pruning.masked_optimizer(optimizer, pruned="freeze")
   tracks = policy is not None and policy.uses_client_scores
+  per_step = policy.per_step if tracks else None  # what a step adds to score_acc
+  one_step = scoring_step(loss_fn, tx, per_step)
   per_call, parts = data.steps_per_call, data.parts
 
   def init(params: PyTree, seed: int = 0) -> CentralizedState:
@@ -341,7 +381,8 @@ def centralized(
       round=jnp.zeros((), jnp.int32),
       seed=jnp.asarray(seed, jnp.int32),
       mask=None if policy is None else policy.init_mask(params),
-      grad_abs=jax.tree.map(jnp.zeros_like, params) if tracks else (),
+      score_acc=jax.tree.map(jnp.zeros_like, params) if per_step is not None else (),
+      score_start=params if tracks else (),
     )
 
   def client_update(round_input: _RoundInput, data: dict, rng: jax.Array) -> ClientOutput:
@@ -353,20 +394,16 @@ def centralized(
     first = state.round * per_call
 
     def step(carry, xs):
-      params, opt_state, gabs, loss_sum = carry
+      params, opt_state, acc, loss_sum = carry
       batch, s = xs
       rng = jax.random.fold_in(base, first + s + STEP_KEY_OFFSET)
-      params, opt_state, loss, _, grads = train_step(
-        loss_fn, tx, params, opt_state, batch, rng, state.mask
-      )
-      if tracks:
-        gabs = jax.tree.map(lambda a, g: a + jnp.abs(g), gabs, grads)
-      return (params, opt_state, gabs, loss_sum + loss * jnp.sum(batch["weights"])), None
+      params, opt_state, loss, acc = one_step(params, opt_state, state.mask, batch, rng, acc)
+      return (params, opt_state, acc, loss_sum + loss * jnp.sum(batch["weights"])), None
 
     steps = batches["weights"].shape[0]
     zero = jnp.zeros((), jnp.float32)
-    (params, opt_state, gabs, loss_sum), _ = jax.lax.scan(
-      step, (state.params, state.opt_state, state.grad_abs, zero), (batches, jnp.arange(steps))
+    (params, opt_state, acc, loss_sum), _ = jax.lax.scan(
+      step, (state.params, state.opt_state, state.score_acc, zero), (batches, jnp.arange(steps))
     )
     num_examples = jnp.sum(batches["weights"])
     loss = loss_sum / jnp.maximum(num_examples, 1e-12)
@@ -374,8 +411,8 @@ def centralized(
     new = state.replace(
       params=params,
       opt_state=opt_state,
-      grad_abs=gabs,
-      grad_steps=state.grad_steps + (steps if tracks else 0),
+      score_acc=acc,
+      score_steps=state.score_steps + steps,
     )
     return ClientOutput(
       update={"state": new},

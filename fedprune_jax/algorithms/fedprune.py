@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from fedprune_jax import fields, pruning
-from fedprune_jax.algorithms.mask_policy import MaskPolicy
+from fedprune_jax.algorithms.mask_policy import ClientScoring, MaskPolicy
 from fedprune_jax.federated import aggregation as agg_lib
 from fedprune_jax.federated import server as server_lib
 from fedprune_jax.federated.aggregation import Aggregate
@@ -122,6 +122,45 @@ def mask_stats(mask: PyTree) -> tuple[jax.Array, jax.Array]:
   return pruning.count_kept(mask).astype(jnp.float32), jnp.float32(pruning.count_total(mask))
 
 
+def _client_update(
+  local: Callable[..., ClientOutput],
+  scoring: ClientScoring | None,
+  msg: dict,
+  data: dict,
+  rng: jax.Array,
+) -> ClientOutput:
+  """One federated-pruning client: local training of ``msg['params']`` under ``msg['mask']``,
+  and with ``scoring`` its scores (zeros unless ``msg['want_scores']``).
+
+  It reads nothing but its arguments, so ``(local's key, scoring)`` names it (``_program``).
+  """
+  out = local(msg["params"], data, rng, msg["mask"])
+  update = {"delta": out.update["delta"]}
+  if scoring is not None:
+    scores = scoring.client_scores(
+      out.update.get("step_mean"), msg["params"], out.update["delta"], msg["mask"], msg["sparsity"]
+    )
+    update["scores"] = jax.tree.map(lambda s: jnp.where(msg["want_scores"], s, 0.0), scores)
+  return out._replace(update=update)
+
+
+def _program(
+  local_key: Hashable | None,
+  local: Callable[..., ClientOutput],
+  scoring: ClientScoring | None,
+  reducers: dict,
+  *tags: Hashable,
+) -> ClientProgram:
+  """The client program ``_client_update(local, scoring, ...)`` with ``reducers``, keyed by
+  exactly what it closes over: ``local`` by its key, ``scoring`` and the reducers by value (None:
+  ``local`` is unnamed, never shared)."""
+  update = functools.partial(_client_update, local, scoring)
+  if local_key is None:
+    return ClientProgram(None, update, reducers)
+  reducers_key = tuple(sorted((k, type(r).__name__, r) for k, r in reducers.items()))
+  return ClientProgram(("fedprune", local_key, scoring, reducers_key, *tags), update, reducers)
+
+
 def federated_pruning(
   local_update: Callable[..., ClientOutput],
   server_optimizer: optax.GradientTransformation,
@@ -134,7 +173,7 @@ def federated_pruning(
   """Federated pruning.
 
   Args:
-    local_update: ``client.make_client_update(..., grad_stats=policy.uses_client_scores)``:
+    local_update: ``client.make_client_update(..., per_step=policy.per_step)``:
       ``(params, data, rng, mask) -> ClientOutput``.
     server_optimizer: the inner server optimizer (FedAvg/FedAdam/FedYogi); wrapped mask-aware.
     policy: the mask policy (step = round).
@@ -163,7 +202,6 @@ def federated_pruning(
 
   def init(params: PyTree, seed: int = 0) -> PruningState:
     mask = policy.init_mask(params) if initial_mask is None else initial_mask
-    kept, total = mask_stats(mask)
     opt_state = tx.init(params)
     state = PruningState(
       params=params,
@@ -171,7 +209,7 @@ def federated_pruning(
       round=jnp.zeros((), jnp.int32),
       seed=jnp.asarray(seed, jnp.int32),
       mask=mask,
-      sparsity=1.0 - kept / jnp.maximum(total, 1.0),
+      sparsity=pruning.sparsity(mask),
       phase=policy.phase(0),
     )
     if not round0_from_clients:
@@ -211,25 +249,6 @@ def federated_pruning(
       **schedule(state.round),
     }
 
-  def make_client_update(local: Callable[..., ClientOutput]):
-    return functools.partial(_client_update, local)
-
-  def _client_update(local, msg: dict, data: dict, rng: jax.Array) -> ClientOutput:
-    out = local(msg["params"], data, rng, msg["mask"])
-    update = {"delta": out.update["delta"]}
-    if policy.uses_client_scores:
-      if policy.client_score == "saliency":
-        scores = out.update["grad_abs"]
-      else:
-        scores = jax.tree.map(jnp.abs, out.update["delta"])
-      if policy.client_aggregation == "vote":
-        local = scores
-        if policy.client_score == "saliency":
-          local = jax.tree.map(lambda w, g: jnp.abs(w) * g, msg["params"], scores)
-        scores = policy.local_vote(local, msg["mask"], msg["sparsity"])
-      update["scores"] = jax.tree.map(lambda s: jnp.where(msg["want_scores"], s, 0.0), scores)
-    return out._replace(update=update)
-
   def server_update(state: PruningState, aggregate: Aggregate) -> tuple[PruningState, dict]:
     updates, opt_state = tx.update(aggregate.update["delta"], state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
@@ -240,13 +259,12 @@ def federated_pruning(
     # without surviving clients there are no client scores: keep the mask then
     skip = policy.scores_from_clients(nxt) & ~has_scores
     stepped = server_lib.tree_select(skip, new.replace(phase=policy.phase(nxt)), stepped)
-    kept, total = mask_stats(state.mask)
     revived = sum(
       jnp.sum(n & ~o, dtype=jnp.float32)
       for n, o in zip(jax.tree.leaves(stepped.mask), jax.tree.leaves(state.mask))
     )
     metrics = {  # of the mask this round trained, and what changed for the next round
-      "sparsity": 1.0 - kept / jnp.maximum(total, 1.0),
+      "sparsity": pruning.sparsity(state.mask),
       "target_sparsity": state.sparsity,
       "phase": state.phase,
       "mask_updated": jnp.any(
@@ -258,18 +276,8 @@ def federated_pruning(
     }
     return stepped.replace(round=nxt), metrics
 
-  # what the client update and the reducers read of the policy and the cohort
-  score_key = (
-    policy.uses_client_scores,
-    policy.client_score,
-    policy.client_aggregation,
-    tuple(sorted((k, type(r).__name__, r) for k, r in reducers.items())),
-  )
-  dense_program = ClientProgram(
-    key=None if client_key is None else ("fedprune", client_key, score_key),
-    client_update=make_client_update(local_update),
-    reducers=reducers,
-  )
+  scoring = policy.client_scoring  # all the client update reads of the policy
+  dense_program = _program(client_key, local_update, scoring, reducers)
   broadcast_jit, schedule_jit = jax.jit(broadcast), jax.jit(schedule)
   plans: dict = {}  # compaction index plans by unit selection (host)
 
@@ -333,11 +341,7 @@ def federated_pruning(
         lambda params, data, rng: local(params, data, rng),
       )
       return RoundPlan(program, small, finish, metrics)
-    program = ClientProgram(
-      None if key is None else ("fedprune", key, score_key, "compact"),
-      make_client_update(local),
-      reducers,
-    )
+    program = _program(key, local, scoring, reducers, "compact")
     return RoundPlan(program, {"params": small, "mask": small_mask, **sched}, finish, metrics)
 
   return FederatedAlgorithm(

@@ -14,8 +14,10 @@ Phases (step ``t``; ``P = pruning_steps``, ``R = refining_steps``):
   coordinates are kept; ``client`` = client-data scores; ``none`` = no change);
 * **fine-tuning** ``t >= P + R``: the mask is frozen.
 
-Scores (higher = keep): ``magnitude`` |w| and ``random`` are computed by the server;
-``saliency`` and ``update`` come from the clients' data (``CLIENT_SCORES``): ``saliency`` =
+Scores (higher = keep) are ``pruning.scores.Score`` units selected by name (``pruning.score``):
+``magnitude`` |w| and ``random`` are computed by the server; ``saliency``, ``update``, ``taylor``
+and ``movement`` come from the clients' data (``CLIENT_SCORES``; what a client accumulates,
+uploads and how the server scores the aggregate: ``pruning/scores.py``). E.g. ``saliency`` =
 ``|w| * agg_c(mean_steps |g_c|)``, where the clients upload their mean absolute gradient at their
 reduced model and the server multiplies by its dense weights (so a pruned weight with a large
 gradient can be revived); ``update`` = ``agg_c |delta_c|`` (zero at pruned coordinates: it prunes
@@ -28,7 +30,7 @@ the score is the example-weighted fraction of votes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ from fedprune_jax.errors import ConfigError
 from fedprune_jax.fields import AGGREGATIONS, CLIENT_SCORES, REFINEMENTS, SERVER_SCORES  # noqa: F401
 from fedprune_jax.fields import check as check_field
 from fedprune_jax.fields import default
+from fedprune_jax.pruning import scores as scores_lib
 from fedprune_jax.pruning import units as units_lib
 
 PyTree = Any
@@ -45,6 +48,40 @@ Schedule = pruning.Constant | pruning.Step | pruning.Polynomial
 
 PRUNING, REFINING, FINE_TUNING = 0, 1, 2
 PHASE_NAMES = ("pruning", "refining", "fine-tuning")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientScoring:
+  """What a federated client reads of the policy to compute its scores (hashable: it names the
+  client program, so a client update built from it cannot be confused with another's).
+
+  Attributes:
+    score: the client-data score the clients compute (``pruning.scores.Score``).
+    vote: clients upload votes (``client_aggregation='vote'``) instead of their scores.
+  """
+
+  score: scores_lib.Score
+  vote: bool = False
+
+  def client_scores(self, step_mean: PyTree, params: PyTree, delta: PyTree, mask, sparsity):
+    """A client's upload: ``score.upload``, or with ``vote`` its vote on its own scores
+    (``score.finish`` at its own ``params``), ``mask``'s structure and ``sparsity`` the target."""
+    upload = self.score.upload(step_mean, params, delta)
+    if not self.vote:
+      return upload
+    return local_vote(self.score.finish(params, upload), mask, sparsity)
+
+
+def local_vote(local_scores: PyTree, mask: PyTree, sparsity) -> PyTree:
+  """A client's vote: 1.0 for the entries of its top ``1 - sparsity`` per prunable leaf."""
+
+  def vote(s, m):
+    if m is None:
+      return jnp.zeros_like(s)
+    thr = jnp.quantile(s.reshape(-1), sparsity)
+    return (s > thr).astype(s.dtype)
+
+  return jax.tree.map(vote, local_scores, mask, is_leaf=lambda x: x is None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +95,8 @@ class MaskPolicy:
     refine_every: steps between mask recomputations in the refining phase.
     pattern: ``unstructured | row | half_row | column | half_column | block:HxW | N:M | units``.
     allocation: ``uniform | global | adaptive | erk`` (``units``: uniform, global or adaptive).
-    score: pruning-phase score, ``SERVER_SCORES + CLIENT_SCORES``.
+    score: pruning-phase score, a ``pruning.scores.REGISTRY`` name (``SERVER_SCORES +
+      CLIENT_SCORES``).
     refinement: refining-phase scores, ``none | server | client``.
     client_aggregation: ``mean | trimmed_mean | vote``.
     trim_fraction: for ``trimmed_mean``.
@@ -141,19 +179,37 @@ class MaskPolicy:
   # --- what -----------------------------------------------------------------------------------
 
   @property
-  def uses_client_scores(self) -> bool:
-    refines_with_clients = self.refinement == "client" and self.refining_steps > 0
-    return self.score in CLIENT_SCORES or refines_with_clients
+  def pruning_score(self) -> scores_lib.Score:
+    """The pruning phase's score unit."""
+    return scores_lib.get_score(self.score)
 
   @property
-  def client_score(self) -> str:
+  def uses_client_scores(self) -> bool:
+    refines_with_clients = self.refinement == "client" and self.refining_steps > 0
+    return self.pruning_score.from_clients or refines_with_clients
+
+  @property
+  def client_score(self) -> scores_lib.Score:
     """What clients compute: the pruning score if it is a client score, else saliency."""
-    return self.score if self.score in CLIENT_SCORES else "saliency"
+    score = self.pruning_score
+    return score if score.from_clients else scores_lib.get_score("saliency")
+
+  @property
+  def per_step(self) -> Callable[[PyTree, PyTree], PyTree] | None:
+    """What a client accumulates over its local steps (``make_client_update(per_step=...)``)."""
+    return self.client_score.per_step if self.uses_client_scores else None
+
+  @property
+  def client_scoring(self) -> ClientScoring | None:
+    """What the clients' score computation reads (None: clients compute no scores)."""
+    if not self.uses_client_scores:
+      return None
+    return ClientScoring(self.client_score, vote=self.client_aggregation == "vote")
 
   def scores_from_clients(self, step) -> jax.Array:
     """bool: the mask update at ``step`` scores with client data."""
     ph = self.phase(step)
-    pruning_client = (ph == PRUNING) & (self.score in CLIENT_SCORES)
+    pruning_client = (ph == PRUNING) & self.pruning_score.from_clients
     refining_client = (ph == REFINING) & (self.refinement == "client")
     return pruning_client | refining_client
 
@@ -166,17 +222,17 @@ class MaskPolicy:
       key: for ``random`` scores.
     """
     ph = self.phase(step)
-    server_kind = jnp.where(ph == PRUNING, self.score == "random", False)
-    server = jax.tree.map(jnp.abs, params)
-    if self.score == "random":
-      rnd = pruning.random_scores(params, key)
-      server = jax.tree.map(lambda m, r: jnp.where(server_kind, r, m), server, rnd)
+    server = pruning.magnitude(params)  # also the refining phase's server re-scoring
+    score = self.pruning_score
+    if score.server is not None and score.name != "magnitude":
+      own = score.server(params, key)
+      server = jax.tree.map(lambda m, r: jnp.where(ph == PRUNING, r, m), server, own)
     if client_scores is None:
       return server
-    if self.client_aggregation == "vote" or self.client_score == "update":
+    if self.client_aggregation == "vote":  # the fraction of clients voting for an entry
       client = client_scores
-    else:  # saliency: the server's dense |w| times the clients' mean |g|
-      client = jax.tree.map(lambda w, g: jnp.abs(w) * g, params, client_scores)
+    else:
+      client = self.client_score.finish(params, client_scores)
     use_client = self.scores_from_clients(step)
     return jax.tree.map(lambda c, s: jnp.where(use_client, c, s), client, server)
 
@@ -223,17 +279,6 @@ class MaskPolicy:
       mask,
       is_leaf=lambda x: x is None,
     )
-
-  def local_vote(self, local_scores: PyTree, mask: PyTree, sparsity) -> PyTree:
-    """A client's vote: 1.0 for the entries of its top ``1 - sparsity`` per prunable leaf."""
-
-    def vote(s, m):
-      if m is None:
-        return jnp.zeros_like(s)
-      thr = jnp.quantile(s.reshape(-1), sparsity)
-      return (s > thr).astype(s.dtype)
-
-    return jax.tree.map(vote, local_scores, mask, is_leaf=lambda x: x is None)
 
 
 def make_schedule(

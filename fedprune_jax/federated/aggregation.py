@@ -1,7 +1,7 @@
 """One generic aggregation of client outputs, shared by every executor.
 
 A client returns a ``ClientOutput`` whose ``update`` is any pytree of arrays (``{'delta': ...,
-'grad_abs': ...}``). Executors feed ``[C]``-stacked outputs of a chunk (or of a whole cohort, or
+'step_mean': ...}``). Executors feed ``[C]``-stacked outputs of a chunk (or of a whole cohort, or
 of one client) to ``accumulate`` and call ``finalize`` once at the end; the per-key reduction is
 chosen by the algorithm:
 

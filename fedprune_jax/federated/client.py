@@ -6,10 +6,11 @@ gradient, so FedAvg is ``optax.sgd(1.0)``. ``params_start`` is the model the
 client actually received, i.e. the *masked* server params when a mask is
 given; pruned coordinates therefore always have delta 0.
 
-With ``grad_stats=True`` the client also returns ``grad_abs``: the mean over its live local
-steps of ``|g|`` (the gradient of the loss at the client's current reduced model, *before*
-masking, so pruned coordinates get a value too). The server turns it into importance scores
-computed on the clients' data (federated pruning's client-data scores).
+With ``per_step`` (a client-data importance score's ``Score.per_step``, e.g. ``|g|`` for
+saliency) the client also returns ``step_mean``: the mean over its live local steps of
+``per_step(params_t, g_t)``, with ``params_t`` its current reduced model and ``g_t`` the gradient
+of the loss there *before* masking (so pruned coordinates get a gradient too). Federated pruning
+turns it into the client's upload (``pruning.scores``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ClientOutput(NamedTuple):
 
   Attributes:
     update: what the executors aggregate, a dict of pytrees: ``delta`` (params pytree,
-      ``params_start - params_end``) and, with ``grad_stats``, ``grad_abs``.
+      ``params_start - params_end``) and, with ``per_step``, ``step_mean``.
     num_examples: float32 scalar, sum of example weights of one epoch.
     metrics: dict of float32 scalars: ``loss`` (example-weighted mean training
       loss over all live steps), ``num_steps`` (live steps taken) and
@@ -69,7 +70,7 @@ def make_client_update(
   optimizer: optax.GradientTransformation,
   num_epochs: int = 1,
   shuffle: bool = False,
-  grad_stats: bool = False,
+  per_step: Callable[[PyTree, PyTree], PyTree] | None = None,
 ) -> Callable[..., ClientOutput]:
   """Builds ``client_update(params, data, rng, mask=None) -> ClientOutput``.
 
@@ -82,7 +83,9 @@ def make_client_update(
       over epochs of a ``lax.scan`` over steps).
     shuffle: re-order the client's real examples every epoch (from the client
       rng); padding examples stay at the tail.
-    grad_stats: also return ``update['grad_abs']``, the mean ``|g|`` over live local steps.
+    per_step: ``(params_t, grads_t) -> term`` (params-shaped, pure): also return
+      ``update['step_mean']``, the mean of the terms over the live local steps (zeros with no
+      live step).
 
   The returned function is pure and vmap/jit-able. Its arguments: ``params``
   (server params pytree), ``data`` (one client: a dict of ``[S, B, ...]``, or a tuple of K such
@@ -110,7 +113,7 @@ def make_client_update(
     num_steps = sum(sizes)
 
     def step(carry, xs):
-      p, opt_state, loss_sum, n_sum, steps, gabs = carry
+      p, opt_state, loss_sum, n_sum, steps, acc = carry
       batch, key = xs
       n = jnp.sum(batch["weights"])
       (loss, _), raw_grads = grad_fn(p, batch, key)
@@ -119,13 +122,15 @@ def make_client_update(
       # p is zero at pruned coordinates and so are the masked updates: new_p stays zero there
       new_p = optax.apply_updates(p, apply_mask(updates, mask))
       live = n > 0
+      if per_step is not None:  # at the params the gradient was taken at
+        acc = jax.tree.map(
+          lambda a, t: a + jnp.where(live, t, 0.0).astype(a.dtype), acc, per_step(p, raw_grads)
+        )
       p = tree_select(live, new_p, p)
       opt_state = tree_select(live, new_opt_state, opt_state)
       loss_sum = loss_sum + jnp.where(live, loss * n, 0.0).astype(loss_sum.dtype)
-      if grad_stats:
-        gabs = jax.tree.map(lambda a, g: a + jnp.where(live, jnp.abs(g), 0.0), gabs, raw_grads)
       n_sum = n_sum + n.astype(n_sum.dtype)
-      return (p, opt_state, loss_sum, n_sum, steps + live.astype(jnp.float32), gabs), None
+      return (p, opt_state, loss_sum, n_sum, steps + live.astype(jnp.float32), acc), None
 
     def epoch(carry, e):
       ekey = jax.random.fold_in(rng, e)
@@ -144,20 +149,20 @@ def make_client_update(
       x for x in jax.tree.leaves((params_start, segments)) if jnp.issubdtype(x.dtype, jnp.floating)
     ]
     zero = jnp.zeros((), jnp.result_type(jnp.float32, *floats))
-    gabs0 = jax.tree.map(jnp.zeros_like, params_start) if grad_stats else ()
-    init = (params_start, optimizer.init(params_start), zero, zero, zero.astype(jnp.float32), gabs0)
-    (p_end, _, loss_sum, n_sum, steps, gabs), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
+    acc0 = jax.tree.map(jnp.zeros_like, params_start) if per_step is not None else ()
+    init = (params_start, optimizer.init(params_start), zero, zero, zero.astype(jnp.float32), acc0)
+    (p_end, _, loss_sum, n_sum, steps, acc), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs))
     loss = loss_sum / jnp.maximum(n_sum, 1e-12)
-    ok = client_finite(loss, (p_end, gabs))
+    ok = client_finite(loss, (p_end, acc))
     # where() fuses with the subtraction: no extra params-sized buffer
     update = {
       "delta": jax.tree.map(
         lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(a)), params_start, p_end
       )
     }
-    if grad_stats:
-      per_step = jnp.maximum(steps, 1.0)
-      update["grad_abs"] = jax.tree.map(lambda a: jnp.where(ok, a / per_step, 0.0), gabs)
+    if per_step is not None:
+      live_steps = jnp.maximum(steps, 1.0)
+      update["step_mean"] = jax.tree.map(lambda a: jnp.where(ok, a / live_steps, 0.0), acc)
     return ClientOutput(
       update=update,
       num_examples=sum(jnp.sum(seg["weights"]) for seg in segments).astype(jnp.float32),

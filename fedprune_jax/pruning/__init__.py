@@ -57,9 +57,11 @@ from fedprune_jax.pruning.patterns import (
 )
 from fedprune_jax.pruning.schedules import Constant, Polynomial, Step
 from fedprune_jax.pruning.scores import (
+  REGISTRY,
+  Score,
+  get_score,
   magnitude,
   movement,
   random_scores,
   saliency,
-  taylor,
 )

@@ -1,34 +1,69 @@
-"""Importance scores: pytrees of elementwise scores (higher = more important).
+"""Importance scores: pytrees of elementwise scores (higher = more important), and the ``Score``
+units federated pruning selects by name (``pruning.score``).
 
-Every function maps params-shaped pytrees to a scores pytree with the same
-structure; ``None`` leaves stay ``None``.  Group-level aggregation (L1 / L2 /
-mean over a row, column or block) happens in ``patterns.group_scores`` via the
-``reduce`` argument of ``allocation.prune_mask``: e.g. column L2 magnitude is
-``prune_mask(magnitude(params), s, pattern="column", reduce="l2")``.
+Every function maps params-shaped pytrees to a scores pytree with the same structure; ``None``
+leaves stay ``None``. Group-level aggregation (L1 / L2 / mean over a row, column or block) happens
+in ``patterns.group_scores`` via the ``reduce`` argument of ``allocation.prune_mask``: e.g. column
+L2 magnitude is ``prune_mask(magnitude(params), s, pattern="column", reduce="l2")``.
 
-Score kinds:
+Elementwise functions:
 
 * ``magnitude``: |w| (``reduce="sum"`` -> group L1, ``"l2"`` -> group L2).
-* ``random_scores``: uniform [0, 1) from an explicit key (one draw split
-  over the leaves in flatten order; reproducible).
-* ``saliency``: |w * g| (first-order Taylor estimate of the loss change when
-  w is removed, from a gradient ``g``).
-* ``taylor``: |w * delta| where ``delta`` is an accumulated update
-  (w_after - w_before, e.g. a client's model delta).  Same ranking as
-  saliency when delta ~ -lr * g.
-* ``movement``: w * delta (signed): large when training pushes w away from
-  zero, negative when it pulls w toward zero (movement pruning).
-* client-supplied: any pytree of scores the caller builds (federated pruning aggregates
-  clients' scores with the executor's reducers, ``federated/aggregation.py``).
+* ``random_scores``: uniform [0, 1) from an explicit key (one draw split over the leaves in
+  flatten order; reproducible).
+* ``saliency``: |w * g| (first-order Taylor estimate of the loss change when w is removed, from a
+  gradient ``g``).
+* ``movement``: -w * g (signed; Sanh et al.'s movement score of one step: > 0 when the gradient
+  step moves w away from zero).
+
+A ``Score`` (one object per selectable score, ``REGISTRY`` by name) says how its scores are made,
+as pure functions (optax-style):
+
+* a *server* score computes ``server(params, key)`` from the server's dense params;
+* a *client-data* score says what a client accumulates over its live local steps (``per_step``:
+  ``(params_t, grads_t) -> term``, the client keeps the mean of the terms; ``params_t`` is the
+  client's current reduced model, ``grads_t`` the gradient before masking), what it uploads at the
+  end (``upload(step_mean, params_start, delta)``, ``delta = params_start - params_end``), and how
+  the server turns the aggregate of the uploads into scores (``finish(params, aggregate)``, with
+  the server's dense params; also applied by a client to its own upload, at its own params, when
+  clients vote).
+
+The registered scores:
+
+========  =================================  ==========================  ==========================
+name      client accumulates (mean/step)     client uploads              server scores
+========  =================================  ==========================  ==========================
+magnitude --                                 --                          |w|
+random    --                                 --                          uniform [0, 1)
+saliency  |g_t|                              mean |g_t|                  |w| * agg (dense w: can
+                                                                         revive pruned weights)
+update    --                                 |delta|                     agg
+taylor    |w_t * g_t|                        mean |w_t g_t|              agg
+movement  -w_t * g_t                         mean (-w_t g_t)             agg - min(agg) (order kept)
+========  =================================  ==========================  ==========================
+
+``taylor``, ``update`` and ``movement`` are zero at pruned coordinates (the client's weight there
+is zero): they prune but cannot revive. ``movement`` is signed; the server shifts it by its
+minimum (one constant over the whole tree, so every ranking is unchanged) so that kept weights
+score above the zero a pruned weight gets in the pruning phase. Its per-step mean is Sanh et al.'s
+``S = -sum_t w_t dL/dw_t`` divided by the client's live steps (independent of the local optimizer
+and learning rate, unlike ``-w_start * delta``).
+
+To add a score: write its functions, one ``Score(...)`` line in ``REGISTRY``, and its name in
+``fields.SERVER_SCORES`` or ``fields.CLIENT_SCORES`` (the config's allowed values;
+``tests/test_scores.py`` checks the two agree).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedprune_jax.errors import ConfigError
 
 PyTree = Any
 
@@ -62,15 +97,100 @@ def random_scores(params: PyTree, key: jax.Array) -> PyTree:
 
 
 def saliency(params: PyTree, grads: PyTree) -> PyTree:
-  """|w * g| per entry."""
+  """|w * g| per entry (equal, bit for bit, to |w| * |g|)."""
   return _map(lambda w, g: jnp.abs(w * g), params, grads)
 
 
-def taylor(params: PyTree, delta: PyTree) -> PyTree:
-  """|w * delta| per entry (delta = accumulated update, after - before)."""
-  return _map(lambda w, d: jnp.abs(w * d), params, delta)
+def movement(params: PyTree, grads: PyTree) -> PyTree:
+  """-w * g per entry (signed; > 0 when a gradient step moves w away from zero)."""
+  return _map(lambda w, g: -(w * g), params, grads)
 
 
-def movement(params: PyTree, delta: PyTree) -> PyTree:
-  """w * delta per entry (signed; > 0 when w moves away from zero)."""
-  return _map(lambda w, d: w * d, params, delta)
+def shift_to_nonnegative(scores: PyTree) -> PyTree:
+  """``scores - min(scores)`` (one minimum over every leaf), plus the smallest normal float so
+  that the minimum itself stays > 0: the order within and across leaves is unchanged."""
+  leaves = [x for x in jax.tree.leaves(scores) if x is not None]
+  low = jnp.min(jnp.stack([jnp.min(x) for x in leaves]))
+  return _map(lambda s: (s - low) + jnp.finfo(s.dtype).tiny, scores)
+
+
+# --- the pluggable units -------------------------------------------------------------------------
+
+
+def _abs_grad(params: PyTree, grads: PyTree) -> PyTree:
+  del params
+  return magnitude(grads)
+
+
+def _step_mean(step_mean: PyTree, params_start: PyTree, delta: PyTree) -> PyTree:
+  del params_start, delta
+  return step_mean
+
+
+def _abs_delta(step_mean: PyTree, params_start: PyTree, delta: PyTree) -> PyTree:
+  del step_mean, params_start
+  return magnitude(delta)
+
+
+def _aggregate(params: PyTree, aggregate: PyTree) -> PyTree:
+  del params
+  return aggregate
+
+
+def _shifted_aggregate(params: PyTree, aggregate: PyTree) -> PyTree:
+  del params
+  return shift_to_nonnegative(aggregate)
+
+
+def _magnitude_server(params: PyTree, key: jax.Array) -> PyTree:
+  del key
+  return magnitude(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """One importance score (frozen and hashable: its identity names the client programs that
+  compute it, so module-level functions only).
+
+  Attributes:
+    name: its ``pruning.score`` name.
+    server: ``(params, key) -> scores`` for a server score, else None.
+    per_step: ``(params_t, grads_t) -> term``: what a client accumulates (the mean over its live
+      local steps) for a client-data score, or None (nothing accumulated).
+    upload: ``(step_mean, params_start, delta) -> upload`` (``step_mean`` None without
+      ``per_step``): what a client sends for a client-data score, or None (a server score).
+    finish: ``(params, aggregate) -> scores``: the server's scores from the aggregated uploads.
+  """
+
+  name: str
+  server: Callable[[PyTree, jax.Array], PyTree] | None = None
+  per_step: Callable[[PyTree, PyTree], PyTree] | None = None
+  upload: Callable[[PyTree | None, PyTree, PyTree], PyTree] | None = None
+  finish: Callable[[PyTree, PyTree], PyTree] = _aggregate
+
+  @property
+  def from_clients(self) -> bool:
+    """The score is computed from the clients' data."""
+    return self.upload is not None
+
+
+REGISTRY: dict[str, Score] = {
+  s.name: s
+  for s in (
+    Score("magnitude", server=_magnitude_server),
+    Score("random", server=random_scores),
+    Score("saliency", per_step=_abs_grad, upload=_step_mean, finish=saliency),
+    Score("update", upload=_abs_delta),
+    Score("taylor", per_step=saliency, upload=_step_mean),
+    Score("movement", per_step=movement, upload=_step_mean, finish=_shifted_aggregate),
+  )
+}
+
+
+def get_score(name: str) -> Score:
+  """The registered score ``name`` (a ``ConfigError`` naming ``pruning.score`` otherwise)."""
+  if name not in REGISTRY:
+    raise ConfigError(
+      f"unknown config field pruning.score={name!r}; known: {', '.join(sorted(REGISTRY))}"
+    )
+  return REGISTRY[name]
