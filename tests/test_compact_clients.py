@@ -2,11 +2,14 @@
 round with masked-dense clients (same state, cohort and keys) to float tolerance, for CTC and
 RNN-T heads, in pruning, refining (with a revival) and fine-tuning rounds, chunk sizes 1 and 4 and
 a reversed cohort; client-data scores scattered back equal the masked-dense ones; the number of
-client programs of a run whose mask changes every round stays within the quantum's bound."""
+client programs of a run whose mask changes every round stays within the quantum's bound; a run
+SIGKILLed mid-round resumes bit-identically."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,11 +34,14 @@ def _model(head: str) -> asr.AsrModel:
   )
 
 
+STORE = dict(
+  batch_size=2, min_examples=2, max_examples=4, num_frames=12, feature_dim=8, label_len=3,
+  num_classes=5, seed=1,
+)  # fmt: skip
+
+
 def _store() -> client_data.SyntheticClientStore:
-  return client_data.SyntheticClientStore(
-    8, batch_size=2, min_examples=2, max_examples=4, num_frames=12, feature_dim=8, label_len=3,
-    num_classes=5, seed=1,
-  )  # fmt: skip
+  return client_data.SyntheticClientStore(8, **STORE)
 
 
 def _compact_model(model: asr.AsrModel, loss_fn) -> build.CompactModel:
@@ -216,45 +222,92 @@ def test_a_pruning_run_compiles_a_bounded_number_of_client_programs():
       )
 
 
-def test_resume_on_the_compacted_path_is_bit_identical(tmp_path):
-  """A run stopped after a checkpoint and run again from it ends bit-identical to a straight run:
-  the compaction plan is host-side and rebuilt from the checkpointed state."""
-  from fedprune_jax import io_utils  # pylint: disable=g-import-not-at-top
+class KillingStore(client_data.SyntheticClientStore):
+  """``_store()``'s clients; the process SIGKILLs itself at the ``kill_at``-th ``get`` (1-based;
+  0: never), i.e. inside a round after some of its chunks ran."""
 
+  def __init__(self, kill_at: int):
+    super().__init__(8, **STORE)
+    self.kill_at, self.calls = kill_at, 0
+
+  def get(self, ids):
+    self.calls += 1
+    if self.calls == self.kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return super().get(ids)
+
+
+def resumable_run(workdir: str, kill_at: int = 0):
+  """4 rounds of compacted federated pruning (the unit mask changes every round; quantum 1/2)
+  checkpointed every 2 rounds in ``workdir``, resumed from there; SIGKILLed at the ``kill_at``-th
+  store read. A round reads the store 3 times (a shape probe, then 2 chunks of its 3 clients)."""
   model = _model("ctc")
-  params = model.init(jax.random.key(4))
   loss_fn = lambda p, b, r: model.loss(p, b, r, True)  # noqa: E731
-  cm = _compact_model(model, loss_fn)
   policy = build.policy_from_config(
     build.resolve_pruning(
       {"pattern": "units", "target_sparsity": 0.5, "pruning_rounds": 3, "update_every": 1}
     ),
     model.config.conv_group_channels,
   )
+  cfg = {
+    "seed": 2,
+    "rounds": 4,
+    "cohort_size": 3,
+    "checkpoint_dir": os.path.join(workdir, "rounds"),
+    "checkpoint_every": 2,
+    "log_path": os.path.join(workdir, "metrics.jsonl"),
+    "client": {"learning_rate": 0.05, "compact": "on", "compact_quantum": 0.5},
+    "server": {"optimizer": "fedadam", "learning_rate": 0.01},
+    "engine": {"chunk_size": 2},
+  }
+  return build.run_federated(
+    cfg,
+    loss_fn,
+    model.init(jax.random.key(4)),
+    KillingStore(kill_at),
+    progress=False,
+    policy=policy,
+    compact_model=_compact_model(model, loss_fn),
+  )
 
-  def run(workdir, num_rounds):
-    cfg = {
-      "seed": 2,
-      "rounds": num_rounds,
-      "cohort_size": 3,
-      "checkpoint_dir": str(workdir),
-      "checkpoint_every": 2,
-      "client": {"learning_rate": 0.05, "compact": "on", "compact_quantum": 0.5},
-      "server": {"optimizer": "fedadam", "learning_rate": 0.01},
-      "engine": {"chunk_size": 3},
-    }
-    return build.run_federated(
-      cfg, loss_fn, params, _store(), progress=False, policy=policy, compact_model=cm
-    )
 
-  straight, hist = run(tmp_path / "straight", 4)
-  run(tmp_path / "stopped", 2)
-  resumed, hist2 = run(tmp_path / "stopped", 4)
+def _logged_rounds(workdir) -> list[int]:
+  return [
+    json.loads(line)["round"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+  ]
+
+
+def test_sigkill_mid_round_then_resume_on_the_compacted_path_is_bit_identical(tmp_path):
+  """A run SIGKILLed (in a subprocess) in the middle of round 3, after the checkpoint of round 2
+  and a round past it, and run again from its checkpoint ends bit-identical to a straight run
+  (params, mask, metrics): the compaction plan is host-side and rebuilt from the state."""
+  from fedprune_jax import io_utils  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.federated import checkpoints  # pylint: disable=g-import-not-at-top
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  killed = tmp_path / "killed"
+  # read 12 = round 3's second chunk (reads 10-12: shape probe, chunk 1, chunk 2)
+  script = (
+    f"import sys; sys.path.insert(0, {here!r}); import test_compact_clients as t; "
+    f"t.resumable_run({str(killed)!r}, kill_at=12)"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert checkpoints.saved_rounds(killed / "rounds") == [2]
+  assert _logged_rounds(killed) == [0, 1, 2]  # killed in round 3, one round past its checkpoint
+  straight, hist = resumable_run(str(tmp_path / "straight"))
+  resumed, hist2 = resumable_run(str(killed))
   assert [h["client_path"] for h in hist] == ["compact"] * 4
+  assert len(set(np.round([h["sparsity"] for h in hist], 4))) >= 3  # the mask did change
   assert io_utils.tree_sha256(straight.params) == io_utils.tree_sha256(resumed.params)
   assert io_utils.tree_sha256(straight.mask) == io_utils.tree_sha256(resumed.mask)
   keep = lambda h: {k: v for k, v in h.items() if k not in rounds.PROCESS_METRICS}  # noqa: E731
   assert [keep(h) for h in hist] == [keep(h) for h in hist2]
+  assert _logged_rounds(killed) == [0, 1, 2, 3]  # resumed: no round logged twice
 
 
 def one_round_params(mode: str, devices: int) -> np.ndarray:
