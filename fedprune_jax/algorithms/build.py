@@ -265,14 +265,20 @@ def _programs(
     else ("algorithm", name, loss_fn, local, server, policy, mask, compact_model),
     lambda: build_algorithm(cfg, loss_fn, policy, initial_mask, compact_model, name, server_inputs),
   )
-  engine = programs.config_key(cfg["engine"])
-  make = executor_factory_for(cfg["engine"])
+  return algorithm, shared_executors(cfg["engine"])
+
+
+def shared_executors(engine: Mapping[str, Any]) -> ExecutorCache:
+  """A run's ``ExecutorCache`` whose executors are shared with every earlier run of this process
+  with the same resolved ``engine`` section and an equal ``ClientProgram.key`` (``programs``)."""
+  engine_key = programs.config_key(engine)
+  make = executor_factory_for(engine)
 
   def executor_for(program: ClientProgram):
-    key = None if program.key is None else ("executor", engine, program.key)
+    key = None if program.key is None else ("executor", engine_key, program.key)
     return programs.shared(key, lambda: make(program))
 
-  return algorithm, ExecutorCache(executor_for)
+  return ExecutorCache(executor_for)
 
 
 def executor_factory_for(engine: Mapping[str, Any]) -> Callable[[ClientProgram], Any]:
