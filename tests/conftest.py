@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):  # pylint: disable=unused-argument
+  """XLA's persistent compilation cache for every test, as the CLI has it (each xdist worker and
+  each CLI subprocess share it): the suite is compile-bound, its micro models compile the same
+  small programs in many tests, and a second ``make test`` finds all of them compiled. Programs
+  that compile in under 2 s (nearly all here) are kept too. ``FEDPRUNE_JAX_CACHE=<empty dir>``
+  measures a cold run, ``FEDPRUNE_JAX_CACHE=`` turns the cache off. A cache hit returns the
+  executable XLA compiled for the same program, so no result depends on it."""
+  from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
+
+  os.environ.setdefault("FEDPRUNE_JAX_CACHE_MIN_SECONDS", "0")
+  programs.enable_compilation_cache()
 
 
 @pytest.fixture(scope="session")
