@@ -9,7 +9,7 @@ import pytest
 
 def pytest_configure(config):  # pylint: disable=unused-argument
   """XLA's persistent compilation cache for every test, as the CLI has it (each xdist worker and
-  each CLI subprocess share it): the suite is compile-bound, its micro models compile the same
+  each subprocess share it): the suite is compile-bound, its micro models compile the same
   small programs in many tests, and a second ``make test`` finds all of them compiled. Programs
   that compile in under 2 s (nearly all here) are kept too. ``FEDPRUNE_JAX_CACHE=<empty dir>``
   measures a cold run, ``FEDPRUNE_JAX_CACHE=`` turns the cache off. A cache hit returns the
@@ -18,6 +18,11 @@ def pytest_configure(config):  # pylint: disable=unused-argument
 
   os.environ.setdefault("FEDPRUNE_JAX_CACHE_MIN_SECONDS", "0")
   programs.enable_compilation_cache()
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_compilation_cache_dir:  # subprocesses that are not the CLI (JAX reads these)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   # Under xdist (`make test`: -n 2) a worker takes a whole test file at a time, in the order of
   # SLOW_FIRST: a module-scoped fixture is built once, and the longest files start first.
   if getattr(config.option, "dist", "no") == "load":
