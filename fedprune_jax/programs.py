@@ -22,6 +22,8 @@ import os
 import threading
 from typing import Any, Callable, Hashable, TypeVar
 
+from fedprune_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 # Entries hold traced and compiled programs (a few MB each for the presets here); a suite cycles
@@ -75,11 +77,19 @@ def enable_compilation_cache() -> None:
   workers) unless disabled.
 
   Set FEDPRUNE_JAX_CACHE to a directory to move it, or to an empty string to turn it off.
+  Programs that compiled faster than FEDPRUNE_JAX_CACHE_MIN_SECONDS (default 2) are not kept;
+  the test suite sets it to 0 (its micro models compile in well under a second, many times over).
   """
   cache_dir = os.environ.get("FEDPRUNE_JAX_CACHE", os.path.expanduser("~/.cache/fedprune_jax/xla"))
   if not cache_dir:
     return
   import jax  # pylint: disable=g-import-not-at-top
 
+  raw = os.environ.get("FEDPRUNE_JAX_CACHE_MIN_SECONDS", "2")
+  try:
+    min_seconds = float(raw)
+  except ValueError:
+    msg = f"FEDPRUNE_JAX_CACHE_MIN_SECONDS={raw!r} is not a number of seconds"
+    raise ConfigError(msg) from None
   jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)

@@ -264,3 +264,13 @@ def test_orbax_checkpoint_on_a_full_disk_is_one_line(tmp_path):
   assert len(lines) == 1, proc.stderr  # orbax's logged traceback is dropped too
   assert lines[0].startswith("fedprune: error: File too large: ")
   assert "checkpoint" in lines[0]
+
+
+def test_a_bad_cache_threshold_names_its_variable(monkeypatch, tmp_path):
+  from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv("FEDPRUNE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("FEDPRUNE_JAX_CACHE_MIN_SECONDS", "soon")
+  with pytest.raises(ConfigError, match="FEDPRUNE_JAX_CACHE_MIN_SECONDS='soon'"):
+    programs.enable_compilation_cache()
