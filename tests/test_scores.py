@@ -188,7 +188,7 @@ def test_centralized_step_accumulates_the_scores_per_step_terms(score):
   mask = pruning.prune_mask(pruning.magnitude(params), 0.5)
   per_step = scores_lib.REGISTRY[score].per_step
   tx = pruning.masked_optimizer(optax.sgd(LR), pruned="freeze")
-  step = centralized.make_step(toy.make_loss_fn(), tx, per_step)
+  step = jax.jit(centralized.scoring_step(toy.make_loss_fn(), tx, per_step))
   data = toy_store(2, 4).get(np.array([0]))
   opt_state = pruning.update_mask(tx.init(params), mask)
   acc = jax.tree.map(jnp.zeros_like, params)

@@ -98,15 +98,6 @@ def scoring_step(
   return step
 
 
-def make_step(
-  loss_fn: LossFn,
-  optimizer: optax.GradientTransformation,
-  per_step: Callable[[PyTree, PyTree], PyTree] | None = None,
-) -> Callable:
-  """``scoring_step``, jitted."""
-  return jax.jit(scoring_step(loss_fn, optimizer, per_step))
-
-
 # --- the server's batches -------------------------------------------------------------------------
 
 
