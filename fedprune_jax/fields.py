@@ -263,6 +263,12 @@ FIELDS: dict[str, Spec] = {
   "data.eval_max_utterances": S(count(0), help="evaluate at most this many per split (0 = all)"),
   "data.max_steps": S(count(1, optional=True), help="local steps per client at most (None = all)"),
   "data.max_frames": S(count(1, optional=True), help="drop utterances longer than this"),
+  "data.skip_unalignable": S(
+    BOOL,
+    False,
+    "drop (with a warning per file) training utterances too short for their transcript under the"
+    " model's head, instead of stopping with an error naming the file",
+  ),
   "data.packing": S(one_of("cost", "shape"), help="how client steps are packed into buckets"),
   "data.segments": S(count(1), help="scan segments per client, each padded to its own length"),
   "data.synth_vocab_size": S(count(2), help="words of a synthesized corpus"),

@@ -20,6 +20,7 @@ import optax
 
 from fedprune_jax import errors
 from fedprune_jax import io_utils
+from fedprune_jax import fields
 from fedprune_jax.data import alignable
 from fedprune_jax.data import batching
 from fedprune_jax.data import features as features_lib
@@ -55,9 +56,11 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSe
   return batching.cached_features(str(split_dir), cache_dir)
 
 
-def load_train_split(cfg: ml_collections.ConfigDict, strict: bool = True) -> batching.FeatureSet:
+def load_train_split(cfg: ml_collections.ConfigDict) -> batching.FeatureSet:
   """The training split, checked for utterances too short for their transcript under the
-  model's head (``data.alignable``): an error naming the file (``strict``) or skipped."""
+  model's head (``data.alignable``): an error naming the file, or with
+  ``data.skip_unalignable`` each one dropped with a warning."""
+  strict = not cfg.data.get("skip_unalignable", fields.default("data.skip_unalignable"))
   split = cfg.data.train_split
   where = f"tfds:{split}" if cfg.data.source == "tfds" else pathlib.Path(cfg.data.root) / split
   return alignable.check_alignable(load_split(cfg, split), cfg.model.head, where, strict=strict)

@@ -51,7 +51,8 @@ IGNORED_FIELDS = frozenset(
 # library default in ``fields.FIELDS``. These were added after suite runs were cached (the suite
 # leaves them out of run keys while they hold their defaults).
 ADDED_DEFAULTS = {
-  path: fields.FIELDS[path].default for path in ("pruning.mask_path", "warm_start.train_if_missing")
+  path: fields.FIELDS[path].default
+  for path in ("pruning.mask_path", "warm_start.train_if_missing", "data.skip_unalignable")
 }
 
 # What a run leaves in its workdir; ``--fresh`` removes these (a warm start cached in the

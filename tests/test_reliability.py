@@ -292,7 +292,7 @@ def test_resume_from_a_corrupt_checkpoint_equals_resume_from_the_previous(
   assert "no round checkpoint" in line and "--fresh" in line
 
 
-def test_short_utterance_is_an_error_naming_its_file(tiny_corpus, tmp_path, capsys):
+def test_short_utterance_is_an_error_naming_its_file(tiny_corpus, tmp_path, capsys, caplog):
   """Case 5: 0.05 s of audio under a transcript CTC cannot emit."""
   import soundfile
 
@@ -302,6 +302,17 @@ def test_short_utterance_is_an_error_naming_its_file(tiny_corpus, tmp_path, caps
   soundfile.write(flac, np.zeros(800, np.float32), 16000, format="FLAC", subtype="PCM_16")
   line = _one_line(capsys, cli.main(argv(corpus, tmp_path / "w")))
   assert flac.name in line and "too short" in line
+  # data.skip_unalignable (the demo's setting for its embedded corpus): that file alone is dropped
+  from fedprune_jax import config as config_lib
+  from fedprune_jax import task
+
+  sets = [f"data.root={corpus}", *SETS]
+  every = task.load_split(config_lib.load_config("fedprune_tiny", sets), "train")
+  caplog.clear()
+  cfg = config_lib.load_config("fedprune_tiny", [*sets, "data.skip_unalignable=True"])
+  kept = task.load_train_split(cfg)
+  assert set(every.utt_ids) - set(kept.utt_ids) == {flac.name.removesuffix(".flac")}
+  assert flac.name in caplog.text
 
 
 def test_unalignable_utterances_are_skipped_when_not_strict(caplog):

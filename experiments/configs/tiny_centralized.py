@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 32
   c.data.num_buckets = 4
   c.data.eval_batch_size = 64
+  c.data.skip_unalignable = False  # a training utterance too short for its transcript: an error
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"
