@@ -15,18 +15,17 @@ algorithm (``algorithms.build``) and the run's workdir::
   workdir/mask.npz           the final mask (pruning runs)
   workdir/done.json          the completion marker, written last (``finish``)
 
-Speakers of the train split are split once (seeded by ``data.split_seed``, default the run's
-seed) into ``data.server_speakers`` server-side speakers (the optional centralized warm start and
-the centralized baseline train on them) and the clients (the rest). ``pruning.mask_path`` trains
-a given reduced model (e.g. a baseline run's ``mask.npz``) with its mask frozen.
+The train split's speakers are the server's and the clients' (``speaker_split``); the run
+starts from the (cached) centralized warm start on the server's speakers (``warm_start``).
+``pruning.mask_path`` trains a given reduced model (e.g. a baseline run's ``mask.npz``) with its
+mask frozen.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-from typing import Any, Callable, Collection, NamedTuple
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -36,7 +35,9 @@ from fedprune_jax import io_utils
 from fedprune_jax import programs
 from fedprune_jax import pruning
 from fedprune_jax import run_inputs
+from fedprune_jax import speaker_split
 from fedprune_jax import task
+from fedprune_jax import warm_start
 from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms import build
@@ -45,191 +46,12 @@ from fedprune_jax.algorithms import costs as costs_lib
 from fedprune_jax.data import batching
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.checkpoints import saved_rounds
-from fedprune_jax.federated.speakers import SpeakerClientStore
 from fedprune_jax.models import asr
 from fedprune_jax.models import conformer
 from fedprune_jax.models import flops as flops_lib
 from fedprune_jax.pruning import compaction
 
 PyTree = Any
-
-
-class SpeakerSplit(NamedTuple):
-  """The train split's speakers: the server's (warm start, centralized baseline) and the
-  clients' (one client each); both sorted."""
-
-  server: list[str]
-  clients: list[str]
-
-
-def split_speakers(
-  train_fs: batching.FeatureSet,
-  num_server: int,
-  seed: int,
-  eligible: Collection[str] | None = None,
-) -> SpeakerSplit:
-  """A seeded split of the train split's speakers into server-side and client speakers.
-
-  Args:
-    eligible: the speakers the server's speakers are drawn from (e.g. those of a few accents:
-      ``data.server_accents``); None = all. The clients are every other speaker.
-  """
-  names = sorted(train_fs.speaker_indices())
-  pool = names if eligible is None else [n for n in names if n in set(eligible)]
-  if not 0 <= num_server < len(names) or num_server > len(pool):
-    raise ConfigError(
-      f"config field data.server_speakers={num_server} must be in [0, {len(names) - 1}] "
-      f"(the train split has {len(names)} speakers"
-      + (f", {len(pool)} of the server's accents)" if eligible is not None else ")")
-    )
-  order = np.random.default_rng([seed, 7]).permutation(len(pool))
-  server = sorted(pool[i] for i in order[:num_server])
-  return SpeakerSplit(server, [n for n in names if n not in set(server)])
-
-
-def server_eligible(cfg: ml_collections.ConfigDict) -> list[str] | None:
-  """The speakers of ``data.server_accents`` (None: the field is absent or empty)."""
-  accents = cfg.data.get("server_accents")
-  if not accents:
-    return None
-  from fedprune_jax.data import synth  # pylint: disable=g-import-not-at-top
-
-  of = synth.speaker_accents(cfg.data.root)
-  unknown = sorted(set(accents) - set(of.values()))
-  if unknown:
-    raise ConfigError(
-      f"config field data.server_accents: {unknown[0]!r} is no accent of the corpus "
-      f"({', '.join(sorted(set(of.values())))})"
-    )
-  return sorted(spk for spk, accent in of.items() if accent in set(accents))
-
-
-def examples_of(fs: batching.FeatureSet, speakers: list[str]) -> list[batching.Example]:
-  index = fs.speaker_indices()
-  return [fs.example(int(i)) for s in speakers for i in index[s]]
-
-
-def make_store(cfg: ml_collections.ConfigDict, train_fs, speakers) -> SpeakerClientStore:
-  """One client per speaker, packed to fixed [S, B, T, F] shape buckets."""
-  return SpeakerClientStore(
-    train_fs,
-    batch_size=cfg.data.batch_size,
-    num_buckets=cfg.data.num_buckets,
-    max_steps=cfg.data.get("max_steps"),
-    max_frames=cfg.data.get("max_frames"),
-    speakers=speakers,
-    packing=cfg.data.get("packing", "shape"),
-    segments=cfg.data.get("segments", 1),
-  )
-
-
-class WarmStart(NamedTuple):
-  """The params a run starts from and where they were saved (None: no warm start, ``params``
-  are the initialization)."""
-
-  params: PyTree
-  path: str | None
-
-
-WARM_START_ROUND = 25  # warm-start steps a record of its history (without warm_start.eval_every)
-
-
-def warm_start(
-  cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress
-) -> WarmStart:
-  """Params after ``warm_start.steps`` centralized steps on the server-side speakers (dense
-  ``centralized`` training through the round driver: a round of ``warm_start.eval_every`` steps,
-  else of ``WARM_START_ROUND``; one history record per call of the round, dev metrics every
-  ``eval_every`` steps and at the end).
-
-  Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
-  start (dense reference and pruned runs) train it once; ``warm_start.seed`` (default: the run's
-  seed) seeds its initialization and batches, so runs of several seeds can share one. Its loss
-  history (and dev WER every ``warm_start.eval_every`` steps, if set) goes to ``PATH.json``.
-  """
-  ws = cfg.get("warm_start")
-  if not ws or not ws.steps:
-    return WarmStart(params, None)
-  if not server_speakers:
-    raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
-  path = run_inputs.warm_start_path(cfg, workdir)
-  if path.exists():
-    run_inputs.check_warm_start_record(path, cfg)
-    try:
-      return WarmStart(task.restore_params(path, params), str(path))
-    except Exception as e:  # pylint: disable=broad-except  (any orbax failure: not this model's)
-      raise run_inputs.restore_error(path, e) from e
-  seed = cfg.seed if ws.get("seed") is None else ws.seed
-  if seed != cfg.seed:  # a warm start shared by runs of several seeds starts from its own
-    params = model.init(jax.random.key(seed))
-  eval_every = ws.get("eval_every", 0)
-  eval_fn = None
-  if eval_every:
-    evals = task.EvalSplits(cfg)
-    eval_fn = lambda p, r: evals.dev_metrics(model, p)  # noqa: E731
-  data = centralized_lib.ServerBatches(
-    examples_of(train_fs, server_speakers),
-    ws.batch_size,
-    cfg.data.num_buckets,
-    seed,
-    steps_per_round=eval_every or min(ws.steps, WARM_START_ROUND),
-    total_steps=ws.steps,
-    label="warm_start",
-  )
-  state, rounds_run = build.run_federated(
-    {
-      "seed": seed,
-      "rounds": -(-ws.steps // data.steps_per_call),
-      "eval_every": data.parts if eval_every else 0,  # every eval_every steps
-    },
-    loss_fn,
-    params,
-    centralized_lib.SERVER_STORE,
-    eval_fn=eval_fn,
-    progress=progress,
-    server=centralized_lib.ServerInputs(data, task.make_optimizer(ws.optim, ws.steps)),
-  )
-  params = state.params
-  history = [
-    {
-      "step": h["round"] * data.steps_per_call + data.steps_in(h["round"]),
-      "loss": h["train_loss"],
-      **{k[len("eval_") :]: v for k, v in h.items() if k.startswith("eval_")},
-    }
-    for h in rounds_run
-  ]
-  if eval_fn is not None and history and "dev_wer" not in history[-1]:  # and at the end
-    history[-1].update(eval_fn(params, len(history)))
-  task.save_params(path, params)
-  io_utils.write_json_atomic(
-    path.with_name(path.name + ".json"),
-    {"history": history, "inputs": run_inputs.warm_start_inputs(cfg)},
-  )
-  return WarmStart(params, str(path))
-
-
-def warm_start_dev(warm_path: str | None, evaluate_dev) -> dict | None:
-  """The warm start's ``{dev_wer, ...}``: the last evaluated record of its ``PATH.json``
-  history, else ``evaluate_dev()`` (then recorded in ``PATH.json`` as ``dev``, so runs sharing
-  the warm start evaluate it once). None without a warm start."""
-  if not warm_path:
-    return None
-  record = pathlib.Path(warm_path)
-  record = record.with_name(record.name + ".json")
-  try:
-    data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
-  except (OSError, ValueError):
-    data = None
-  if isinstance(data, dict):
-    if isinstance(data.get("dev"), dict):
-      return data["dev"]
-    evaluated = [h for h in data.get("history", []) if "dev_wer" in h]
-    if evaluated and evaluated[-1].get("step") == max(h.get("step", 0) for h in data["history"]):
-      return {k: v for k, v in evaluated[-1].items() if k.startswith("dev_")}
-  dev = evaluate_dev()
-  if isinstance(data, dict):  # a trained warm start's record (not another run's checkpoint)
-    io_utils.write_json_atomic(record, {**data, "dev": dev})
-  return dev
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +63,7 @@ class Setup:
   loss_fn: Callable  # the training loss (``task.make_training_loss``), shared per process
   params: PyTree  # the warm start's params, else the initialization (seeded by ``cfg.seed``)
   train_fs: batching.FeatureSet
-  speakers: SpeakerSplit
+  speakers: speaker_split.SpeakerSplit
   warm_path: str | None  # where the warm start is saved (None: none)
 
 
@@ -261,13 +83,13 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
   )
   train_fs = task.load_train_split(cfg)
   split_seed = cfg.data.get("split_seed")
-  speakers = split_speakers(
+  speakers = speaker_split.split_speakers(
     train_fs,
     cfg.data.get("server_speakers", 0),
     cfg.seed if split_seed is None else split_seed,
-    server_eligible(cfg),
+    speaker_split.server_eligible(cfg),
   )
-  warm = warm_start(cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress)
+  warm = warm_start.train(cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress)
   return Setup(workdir, model, loss_fn, warm.params, train_fs, speakers, warm.path)
 
 
@@ -277,7 +99,7 @@ def _check_inputs(cfg, model, params, workdir: pathlib.Path) -> None:
   if pcfg is not None:
     policy = build.policy_from_config(pcfg, model.config.d_model // model.config.conv_groups)
     run_inputs.initial_mask(pcfg, run_inputs.prunable_mask(pcfg, policy, params))
-  run_inputs.warm_start_path(cfg, workdir)
+  warm_start.path_of(cfg, workdir)
 
 
 @workdir_lib.claimed
@@ -286,9 +108,11 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
   and dev/test at the end. ``fresh=True`` discards the workdir's run state first
   (``workdir.claimed``: the workdir is locked and must hold a run of this config)."""
   setup = _setup(cfg, progress)
-  store = make_store(cfg, setup.train_fs, setup.speakers.clients)
+  store = speaker_split.make_store(cfg, setup.train_fs, setup.speakers.clients)
   evals = task.EvalSplits(cfg)
-  warm_dev = warm_start_dev(setup.warm_path, lambda: evals.dev_metrics(setup.model, setup.params))
+  warm_dev = warm_start.dev_metrics(
+    setup.warm_path, lambda: evals.dev_metrics(setup.model, setup.params)
+  )
 
   def eval_fn(model_params, round_index):
     del round_index
@@ -360,7 +184,7 @@ def run_baseline(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> di
   )
   per_round = cfg.baseline.steps_per_round or cfg.cohort_size * (cfg.data.get("max_steps") or 1)
   data = centralized_lib.ServerBatches(
-    examples_of(setup.train_fs, speakers),
+    speaker_split.examples_of(setup.train_fs, speakers),
     cfg.baseline.batch_size,
     cfg.data.num_buckets,
     cfg.seed,
@@ -504,8 +328,7 @@ def format_comparison(results: dict[str, dict]) -> str:
 
 def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
   """Cost accounting on the largest client batch [B, T] of the store."""
-  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
-  biggest = max(segments, key=lambda b: b.shapes["features"][0])
+  biggest = _largest_bucket(store)
   frames = biggest.shapes["features"][0]
   batch = {k: v[0, 0] for k, v in biggest.zeros(1).items()}  # one local step [B, ...]
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, batch))
@@ -545,10 +368,15 @@ def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
   )
 
 
+def _largest_bucket(store):
+  """The store's bucket (or packed segment) of the longest client batches."""
+  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
+  return max(segments, key=lambda b: b.shapes["features"][0])
+
+
 def _largest_batch(store) -> tuple[int, int]:
   """(B, T) of the store's largest client batch."""
-  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
-  biggest = max(segments, key=lambda b: b.shapes["features"][0])
+  biggest = _largest_bucket(store)
   return biggest.batch_size, biggest.shapes["features"][0]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import MICRO_MODEL
 from fedprune_jax import cli, task
 from fedprune_jax.algorithms import build
-from fedprune_jax import job
+from fedprune_jax import speaker_split
 from fedprune_jax.io_utils import read_jsonl
 
 
@@ -120,12 +120,12 @@ def test_speaker_split_is_seeded_disjoint_and_checked():
     def speaker_indices(self):
       return {s: np.array([i]) for i, s in enumerate("abcdefgh")}
 
-  server, clients = job.split_speakers(FS(), 3, seed=0)
+  server, clients = speaker_split.split_speakers(FS(), 3, seed=0)
   assert len(server) == 3 and not set(server) & set(clients)
   assert sorted(server + clients) == list("abcdefgh")
-  assert job.split_speakers(FS(), 3, seed=0) == (server, clients)
+  assert speaker_split.split_speakers(FS(), 3, seed=0) == (server, clients)
   try:
-    job.split_speakers(FS(), 8, seed=0)
+    speaker_split.split_speakers(FS(), 8, seed=0)
   except ValueError as e:
     assert "data.server_speakers" in str(e)
   else:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedprune_jax import job, pruning, suite, task
+from fedprune_jax import pruning, speaker_split, suite, task, warm_start
 from fedprune_jax.algorithms import build
 from fedprune_jax.errors import ConfigError
 
@@ -126,7 +126,7 @@ def test_accent_shifted_server_split_is_reproducible_and_disjoint(tmp_path):
   (tmp_path / "SPEAKERS.TXT").write_text(SPEAKERS_TXT)
   cfg = suite.load_experiment("t6_data").base
   cfg.data.root = str(tmp_path)
-  eligible = job.server_eligible(cfg)
+  eligible = speaker_split.server_eligible(cfg)
   assert eligible == ["1001", "1002", "1005", "1006"]  # en-us and en-us-nyc voices
 
   class FS:
@@ -138,23 +138,25 @@ def test_accent_shifted_server_split_is_reproducible_and_disjoint(tmp_path):
 
   servers = set()
   for seed in range(6):
-    server, clients = job.split_speakers(FS(), 2, seed, eligible)
-    assert (server, clients) == job.split_speakers(FS(), 2, seed, eligible)  # reproducible
+    server, clients = speaker_split.split_speakers(FS(), 2, seed, eligible)
+    assert (server, clients) == speaker_split.split_speakers(
+      FS(), 2, seed, eligible
+    )  # reproducible
     assert len(server) == 2 and set(server) <= set(eligible)
     assert not set(server) & set(clients)
     assert sorted(server + clients) == sorted(FS().speaker_indices())
     servers.add(tuple(server))
   assert len(servers) > 1  # the split seed draws different server speakers
   with pytest.raises(ConfigError, match="4 of the server's accents"):
-    job.split_speakers(FS(), 5, 0, eligible)
+    speaker_split.split_speakers(FS(), 5, 0, eligible)
   cfg.data.server_accents = ("en-xx",)
   with pytest.raises(ConfigError, match="'en-xx' is no accent of the corpus"):
-    job.server_eligible(cfg)
+    speaker_split.server_eligible(cfg)
   (tmp_path / "SPEAKERS.TXT").write_text(
     ";ID|SEX|SUBSET|MINUTES|NAME\n19 | F | train | 1.0 | Ann\n"
   )
   with pytest.raises(Exception, match="no synthetic voices"):
-    job.server_eligible(cfg)
+    speaker_split.server_eligible(cfg)
 
 
 def test_warm_start_dev_wer_is_read_or_evaluated_once(tmp_path):
@@ -171,18 +173,18 @@ def test_warm_start_dev_wer_is_read_or_evaluated_once(tmp_path):
   ws = tmp_path / "warm_start"
   history = [{"step": 100, "loss": 2.0, "dev_wer": 0.8, "dev_cer": 0.4}, {"step": 200, "loss": 1.0}]
   (tmp_path / "warm_start.json").write_text(json.dumps({"history": history}))
-  assert job.warm_start_dev(str(ws), evaluate) == {
+  assert warm_start.dev_metrics(str(ws), evaluate) == {
     "dev_wer": 0.6,
     "dev_cer": 0.3,
   }  # step 100 is stale
-  assert job.warm_start_dev(str(ws), evaluate)["dev_wer"] == 0.6 and len(calls) == 1  # recorded
+  assert warm_start.dev_metrics(str(ws), evaluate)["dev_wer"] == 0.6 and len(calls) == 1  # recorded
   history[-1].update(dev_wer=0.5, dev_cer=0.2)
   (tmp_path / "warm_start.json").write_text(json.dumps({"history": history}))
-  assert job.warm_start_dev(str(ws), evaluate) == {"dev_wer": 0.5, "dev_cer": 0.2}
+  assert warm_start.dev_metrics(str(ws), evaluate) == {"dev_wer": 0.5, "dev_cer": 0.2}
   assert len(calls) == 1
-  assert job.warm_start_dev(None, evaluate) is None
+  assert warm_start.dev_metrics(None, evaluate) is None
   # another run's checkpoint as the warm start: evaluated, nothing written beside it
-  assert job.warm_start_dev(str(tmp_path / "checkpoint"), evaluate)["dev_wer"] == 0.6
+  assert warm_start.dev_metrics(str(tmp_path / "checkpoint"), evaluate)["dev_wer"] == 0.6
   assert not (tmp_path / "checkpoint.json").exists()
 
 
