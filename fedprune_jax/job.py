@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 
 from fedprune_jax import io_utils
 from fedprune_jax import programs
@@ -127,7 +126,7 @@ def run(cfg: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
     policy = build.policy_from_config(
       pcfg, setup.model.config.d_model // setup.model.config.conv_groups
     )
-    round_costs = _round_costs(cfg, setup.model, setup.loss_fn, setup.params, store, policy, engine)
+    round_costs = _round_costs(setup.model, store, policy)
     initial_mask = run_inputs.initial_mask(
       pcfg, run_inputs.prunable_mask(pcfg, policy, setup.params)
     )
@@ -326,20 +325,11 @@ def format_comparison(results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def _round_costs(cfg, model, loss_fn, params, store, policy, engine):
+def _round_costs(model, store, policy):
   """Cost accounting on the largest client batch [B, T] of the store."""
-  biggest = _largest_bucket(store)
-  frames = biggest.shapes["features"][0]
-  batch = {k: v[0, 0] for k, v in biggest.zeros(1).items()}  # one local step [B, ...]
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, batch))
-  activations = programs.shared(
-    ("activation_bytes", loss_fn, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes))),
-    lambda: costs_lib.activation_bytes(loss_fn, params, batch),
-  )
-  dense = flops_lib.conformer_flops(model.config, biggest.batch_size, frames)
-  client = engine["client"]
-  slots = {"adam": 2, "sgd": 1 if client.get("momentum") else 0}[client["optimizer"].lower()]
-  return costs_lib.make_round_costs(policy, dense, slots, activations)
+  batch_size, frames = _largest_batch(store)
+  dense = flops_lib.conformer_flops(model.config, batch_size, frames)
+  return costs_lib.make_round_costs(policy, dense)
 
 
 def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
@@ -368,15 +358,10 @@ def _compact_model(cfg, model, loss_fn, store) -> build.CompactModel:
   )
 
 
-def _largest_bucket(store):
-  """The store's bucket (or packed segment) of the longest client batches."""
-  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
-  return max(segments, key=lambda b: b.shapes["features"][0])
-
-
 def _largest_batch(store) -> tuple[int, int]:
   """(B, T) of the store's largest client batch."""
-  biggest = _largest_bucket(store)
+  segments = [seg for b in store.buckets for seg in (b if isinstance(b, tuple) else (b,))]
+  biggest = max(segments, key=lambda b: b.shapes["features"][0])
   return biggest.batch_size, biggest.shapes["features"][0]
 
 

@@ -1,11 +1,12 @@
 """`make demo`: federated pruning of `tiny` on the embedded corpus, against dense federated training.
 
 Setting (chosen to finish in about 15 minutes on 2 CPU cores, bootstrap included, with WERs that
-mean something; see the README): a 200-word corpus of 160 voices x 50 utterances; 32 server-side
-speakers give a 500-step centralized warm start; the other 96 speakers are the clients (cohort 8,
-up to 4 local Adam steps of 8 utterances). Both runs start from the same warm start and run 20
-rounds; the pruned run reaches 50% unstructured sparsity (cubic schedule over 10 rounds, mask
-updates every 2 rounds), refines the mask by server re-scoring for 4 rounds, then fine-tunes.
+mean something; see the README): a 50-word corpus of 160 voices x 50 utterances; 64 server-side
+speakers give a 450-step centralized warm start; the other 64 train speakers are the clients
+(cohort 8, up to 4 local Adam steps of 8 utterances). Both runs start from the same warm start and
+run 8 rounds; the pruned run reaches 50% unstructured sparsity (cubic schedule over rounds 0-3,
+a mask update every round), refines the mask by server re-scoring in rounds 4-5, then
+fine-tunes in rounds 6-7.
 """
 
 from fedprune_jax import config as config_lib

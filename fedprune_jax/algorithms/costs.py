@@ -16,11 +16,9 @@ dense model on the largest client batch ``[B, T]`` (what a masked-dense client e
 kernels, or the compacted model of the ``units`` pattern, would execute; an estimate that ignores
 attention-score products and elementwise work).
 
-Training memory (``client_train_memory_bytes_estimate``; the round driver records the measured
-``client_train_memory_bytes`` of the program actually run, see ``executor.ChunkedExecutor``):
-params + grads + optimizer slots of the trained model (masked dense: the dense
-size; ``units``: the kept size) + activations, measured once from XLA's memory analysis of the
-dense model's gradient step and scaled by the kept fraction for ``units``.
+Training memory is not estimated here: the round driver records the measured
+``client_train_memory_bytes`` of the client program actually run (XLA's memory analysis, see
+``executor.ChunkedExecutor``).
 """
 
 from __future__ import annotations
@@ -38,16 +36,6 @@ from fedprune_jax.algorithms.fedprune import PruningState
 PyTree = Any
 
 
-def activation_bytes(loss_fn: Callable, params: PyTree, batch: dict) -> float | None:
-  """Temporary bytes XLA allocates for one ``value_and_grad(loss_fn)`` step (None if unknown)."""
-  try:
-    grad = jax.value_and_grad(loss_fn, has_aux=True)
-    compiled = jax.jit(grad).lower(params, batch, jax.random.key(0)).compile()
-    return float(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except  (backend without memory analysis)
-    return None
-
-
 def _counts(params: PyTree, mask: PyTree) -> tuple[int, int, int]:
   """(total, prunable, kept) entries."""
   total = sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(params))
@@ -57,16 +45,12 @@ def _counts(params: PyTree, mask: PyTree) -> tuple[int, int, int]:
 def make_round_costs(
   policy: MaskPolicy,
   dense_flops_per_step: float,
-  optimizer_slots: int,
-  activations: float | None,
 ) -> Callable[[PruningState], dict]:
   """``round_costs(state) -> {name: float}`` for the round that starts from ``state``.
 
   Args:
     policy: the mask policy (whether this round's clients upload scores; the pattern).
     dense_flops_per_step: analytic train FLOPs of one local step of the dense model.
-    optimizer_slots: params-sized client optimizer buffers (Adam 2, SGD 0, momentum 1).
-    activations: activation bytes of one dense local step (``activation_bytes``), or None.
   """
   units = policy.pattern == "units"
 
@@ -77,17 +61,12 @@ def make_round_costs(
     keep_frac = live / max(total, 1)
     nxt = int(state.round) + 1
     uploads_scores = bool(policy.should_update(nxt) & policy.scores_from_clients(nxt))
-    trained = live if units else total
-    memory = 4.0 * trained * (2 + optimizer_slots)
-    if activations is not None:
-      memory += activations * (keep_frac if units else 1.0)
     out = {
       "bytes_down_dense": 4.0 * total,
       "bytes_down_masked": 4.0 * live + math.ceil(prunable / 8),
       "bytes_up": 4.0 * live + (4.0 * prunable if uploads_scores else 0.0),
       "client_flops_per_step_dense": float(dense_flops_per_step),
       "client_flops_per_step_sparse": float(dense_flops_per_step) * keep_frac,
-      "client_train_memory_bytes_estimate": memory,
       "nonzero_params": float(live),
     }
     if units:
