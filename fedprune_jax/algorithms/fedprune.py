@@ -118,9 +118,11 @@ def _size(tree: PyTree) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+@jax.jit
 def mask_stats(mask: PyTree) -> tuple[jax.Array, jax.Array]:
   """(kept, total) prunable entries of ``mask`` as float32 scalars (counted exactly by
-  ``pruning.count_kept``, so a dense mask has kept == total)."""
+  ``pruning.count_kept``, so a dense mask has kept == total). Jitted: a masked-dense round
+  counts them on the host's critical path, and op-by-op that was a dispatch per leaf."""
   return pruning.count_kept(mask).astype(jnp.float32), jnp.float32(pruning.count_total(mask))
 
 
