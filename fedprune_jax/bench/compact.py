@@ -25,13 +25,8 @@ from fedprune_jax.models import asr
 from fedprune_jax.pruning import units
 
 
-def _run(alg, params, store, cfg, executors, repeats: int) -> dict[str, float]:
-  """Rounds of ``alg`` (a frozen mask): the first may compile; medians over the next
-  ``repeats``. ``executors`` is shared by the runs of one path (the masked-dense program is the
-  same at every sparsity)."""
-  state = jax.jit(alg.init)(params, 0)
-  sampler = CohortSampler(store.num_clients, cfg["cohort_size"], seed=0)
-  _, hist = rounds.run_rounds(alg, state, store, executors, sampler, repeats + 1, progress=False)
+def _summary(hist: list[dict]) -> dict[str, float]:
+  """Medians over the timed rounds ``hist[1:]`` (round 0 may compile)."""
   timed = hist[1:]
   return {
     "path": hist[-1]["client_path"],
@@ -42,6 +37,27 @@ def _run(alg, params, store, cfg, executors, repeats: int) -> dict[str, float]:
     "compile_s": hist[0]["compile_seconds"],
     "client_params": hist[-1]["client_params"],
   }
+
+
+def _paired(runs: dict[str, tuple], params, store, cfg, repeats: int) -> dict[str, dict]:
+  """Rounds of each ``name: (algorithm, executors)`` (a frozen mask), interleaved: every
+  algorithm's first round (it may compile), then ``repeats`` timed rounds of each in turn, the
+  order reversed every other time (ABBA), so a drift in the machine's speed (this VM's rounds of
+  one program varied by 30 % over minutes) falls on both paths alike. ``executors`` is shared by
+  the runs of one path (the masked-dense program is the same at every sparsity)."""
+  states, hists = {}, {name: [] for name in runs}
+  sampler = CohortSampler(store.num_clients, cfg["cohort_size"], seed=0)
+  names = list(runs)
+  for i in range(repeats + 1):
+    for name in names if i % 2 == 0 else names[::-1]:
+      alg, executors = runs[name]
+      if name not in states:
+        states[name] = jax.jit(alg.init)(params, 0)
+      states[name], hist = rounds.run_rounds(
+        alg, states[name], store, executors, sampler, 1, progress=False
+      )
+      hists[name] += hist
+  return {name: _summary(h) for name, h in hists.items()}
 
 
 def compare(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
@@ -69,6 +85,7 @@ def compare(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
   for s in sparsities:
     mask = units.expand_unit_mask(params, cpg, units.unit_mask(params, cpg, s))
     row = {"preset": preset, "sparsity": s}
+    runs = {}
     for mode, name in (("off", "masked"), ("on", "compact")):
       cfg = rounds.resolve_config(
         {
@@ -80,7 +97,8 @@ def compare(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
       )
       alg = build.build_algorithm(cfg, loss_fn, policy, initial_mask=mask, compact_model=cm)
       executors = caches.setdefault(name, ExecutorCache(build.executor_factory_for(cfg["engine"])))
-      row[name] = _run(alg, params, store, cfg, executors, args.repeats)
+      runs[name] = alg, executors
+    row.update(_paired(runs, params, store, cfg, args.repeats))
     m, c = row["masked"], row["compact"]
     row["speedup"] = m["round_s"] / c["round_s"]
     if m["client_train_memory_bytes"] and c["client_train_memory_bytes"]:
