@@ -69,7 +69,7 @@ def pytest_runtest_teardown(item, nextitem):
   Without this an xdist worker holds every program of every file it ran: 6.5 GB resident by
   mid-suite, and two suites side by side (plus one training run) were OOM-killed on a 24 GB
   machine. The next file that needs a program finds it in XLA's persistent cache."""
-  if nextitem is not None and nextitem.fspath == item.fspath:
+  if nextitem is not None and nextitem.path == item.path:
     return
   import gc  # pylint: disable=g-import-not-at-top
 
