@@ -99,10 +99,8 @@ class CompactClients(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames="with_mask")
-@functools.partial(jax.jit, static_argnames="with_mask")
 def _compact_input(params: PyTree, mask: PyTree, idx: PyTree, with_mask: bool) -> tuple:
-  """(compacted masked params, compacted mask or None) for clients: one program, not a dispatch
-  per leaf and op (a round's fixed cost beside short local training)."""
+  """(compacted masked params, compacted mask or None) for clients."""
   small = compaction.gather(pruning.apply_mask(params, mask), idx)
   return small, compaction.gather(mask, idx) if with_mask else None
 
