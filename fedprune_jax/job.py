@@ -369,8 +369,7 @@ def _compile_summary(history: list[dict]) -> dict:
   """Compilations and compile seconds of the rounds this process ran, client programs, paths."""
   paths = [h.get("client_path") for h in history if h.get("client_path")]
   return {
-    "compilations": int(sum(h.get("compilations", 0) for h in history)),
-    "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
+    **rounds.compile_totals(history),
     "client_programs": int(max([h.get("client_programs", 0) for h in history] or [0])),
     "client_paths": {p: paths.count(p) for p in sorted(set(paths))},
   }

@@ -26,6 +26,7 @@ from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.errors import ConfigError
+from fedprune_jax.federated import rounds
 
 PyTree = Any
 
@@ -112,8 +113,7 @@ def train(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progr
       "history": history,
       "inputs": inputs_of(cfg),
       # what compiling its programs cost (of this process's run: 0 where the cache had them)
-      "compilations": int(sum(h.get("compilations", 0) for h in rounds_run)),
-      "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in rounds_run)),
+      **rounds.compile_totals(rounds_run),
     },
   )
   return WarmStart(params, str(path))

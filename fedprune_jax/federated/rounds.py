@@ -234,6 +234,15 @@ def run_rounds(
   return state, history
 
 
+def compile_totals(history: list[Mapping[str, Any]]) -> dict[str, float]:
+  """``{compilations, compile_seconds}`` summed over round records of ``run_rounds`` (of the
+  rounds this process ran: a resumed run's earlier rounds are not counted again)."""
+  return {
+    "compilations": int(sum(h.get("compilations", 0) for h in history)),
+    "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
+  }
+
+
 def _program_costs(executor) -> dict[str, float]:
   """Measured costs of the client program the executor last ran (if it measures them)."""
   costs = getattr(executor, "last_costs", None)
