@@ -204,8 +204,12 @@ def run_experiments(
   """
   experiments = [load_experiment(n, setting) for n in names]
   explicit = seeds is not None
+
+  def own_seeds(e: Experiment) -> tuple[int, ...]:  # every arm's seeds, then the claims' extra
+    return e.seeds[:1] if quick else e.all_seeds
+
   if not explicit:
-    seeds = sorted({s for e in experiments for s in e.seeds[: 1 if quick else None]})
+    seeds = sorted({s for e in experiments for s in own_seeds(e)})
   base = experiments[0].base
   root_set = any(o.startswith("data.root=") for o in overrides)
   embedded = "synth_vocab_size" in base.data and not root_set
@@ -214,7 +218,7 @@ def run_experiments(
       experiment,
       runs_dir,
       quick=quick,
-      seeds=[s for s in seeds if s in experiment.seeds or explicit],
+      seeds=[s for s in seeds if s in own_seeds(experiment) or explicit],
       data_root=data_root,
       overrides=overrides,
       check_data=not embedded,
@@ -232,7 +236,7 @@ def run_experiments(
   with workers_lib.RunPool(runner, workers) as pool:
     for group in seed_groups:
       for experiment in experiments:
-        group_seeds = [s for s in group if s in experiment.seeds or explicit]
+        group_seeds = [s for s in group if s in own_seeds(experiment) or explicit]
         if not group_seeds:
           continue
         index = run_experiment(

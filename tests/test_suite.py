@@ -545,3 +545,27 @@ def test_concat_feature_sets_equals_packing_everything_at_once():
   joined = batching.concat_feature_sets(parts)
   for field in ("features", "frame_offsets", "tokens", "token_offsets", "utt_ids", "speaker_ids"):
     np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field))
+
+
+def test_run_experiments_runs_the_claims_seeds_by_default(tmp_path, monkeypatch):
+  """`fedprune experiment all` without --seeds: every table's seeds, seed-major, and the claims'
+  extra seeds for the tables that have them (the claims' arms run 5 seeds, not 3)."""
+  calls = []
+
+  def fake_run_experiment(experiment, runs_dir, *, seeds, **kw):
+    calls.append((experiment.name, tuple(seeds)))
+    return {"runs": []}
+
+  monkeypatch.setattr(suite, "run_experiment", fake_run_experiment)
+  monkeypatch.setattr(suite, "check_experiment", lambda *a, **kw: None)
+  names = ["t3_schedule", "t6_data"]
+  root = ["data.root=" + str(tmp_path)]  # not the embedded corpus: nothing synthesized
+  suite.run_experiments(names, tmp_path, overrides=root, log=lambda line: None)
+  t3, t6 = (suite.load_experiment(n) for n in names)
+  assert t3.claim_seeds == (0, 1, 2, 3, 4) and t6.claim_seeds == (0, 1, 2, 3, 4)
+  assert calls == [(n, (s,)) for s in range(5) for n in names]
+  expanded = suite.expand(t3, seeds=[3])
+  assert expanded and {s.arm.name for s in expanded} == t3.claim_arms
+  calls.clear()  # --quick: the first seed only
+  suite.run_experiments(names, tmp_path, quick=True, overrides=root, log=lambda line: None)
+  assert calls == [(n, (0,)) for n in names]

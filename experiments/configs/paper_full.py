@@ -34,6 +34,7 @@ def get_config():
   c.data.max_steps = 16
   c.data.segments = 4
   c.data.num_buckets = 4
+  c.data.skip_unalignable = False  # LibriSpeech: an unalignable utterance is an error
   c.data.server_speakers = 338
   c.model.preset = "l"
   c.rounds = 400
