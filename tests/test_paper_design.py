@@ -80,6 +80,9 @@ def test_t6_arms_have_equal_budgets_and_schedules():
     }
     assert len(budget) == 1  # same client examples; one server update a round
     (rounds, cohort, steps, batch, _) = budget.pop()
+    if not quick:  # longer than the setting's 60 rounds: the dense reference's gate (README)
+      assert rounds == 100 and suite.setting_config("small").rounds == 60
+      assert fed["federated"].pruning.pruning_rounds == 50
     for c in central.values():  # as many examples, the same schedule keyed by rounds
       per_round = c.baseline.steps_per_round or c.cohort_size * c.data.max_steps
       assert (c.rounds, per_round, c.baseline.batch_size) == (rounds, cohort * steps, batch)
