@@ -312,10 +312,11 @@ def federated_pruning(
     if found is None:
       kept, prunable = map(float, mask_stats(state.mask))
       live = _size(state.params) - prunable + kept
+      bitmap = np.ceil(prunable / 8) if kept < prunable else 0.0  # none when nothing is pruned
       metrics = {  # masked values + a bitmap down; the delta at kept coordinates (+ scores) up
         "client_path": "masked_dense",
         "client_params": float(_size(state.params)),
-        "bytes_down_sent": 4.0 * live + np.ceil(prunable / 8),
+        "bytes_down_sent": 4.0 * live + bitmap,
         "bytes_up_sent": 4.0 * live + (4.0 * _size(state.params) if scores_up else 0.0),
       }
       if compact is not None and compact.step_flops is not None:
