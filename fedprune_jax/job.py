@@ -315,8 +315,8 @@ def format_comparison(results: dict[str, dict]) -> str:
   for name, r in results.items():
     t, f = r["train"], r["final"]
     dense_bytes = 4.0 * t["num_params"]
-    down = t.get("last_bytes_down_masked") or dense_bytes
-    up = t.get("last_bytes_up") or dense_bytes
+    down = t.get("last_bytes_down_sent") or dense_bytes  # what the last round actually sent
+    up = t.get("last_bytes_up_sent") or dense_bytes
     lines.append(
       f"| {name} | {f['dev']['wer']:.2%} | {f['test']['wer']:.2%} | {f['dev']['cer']:.2%} | "
       f"{t.get('sparsity', 0.0):.1%} | {t['nonzero_params']:,} | {down / 1e6:.2f} MB | "

@@ -165,6 +165,15 @@ def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys):
   assert results["dense"]["train"]["algorithm"] == "fedprune"
   assert results["pruned"]["train"]["algorithm"] == "fedprune"
   assert results["dense"]["train"]["nonzero_params"] == results["dense"]["train"]["num_params"]
+  for name, line in (("dense", dense), ("pruned", pruned)):  # the bytes the last round sent
+    t = results[name]["train"]
+    assert (
+      f"| {t['last_bytes_down_sent'] / 1e6:.2f} MB | {t['last_bytes_up_sent'] / 1e6:.2f} MB |"
+      in line
+    )
+  assert (
+    results["dense"]["train"]["last_bytes_down_sent"] == 4 * results["dense"]["train"]["num_params"]
+  )
   executors = [k for k in programs._cache if isinstance(k, tuple) and k[0] == "executor"]
   assert len(executors) == 1, executors
   # both runs start from the one warm start

@@ -212,3 +212,22 @@ def test_float64_client_update_matches_brute_force():
     assert out.update["delta"]["hidden"]["kernel"].dtype == np.float64
     assert out.metrics["loss"].dtype == np.float64
     _leaves_close(out.update["delta"], _sgd_brute_force(params, data, 0.3, 2), 1e-12)
+
+
+def test_inputs_placed_any_way_run_one_compiled_program():
+  """The same client input as fresh (uncommitted) arrays, as committed jit outputs, and as host
+  arrays runs one compiled chunk program, with the same result (a run's mask was a fresh array in
+  make demo's dense run and a jitted output in its pruned run: two compilations of one program)."""
+  store = _store()
+  cu = client.make_client_update(toy.make_loss_fn(), optax.sgd(0.2))
+  ex = executor.ChunkedExecutor(cu, 4)
+  ids, key = np.arange(8), jax.random.key(0)
+  fresh = _params()
+  committed = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.0, p))(
+    jax.device_put(fresh, jax.devices()[0])
+  )
+  host = jax.tree.map(np.asarray, fresh)
+  results = [ex(p, store, ids, key)[0] for p in (fresh, committed, host)]
+  assert ex._chunk_step._cache_size() == 1  # pylint: disable=protected-access
+  for got in results[1:]:
+    _leaves_close(got, results[0], tol=0)

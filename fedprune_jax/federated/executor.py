@@ -246,6 +246,11 @@ class ChunkedExecutor(_Executor):
       client_input, acc, round_key = multihost.put_replicated(
         (client_input, acc, round_key), self.mesh
       )
+    else:
+      # committed to one device whatever made them: jit keys its programs by the inputs'
+      # placement, so a mask that is a jitted output in one run and a fresh array in another
+      # would otherwise compile the same client program twice (make demo's two runs did)
+      client_input, acc = jax.device_put((client_input, acc), jax.devices()[0])
     if self.device_loop:
       return self._run_device_loop(client_input, store, plan, round_key, acc)
     rows = self._rows()
