@@ -2,8 +2,9 @@
 round with masked-dense clients (same state, cohort and keys) to float tolerance, for CTC and
 RNN-T heads, in pruning, refining (with a revival) and fine-tuning rounds, chunk sizes 1 and 4 and
 a reversed cohort; client-data scores (saliency, movement) scattered back equal the masked-dense
-ones, and so do the server's scores from them; the number of client programs of a run whose mask
-changes every round stays within the quantum's bound; a run SIGKILLed mid-round resumes
+ones, and so do the server's scores from them; so do clients' saliency votes (ranked with the
+dense layer's threshold) and the masks from them; the number of client programs of a run whose
+mask changes every round stays within the quantum's bound; a run SIGKILLed mid-round resumes
 bit-identically."""
 
 from __future__ import annotations
@@ -380,3 +381,71 @@ def test_compacted_round_on_two_forced_devices_equals_masked_dense_on_one(tmp_pa
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_allclose(np.load(out), one_round_params("off", 1), atol=2e-5, rtol=2e-5)
+
+
+# clients vote for their top 1 - s of each layer; one-shot half the units at round 0 (set by hand
+# below), then the votes' mask updates at 0.656 (step 1) and 0.75 (step 2)
+VOTE_PCFG = (
+  ("pruning_rounds", 3), ("score", "saliency"), ("client_aggregation", "vote"),
+  ("target_sparsity", 0.75), ("update_every", 1),
+)  # fmt: skip
+
+
+def test_compacted_client_votes_equal_masked_dense_votes():
+  """Saliency votes: a compacted client ranks its entries with the dense layer's threshold (its
+  scores with the pruned entries it lacks as zeros), so the aggregated votes scattered back, the
+  masks the server computes from them, the params and the metrics equal the masked-dense round's,
+  with padding units (quantum 0.3) and for two rounds (each followed by a mask update from the
+  votes)."""
+  model, params = _model("ctc"), _params("ctc", 1)
+  cpg = model.config.conv_group_channels
+  dense_alg, compact_alg = _algorithms("ctc", VOTE_PCFG, quantum=0.3)
+  state = jax.jit(dense_alg.init)(params, 0)
+  mask = units.expand_unit_mask(params, cpg, units.unit_mask(params, cpg, 0.5))
+  state = state.replace(
+    mask=mask, opt_state=pruning.update_mask(state.opt_state, mask), sparsity=jnp.float32(0.5)
+  )
+  round_key = jax.random.fold_in(jax.random.key(int(state.seed)), 0)
+  aggs, after, metrics = {}, {}, {}
+  for name, alg in (("dense", dense_alg), ("compact", compact_alg)):
+    plan = alg.plan_round(state)
+    assert plan.metrics["client_path"] == ("compact" if name == "compact" else "masked_dense")
+    if name == "compact":  # 13 padding FFN units (as in the saliency test above)
+      ffn = plan.client_input["params"]["encoder"]["block_0"]["ffn1"]["dense_in"]["kernel"]
+      assert ffn.shape[1] == 77 and bool(plan.client_input["want_scores"])
+    ex = build.shared_executors(_config()["engine"])(plan.program)
+    agg, metrics[name] = ex(plan.client_input, _store(), CLIENTS, round_key)
+    aggs[name] = agg if plan.finish is None else plan.finish(agg)
+    after[name], server_metrics = jax.jit(alg.server_update)(state, aggs[name])
+    metrics[name].update(jax.device_get(server_metrics))
+  keep = pruning.dense_mask(state.mask, params)
+  cut = 0  # kept entries some client voted out
+  for d, c, m in zip(*(jax.tree.leaves(t) for t in (aggs["dense"].update["scores"],
+                                                    aggs["compact"].update["scores"], keep))):  # fmt: skip
+    d, c, m = np.asarray(d), np.asarray(c), np.asarray(m)
+    np.testing.assert_allclose(c[m], d[m], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(c[~m], 0.0)  # a pruned entry scores 0: no client votes for it
+    np.testing.assert_array_equal(d[~m], 0.0)
+    cut += int(np.sum(d[m] < 1.0))
+  assert cut > 1000  # the dense threshold falls among the kept entries: the votes rank them
+  new = after["compact"]
+  assert metrics["compact"]["mask_updated"] == 1.0
+  assert float(pruning.sparsity(new.mask)) > 0.6
+  for a, b in zip(jax.tree.leaves(after["dense"].mask), jax.tree.leaves(new.mask)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _close(new.params, after["dense"].params, 2e-5)
+  _close(new.opt_state, after["dense"].opt_state, 2e-5)
+  for key in ("train_loss", "num_examples", "sparsity", "revived_next", "mask_updated"):
+    np.testing.assert_allclose(metrics["compact"][key], metrics["dense"][key], rtol=1e-5)
+  # one more round from there, on the votes' mask: its votes update the mask again
+  (dense_states, dense_hist), (compact_states, compact_hist) = (
+    _run(alg, after[name], CLIENTS, 1)
+    for name, alg in (("dense", dense_alg), ("compact", compact_alg))
+  )
+  assert [h["client_path"] for h in compact_hist] == ["compact"]
+  assert compact_hist[0]["mask_updated"] == 1.0
+  for a, b in zip(jax.tree.leaves(dense_states[-1].mask), jax.tree.leaves(compact_states[-1].mask)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _close(compact_states[-1].params, dense_states[-1].params, 2e-5)
+  for key in ("train_loss", "num_examples", "sparsity", "revived_next", "mask_updated"):
+    np.testing.assert_allclose(compact_hist[0][key], dense_hist[0][key], rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from fedprune_jax.algorithms import build, fedprune, mask_policy
 from fedprune_jax.federated import aggregation, client, executor, rounds, toy
 from fedprune_jax.federated.algorithm import executor_factory
 from fedprune_jax.federated.sampling import CohortSampler
+from fedprune_jax.pruning import scores as scores_lib
 
 F, K, H = 4, 3, 6
 
@@ -359,3 +360,57 @@ def test_a_given_mask_is_trained_frozen_from_round_zero():
   )
   assert pairs and all(np.all(w[~m] == 0) for w, _, m in pairs)
   assert any(np.any(w[m] != p[m]) for w, p, m in pairs)  # the kept weights did train
+
+
+def test_a_compacted_clients_vote_ranks_the_dense_layer():
+  """``local_vote`` on a compacted tree (the kept entries and some zero-scored pruned ones, as
+  padding units) with the dense leaf sizes, scattered back, equals the dense client's vote (its
+  pruned entries score 0); without the sizes the thresholds are the compacted leaves' own."""
+  from fedprune_jax.pruning import compaction  # pylint: disable=g-import-not-at-top
+
+  params = _params(3)
+  rng = np.random.default_rng(0)
+  mask = pruning.prune_mask(pruning.magnitude(params), 0.5)
+  scores = jax.tree.map(
+    lambda p, m: jnp.asarray(rng.random(p.shape), jnp.float32) * (1.0 if m is None else m),
+    params,
+    mask,
+    is_leaf=lambda x: x is None,
+  )
+
+  def idx_of(m):  # kept entries and 2 pruned ones (their scores are 0)
+    if m is None:
+      return None
+    m = np.ravel(np.asarray(m))
+    return np.sort(np.concatenate([np.flatnonzero(m), np.flatnonzero(~m)[:2]])).astype(np.int32)
+
+  idx = jax.tree.map(idx_of, mask, is_leaf=lambda x: x is None)
+  small, small_mask = compaction.gather(scores, idx), compaction.gather(mask, idx)
+  scoring = mask_policy.ClientScoring(scores_lib.get_score("saliency"), vote=True)
+  sizes = scoring.compacted(params).dense_sizes
+  assert sizes == tuple(int(np.size(x)) for x in jax.tree.leaves(params))
+  dense = mask_policy.local_vote(scores, mask, 0.7)
+  got = compaction.scatter(mask_policy.local_vote(small, small_mask, 0.7, sizes), idx, params)
+  _close(got, dense, 0)
+  own = compaction.scatter(mask_policy.local_vote(small, small_mask, 0.7), idx, params)
+  assert not all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (own, dense))))
+
+
+def test_a_movement_vote_keeps_clients_masked_dense():
+  """Movement's scores are shifted by the whole tree's minimum, so a pruned entry's vote depends
+  on the other entries: its votes are not taken on the compacted model (compact='on' is an error;
+  the saliency vote builds)."""
+  local = client.make_client_update(toy.make_loss_fn(), optax.sgd(0.3))
+  compact = fedprune.CompactClients(1, lambda sizes: (None, local), mode="on")
+  for score, ok in (("saliency", True), ("update", True), ("taylor", True), ("movement", False)):
+    policy = _policy(score=score, client_aggregation="vote")
+    assert policy.client_scoring.compactable == ok
+    if ok:
+      fedprune.federated_pruning(local, optax.sgd(1.0), policy, 4, compact=compact)
+    else:
+      with pytest.raises(ValueError, match="movement"):
+        fedprune.federated_pruning(local, optax.sgd(1.0), policy, 4, compact=compact)
+      with pytest.raises(ValueError, match="movement"):
+        policy.client_scoring.compacted(_params(0))
+    # without a vote every client score is computed on the compacted model
+    assert _policy(score=score).client_scoring.compacted(_params(0)).dense_sizes is None

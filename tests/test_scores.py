@@ -206,3 +206,27 @@ def test_centralized_step_accumulates_the_scores_per_step_terms(score):
     expected = jax.tree.map(lambda a, t: a + t, expected, term)
     p, opt_state, _, acc = step(p, opt_state, mask, batch, jax.random.key(s), acc)
   _close(acc, expected, 1e-6)
+
+
+@pytest.mark.parametrize("name", fields.CLIENT_SCORES)
+def test_zero_at_pruned_says_whether_a_pruned_entry_finishes_to_zero(name):
+  """What ``Score.zero_at_pruned`` promises (a compacted client's vote relies on it): at a pruned
+  entry (weight 0 and frozen: gradient term and delta 0 there) a client's own scores are exactly
+  0 and every score is >= 0; movement's shift puts a pruned entry at minus the tree's minimum."""
+  score = scores_lib.get_score(name)
+  rng = np.random.default_rng(1)
+  params = toy.init_params(jax.random.key(2), F, K, hidden=H)
+  mask = pruning.prune_mask(pruning.magnitude(params), 0.5)
+  dense_mask = pruning.dense_mask(mask, params)
+  params = pruning.apply_mask(params, mask)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  delta = pruning.apply_mask(jax.tree.map(lambda g: 0.1 * g, grads), mask)
+  step_mean = None if score.per_step is None else score.per_step(params, grads)
+  out = score.finish(params, score.upload(step_mean, params, delta))
+  pruned = np.concatenate([np.ravel(~np.asarray(m)) for m in jax.tree.leaves(dense_mask)])
+  flat = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(out)])
+  assert pruned.any() and np.all(flat >= 0)
+  if score.zero_at_pruned:
+    np.testing.assert_array_equal(flat[pruned], 0.0)
+  else:
+    assert name == "movement" and np.all(flat[pruned] > 0)

@@ -22,9 +22,12 @@ units sliced away; kept unit counts rounded up to a multiple of ``quantum`` with
 units whose params are exact zeros held at zero by the client mask), and the aggregate is
 scattered back to dense coordinates before the server step, so the server optimizer, the mask
 policy, refinement and checkpoints see exactly what masked-dense clients would have sent (their
-deltas and gradients at pruned units are exactly zero). Otherwise clients train masked-dense.
-Each round's metrics say which (``client_path``). Dropout draws masks of the trained shapes, so
-with dropout on the two paths are equal in distribution, not sample by sample.
+deltas and gradients at pruned units are exactly zero; a client's vote ranks its scores with the
+pruned entries it lacks counted as zeros, ``mask_policy.local_vote``, so it is the dense client's
+vote). Otherwise (or for a vote on ``movement``, whose scores are shifted by the whole tree's
+minimum) clients train masked-dense. Each round's metrics say which (``client_path``). Dropout
+draws masks of the trained shapes, so with dropout on the two paths are equal in distribution,
+not sample by sample.
 """
 
 from __future__ import annotations
@@ -185,13 +188,15 @@ def federated_pruning(
     client_key: names ``local_update`` (``ClientProgram.key``); None: programs never shared.
     compact: compacted client training (None: clients always train masked-dense).
   """
+  scoring = policy.client_scoring  # all the client update reads of the policy
   if compact is not None:
     if compact.mode not in COMPACT_MODES:
       raise ValueError(f"config field client.compact={compact.mode!r}; expected {COMPACT_MODES}")
-    if compact.mode == "on" and policy.client_aggregation == "vote":
+    if compact.mode == "on" and scoring is not None and not scoring.compactable:
       raise ValueError(
         "config field client.compact='on' cannot be used with pruning.client_aggregation='vote'"
-        " (a client's vote ranks every entry of a layer, pruned ones included)"
+        f" and client score {scoring.score.name!r} (its scores are shifted by the whole tree's"
+        " minimum, so a pruned entry's vote depends on every other entry's score)"
       )
   tx = pruning.masked_optimizer(server_optimizer, pruned="freeze")
   reducers = {}
@@ -278,14 +283,17 @@ def federated_pruning(
     }
     return stepped.replace(round=nxt), metrics
 
-  scoring = policy.client_scoring  # all the client update reads of the policy
   dense_program = _program(client_key, local_update, scoring, reducers)
   broadcast_jit, schedule_jit = jax.jit(broadcast), jax.jit(schedule)
   plans: dict = {}  # compaction index plans by unit selection (host)
 
   def compaction_of(state: PruningState):
-    """(sizes, idx, padded) of this round's compacted model, or None (masked-dense)."""
-    if compact is None or compact.mode == "off" or policy.client_aggregation == "vote":
+    """(sizes, idx, padded) of this round's compacted model, or None (masked-dense): when the
+    mask is not unit-structured, or the clients' scores cannot be computed on the compacted model
+    (``ClientScoring.compactable``: a vote on a score shifted by the tree's minimum)."""
+    if compact is None or compact.mode == "off":
+      return None
+    if scoring is not None and not scoring.compactable:
       return None
     umask = compaction.unit_mask_of(state.params, state.mask, compact.channels_per_group)
     if umask is None:
@@ -344,7 +352,9 @@ def federated_pruning(
         lambda params, data, rng: local(params, data, rng),
       )
       return RoundPlan(program, small, finish, metrics)
-    program = _program(key, local, scoring, reducers, "compact")
+    # a vote ranks the dense leaves: the compacted program's scoring carries their sizes
+    small_scoring = None if scoring is None else scoring.compacted(state.params)
+    program = _program(key, local, small_scoring, reducers, "compact")
     return RoundPlan(program, {"params": small, "mask": small_mask, **sched}, finish, metrics)
 
   return FederatedAlgorithm(

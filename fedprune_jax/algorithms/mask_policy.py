@@ -30,10 +30,12 @@ the score is the example-weighted fraction of votes).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedprune_jax import pruning
 from fedprune_jax.errors import ConfigError
@@ -58,10 +60,14 @@ class ClientScoring:
   Attributes:
     score: the client-data score the clients compute (``pruning.scores.Score``).
     vote: clients upload votes (``client_aggregation='vote'``) instead of their scores.
+    dense_sizes: with ``vote``, for a client that trains a compacted model: the dense model's
+      entry count of every leaf (flatten order), which its votes rank (``local_vote``); None:
+      the client trains the dense model.
   """
 
   score: scores_lib.Score
   vote: bool = False
+  dense_sizes: tuple[int, ...] | None = None
 
   def client_scores(self, step_mean: PyTree, params: PyTree, delta: PyTree, mask, sparsity):
     """A client's upload: ``score.upload``, or with ``vote`` its vote on its own scores
@@ -69,19 +75,63 @@ class ClientScoring:
     upload = self.score.upload(step_mean, params, delta)
     if not self.vote:
       return upload
-    return local_vote(self.score.finish(params, upload), mask, sparsity)
+    return local_vote(self.score.finish(params, upload), mask, sparsity, self.dense_sizes)
+
+  def compacted(self, dense_params: PyTree) -> ClientScoring:
+    """The scoring of a client that trains a compacted model of ``dense_params`` (read for their
+    shapes): with ``vote`` it carries their leaf sizes, else it is this one.
+
+    A vote can rank a compacted client's entries as the dense client ranks them only when a
+    pruned entry scores exactly 0 and no entry scores below it (``Score.zero_at_pruned``);
+    otherwise a ``ValueError``.
+    """
+    if not self.vote:
+      return self
+    if not self.score.zero_at_pruned:
+      raise ValueError(
+        f"a client's {self.score.name!r} vote cannot be taken on the compacted model: its scores"
+        " are shifted by the whole tree's minimum, so a pruned entry's score (and vote) depends on"
+        " every other entry's"
+      )
+    sizes = tuple(math.prod(np.shape(x)) for x in jax.tree.leaves(dense_params))
+    return dataclasses.replace(self, dense_sizes=sizes)
+
+  @property
+  def compactable(self) -> bool:
+    """A client can compute these scores on the compacted model (``compacted``)."""
+    return not self.vote or self.score.zero_at_pruned
 
 
-def local_vote(local_scores: PyTree, mask: PyTree, sparsity) -> PyTree:
-  """A client's vote: 1.0 for the entries of its top ``1 - sparsity`` per prunable leaf."""
+def _vote(s: jax.Array, m, dense_size: int | None, sparsity) -> jax.Array:
+  if m is None:
+    return jnp.zeros_like(s)
+  flat = s.reshape(-1)
+  if dense_size is not None and dense_size > flat.size:
+    # the entries of the dense leaf a compacted client lacks are pruned ones: score 0
+    flat = jnp.concatenate([flat, jnp.zeros((dense_size - flat.size,), flat.dtype)])
+  thr = jnp.quantile(flat, sparsity)
+  return (s > thr).astype(s.dtype)
 
-  def vote(s, m):
-    if m is None:
-      return jnp.zeros_like(s)
-    thr = jnp.quantile(s.reshape(-1), sparsity)
-    return (s > thr).astype(s.dtype)
 
-  return jax.tree.map(vote, local_scores, mask, is_leaf=lambda x: x is None)
+def local_vote(
+  local_scores: PyTree, mask: PyTree, sparsity, dense_sizes: tuple[int, ...] | None = None
+) -> PyTree:
+  """A client's vote: 1.0 for the entries of its top ``1 - sparsity`` per prunable leaf.
+
+  ``dense_sizes`` (``ClientScoring.dense_sizes``): ``local_scores`` are a compacted model's, whose
+  leaves lack pruned entries of the dense ones; a pruned entry scores 0 and every score is >= 0
+  (``Score.zero_at_pruned``), so each leaf's threshold is the quantile of its scores with the
+  missing entries as zeros: the dense leaf's threshold, and the votes the dense client casts at
+  these entries (its votes at pruned entries are 0, as ``compaction.scatter`` puts them).
+  """
+  leaves, treedef = jax.tree.flatten(local_scores)
+  masks = treedef.flatten_up_to(mask)
+  sizes = (None,) * len(leaves) if dense_sizes is None else dense_sizes
+  if len(sizes) != len(leaves):
+    raise ValueError(f"local_vote: {len(sizes)} dense sizes for {len(leaves)} leaves")
+  return treedef.unflatten(
+    [_vote(s, m, n, sparsity) for s, m, n in zip(leaves, masks, sizes, strict=True)]
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,9 @@ and learning rate, unlike ``-w_start * delta``).
 
 To add a score: write its functions, one ``Score(...)`` line in ``REGISTRY``, and its name in
 ``fields.SERVER_SCORES`` or ``fields.CLIENT_SCORES`` (the config's allowed values;
-``tests/test_scores.py`` checks the two agree).
+``tests/test_scores.py`` checks the two agree). A client score whose ``finish`` is not entry by
+entry, >= 0 and 0 at a pruned entry says ``zero_at_pruned=False`` (its votes are then taken on
+the masked-dense model only; ``tests/test_scores.py`` checks the flag).
 """
 
 from __future__ import annotations
@@ -160,6 +162,11 @@ class Score:
     upload: ``(step_mean, params_start, delta) -> upload`` (``step_mean`` None without
       ``per_step``): what a client sends for a client-data score, or None (a server score).
     finish: ``(params, aggregate) -> scores``: the server's scores from the aggregated uploads.
+    zero_at_pruned: ``finish`` is entry by entry, >= 0, and exactly 0 at an entry whose weight
+      and upload are 0 (a pruned one: a client's weight there is 0 and frozen): a client's
+      vote then never goes to a pruned entry, and a client training the compacted model votes as
+      on the dense one (``mask_policy.local_vote``). False for ``movement`` (its ``finish``
+      shifts by the whole tree's minimum, so a pruned entry's score depends on the others).
   """
 
   name: str
@@ -167,6 +174,7 @@ class Score:
   per_step: Callable[[PyTree, PyTree], PyTree] | None = None
   upload: Callable[[PyTree | None, PyTree, PyTree], PyTree] | None = None
   finish: Callable[[PyTree, PyTree], PyTree] = _aggregate
+  zero_at_pruned: bool = True
 
   @property
   def from_clients(self) -> bool:
@@ -182,7 +190,13 @@ REGISTRY: dict[str, Score] = {
     Score("saliency", per_step=_abs_grad, upload=_step_mean, finish=saliency),
     Score("update", upload=_abs_delta),
     Score("taylor", per_step=saliency, upload=_step_mean),
-    Score("movement", per_step=movement, upload=_step_mean, finish=_shifted_aggregate),
+    Score(
+      "movement",
+      per_step=movement,
+      upload=_step_mean,
+      finish=_shifted_aggregate,
+      zero_at_pruned=False,
+    ),
   )
 }
 
