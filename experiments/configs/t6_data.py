@@ -33,7 +33,7 @@ SERVER_SPEAKERS = {"small": 8, "full": 100}
 SERVER_ACCENTS = {"small": ("en-us", "en-us-nyc"), "full": ()}
 # small: the 8-speaker warm start is weaker (measured 71.8% dev WER against the setting's 46.5%),
 # so the dense reference needs more rounds to pass the regime gate: 37.3% dev WER after 80
-# rounds, 30.8% after 100 (README); the pruning schedule keeps the setting's proportions
+# rounds, 30.8% after 100 (README); pruning over its first half, as the setting's
 LONGER = {
   "small": {
     "rounds": 100,
