@@ -7,22 +7,28 @@ time, examples/s, the measured client training memory (XLA memory analysis of th
 run, ``executor.ChunkedExecutor``) and the compile seconds of the first round; ratios compacted /
 masked-dense.
 
-Run: fedprune bench fedprune --compact [--presets tiny,s --sparsities 0,0.5,0.75 --repeats 2]
+With ``--step``: one isolated train step of the dense and of the compacted model instead, the
+ceiling of the round's speed-up (``step_ceiling``).
+
+Run: fedprune bench fedprune --compact [--step] [--presets tiny,s --sparsities 0,0.5,0.75 --repeats 2]
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import jax
+import optax
 
 from fedprune_jax.algorithms import build
+from fedprune_jax.bench import step as step_lib
 from fedprune_jax.federated import client_data, rounds
 from fedprune_jax.federated.algorithm import ExecutorCache
 from fedprune_jax.federated.sampling import CohortSampler
 from fedprune_jax.models import asr
-from fedprune_jax.pruning import units
+from fedprune_jax.pruning import compaction, units
 
 
 def _summary(hist: list[dict]) -> dict[str, float]:
@@ -47,17 +53,58 @@ def _paired(runs: dict[str, tuple], params, store, cfg, repeats: int) -> dict[st
   the runs of one path (the masked-dense program is the same at every sparsity)."""
   states, hists = {}, {name: [] for name in runs}
   sampler = CohortSampler(store.num_clients, cfg["cohort_size"], seed=0)
-  names = list(runs)
-  for i in range(repeats + 1):
-    for name in names if i % 2 == 0 else names[::-1]:
-      alg, executors = runs[name]
-      if name not in states:
-        states[name] = jax.jit(alg.init)(params, 0)
-      states[name], hist = rounds.run_rounds(
-        alg, states[name], store, executors, sampler, 1, progress=False
-      )
-      hists[name] += hist
+  for name in abba(list(runs), repeats):
+    alg, executors = runs[name]
+    if name not in states:
+      states[name] = jax.jit(alg.init)(params, 0)
+    states[name], hist = rounds.run_rounds(
+      alg, states[name], store, executors, sampler, 1, progress=False
+    )
+    hists[name] += hist
   return {name: _summary(h) for name, h in hists.items()}
+
+
+def abba(names: list[str], repeats: int) -> list[str]:
+  """Each name ``repeats + 1`` times, the order reversed every other time (A B B A A B ...)."""
+  return [n for i in range(repeats + 1) for n in (names if i % 2 == 0 else names[::-1])]
+
+
+def step_ceiling(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
+  """One isolated train step (grad + Adam + apply, ``bench.step``) of the dense model (what a
+  masked-dense client executes, less its mask multiply) and of the compacted model at each unit
+  sparsity, on one ``[batch_size, frames]`` batch, interleaved ABBA; medians of the steps after
+  each model's first. The ratio is the ceiling of a compacted round's speed-up."""
+  model = asr.make_asr_model(preset)
+  params = jax.jit(model.init)(jax.random.key(0))
+  cpg = model.config.conv_group_channels
+  batch = step_lib.synthetic_batch(args.batch_size, args.frames, model.config.input_dim)
+  rows = []
+  for s in sparsities:
+    small_model, small = compaction.compact(model, params, units.unit_mask(params, cpg, s))
+    steps = {}
+    for name, (m, p) in {"dense": (model, params), "compact": (small_model, small)}.items():
+      p = jax.tree.map(lambda x: x.copy(), p)  # the step donates its params
+      opt = optax.adam(1e-4)
+      st = opt.init(p)
+      fn = step_lib.make_train_step(m, opt).lower(p, st, batch, jax.random.key(1)).compile()
+      steps[name] = [fn, p, st, []]
+    for i, name in enumerate(abba(list(steps), args.repeats)):
+      fn, p, st, times = steps[name]
+      t0 = time.perf_counter()
+      p, st, loss = fn(p, st, batch, jax.random.key(i))
+      loss.block_until_ready()
+      steps[name][1:3] = p, st
+      times.append(time.perf_counter() - t0)
+    dense_s, compact_s = (statistics.median(steps[n][3][1:]) for n in ("dense", "compact"))
+    row = {"preset": preset, "sparsity": s, "dense_step_s": dense_s, "compact_step_s": compact_s}
+    row["speedup"] = dense_s / compact_s
+    print(
+      f"| {preset} | {s:.0%} | {dense_s * 1e3:.0f} | {compact_s * 1e3:.0f} | "
+      f"{row['speedup']:.2f}x |",
+      flush=True,
+    )
+    rows.append(row)
+  return rows
 
 
 def compare(preset: str, sparsities: list[float], args) -> list[dict[str, Any]]:
@@ -132,8 +179,17 @@ def format_row(row: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+STEP_HEADER = (
+  "| preset | unit sparsity | dense step ms | compacted step ms | speedup (ceiling) |\n"
+  "|---|---:|---:|---:|---:|"
+)
+
+
 def main(args) -> dict[str, Any]:
   sparsities = [float(s) for s in args.sparsities.split(",")]
+  if getattr(args, "step", False):
+    print(STEP_HEADER, flush=True)
+    return {"step": [r for p in args.presets.split(",") for r in step_ceiling(p, sparsities, args)]}
   print(HEADER, flush=True)
   rows = []
   for preset in args.presets.split(","):

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--compact", action="store_true", help="masked-dense vs compacted clients")
   p.add_argument("--presets", default="tiny,s", help="--compact: comma list of presets")
   p.add_argument("--sparsities", default="0,0.5,0.75", help="--compact: unit sparsities")
+  p.add_argument(
+    "--step", action="store_true", help="--compact: isolated train steps (the ceiling) instead"
+  )
   args = p.parse_args(argv)
   if args.compact:
     from fedprune_jax.bench import compact  # pylint: disable=g-import-not-at-top
