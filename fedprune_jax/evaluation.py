@@ -73,6 +73,7 @@ def evaluate(
   """
   if batches is None:
     batches = eval_batches(feature_set, batch_size, num_buckets)
+  params = committed(params)
   refs = references(feature_set)
   hyps: list[str] = [""] * len(refs)
   loss_sum, count = 0.0, 0.0
@@ -106,6 +107,18 @@ def speaker_word_errors(
     idx = [i for i, s in enumerate(speakers) if str(s) == spk]
     rows[spk] = list(metrics.corpus_error_counts([refs[i] for i in idx], [hyps[i] for i in idx]))
   return rows
+
+
+def committed(tree: Any) -> Any:
+  """``tree`` with its uncommitted and host arrays placed on the default device (committed ones
+  as they are, sharded ones included): jit keys a compiled program by its inputs' placement, so the same params as a fresh array
+  (a restored checkpoint) and as a jitted output would compile the evaluation twice."""
+  device = jax.devices()[0]
+
+  def put(x):
+    return x if isinstance(x, jax.Array) and x.committed else jax.device_put(x, device)
+
+  return jax.tree.map(put, tree)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -191,3 +191,30 @@ def test_decode_with_loss_equals_decode_and_eval_loss(head):
   np.testing.assert_array_equal(lengths, ref_lengths)
   np.testing.assert_allclose(loss[:2], ref_loss[:2], rtol=1e-5)
   assert float(loss[2]) == 0.0
+
+
+def test_evaluation_compiles_once_however_the_params_are_placed():
+  """Params as fresh arrays (a restored checkpoint), as a jitted output and as host arrays give
+  the same WER and loss from one compiled evaluation program (``evaluation.committed``; jit keys
+  programs by placement, so each run of make demo compiled its evaluation again)."""
+  from fedprune_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.data import batching  # pylint: disable=g-import-not-at-top
+
+  model = _model()
+  rng = np.random.default_rng(0)
+  frames, labels = np.array([40, 36, 30]), np.array([3, 2, 4])
+  feature_set = batching.FeatureSet(
+    features=rng.normal(size=(frames.sum(), MICRO["input_dim"])).astype(np.float32),
+    frame_offsets=np.concatenate([[0], np.cumsum(frames)]).astype(np.int64),
+    tokens=rng.integers(1, 29, labels.sum()).astype(np.int32),
+    token_offsets=np.concatenate([[0], np.cumsum(labels)]).astype(np.int64),
+    utt_ids=np.array(["a-0", "a-1", "b-0"]),
+    speaker_ids=np.array(["a", "a", "b"]),
+  )
+  fresh = model.init(jax.random.key(0))
+  variants = (fresh, jax.jit(lambda p: jax.tree.map(lambda x: x * 1.0, p))(fresh))
+  variants += (jax.tree.map(np.asarray, fresh),)
+  before = evaluation._decode_with_loss._cache_size()  # pylint: disable=protected-access
+  out = [evaluation.evaluate(model, p, feature_set, batch_size=4, num_buckets=1) for p in variants]
+  assert evaluation._decode_with_loss._cache_size() == before + 1  # pylint: disable=protected-access
+  assert all(o["wer"] == out[0]["wer"] and o["loss"] == out[0]["loss"] for o in out)
