@@ -113,7 +113,7 @@ def committed(tree: Any) -> Any:
   """``tree`` with its uncommitted and host arrays placed on the default device (committed ones
   as they are, sharded ones included): jit keys a compiled program by its inputs' placement, so the same params as a fresh array
   (a restored checkpoint) and as a jitted output would compile the evaluation twice."""
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]  # this process's (jax.devices()[0] may be another host's)
 
   def put(x):
     return x if isinstance(x, jax.Array) and x.committed else jax.device_put(x, device)

@@ -250,7 +250,7 @@ class ChunkedExecutor(_Executor):
       # committed to one device whatever made them: jit keys its programs by the inputs'
       # placement, so a mask that is a jitted output in one run and a fresh array in another
       # would otherwise compile the same client program twice (make demo's two runs did)
-      client_input, acc = jax.device_put((client_input, acc), jax.devices()[0])
+      client_input, acc = jax.device_put((client_input, acc), jax.local_devices()[0])
     if self.device_loop:
       return self._run_device_loop(client_input, store, plan, round_key, acc)
     rows = self._rows()
