@@ -187,7 +187,7 @@ STEP_HEADER = (
 
 def main(args) -> dict[str, Any]:
   sparsities = [float(s) for s in args.sparsities.split(",")]
-  if getattr(args, "step", False):
+  if args.step:
     print(STEP_HEADER, flush=True)
     return {"step": [r for p in args.presets.split(",") for r in step_ceiling(p, sparsities, args)]}
   print(HEADER, flush=True)
