@@ -12,9 +12,11 @@ how many finished), and renders per experiment:
 * its comparisons: the paired (same replicate: split and seed) difference ``a - b`` of test WER,
   mean +- std, a speaker-level bootstrap interval, the paired t-test and the TOST equivalence test
   (each Holm-corrected over the table's comparisons), and the reading of the paper's claim;
-* its figures: ``wer_vs_sparsity`` (F1: test WER vs target sparsity per pattern, the dense
-  reference as a line) and ``cost_vs_sparsity`` (F2: client bytes down / up, FLOPs per local step
-  and training memory vs sparsity).
+* its figures (``report_figures``): ``wer_vs_sparsity`` (F1) and ``cost_vs_sparsity`` (F2);
+
+and then every comparison that states a claim of the paper in one table, with its replicates done
+of those planned (a reading on fewer is marked provisional), the tables not run yet, a figure of
+the claims' effects and intervals, and each table's wall time and gate values.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import statistics
 from typing import Any
 
 
 from fedprune_jax import io_utils
+from fedprune_jax import report_figures
 from fedprune_jax import statistics as stats_lib
 from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.errors import InputError
@@ -103,8 +105,9 @@ def run_metrics(results: dict) -> dict[str, float]:
 
 
 def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
-  """arm -> {row, col, report, seeds: {(split, seed): metrics}, seconds: [...]} for the done
-  runs (a replicate is a warm start / speaker split and a seed)."""
+  """arm -> {row, col, report, seeds: {(split, seed): metrics}, seconds: [...], planned: {(split,
+  seed)}}: metrics of the done runs, the replicates the index plans (a replicate is a warm start /
+  speaker split and a seed)."""
   arms: dict[str, dict] = {}
   for entry in index["runs"]:
     arm = arms.setdefault(
@@ -115,8 +118,10 @@ def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
         "report": entry["report"],
         "seeds": {},
         "seconds": [],
+        "planned": set(),
       },
     )
+    arm["planned"].add((entry.get("split", 0), entry["seed"]))
     workdir = runs_dir / entry["dir"]
     if workdir_lib.incomplete(workdir):  # pending, running, or killed before it finished
       continue
@@ -131,16 +136,8 @@ def collect(runs_dir: pathlib.Path, index: dict) -> dict[str, dict]:
   return arms
 
 
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-  """(mean, sample std (0 for one value), n)."""
-  n = len(values)
-  if n == 0:
-    return math.nan, math.nan, 0
-  return statistics.fmean(values), statistics.stdev(values) if n > 1 else 0.0, n
-
-
 def _fmt(values: list[float], percent: bool = True) -> str:
-  mean, std, n = mean_std(values)
+  mean, std, n = stats_lib.mean_std(values)
   if n == 0:
     return "-"
   scale = 100.0 if percent else 1.0
@@ -155,7 +152,7 @@ def paired(arms: dict, a: str, b: str, metric: str, margin: float) -> dict[str, 
   sa, sb = arms[a]["seeds"], arms[b]["seeds"]
   common = sorted(set(sa) & set(sb))
   diffs = [sa[r][metric] - sb[r][metric] for r in common]
-  mean, std, n = mean_std(diffs)
+  mean, std, n = stats_lib.mean_std(diffs)
   t, p = stats_lib.paired_t(diffs)
   interval = None
   if metric == "test_wer":
@@ -177,7 +174,7 @@ def _mean_of(arm: dict | None, key: str) -> float:
   values = [m.get(key) for m in (arm or {}).get("seeds", {}).values()]
   if not values or any(v is None for v in values):
     return math.nan
-  return mean_std(values)[0]
+  return stats_lib.mean_std(values)[0]
 
 
 def gate_values(index: dict, arms: dict) -> dict[str, Any]:
@@ -191,11 +188,16 @@ def gate_values(index: dict, arms: dict) -> dict[str, Any]:
 
 
 def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]:
-  """Every comparison's paired statistics, Holm-adjusted p-values and reading."""
+  """Every comparison's paired statistics, Holm-adjusted p-values and reading; ``planned``: the
+  replicates both arms are to have (a reading on fewer is marked provisional); ``table``: the
+  experiment's name."""
   rows = []
+  table = index["experiment"] + (" (quick)" if index.get("quick") else "")
   for c in index.get("comparisons", []):
     margin = c.get("margin", stats_lib.DEFAULT_MARGIN)
     row = {**c, "margin": margin, **paired(arms, c["a"], c["b"], c["metric"], margin)}
+    row["planned"] = len(arms[c["a"]]["planned"] & arms[c["b"]]["planned"])
+    row["table"] = table
     broken = (
       {} if c.get("broken_ok") else {k: _mean_of(arms.get(k), "test_wer") for k in (c["a"], c["b"])}
     )
@@ -215,6 +217,8 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
       row["out_of_regime"],
       (row["a"], row["b"]),
     )
+    if row["n"] < row["planned"]:  # the table is still running (or a run failed)
+      row["reading"] += f" (provisional: {row['n']} of {row['planned']} replicates)"
   return rows
 
 
@@ -245,13 +249,25 @@ def _pct(x: float) -> str:
   return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
-def experiment_markdown(index: dict, arms: dict) -> str:
+def _diff(r: dict) -> str:
+  """A comparison row's mean paired difference in points, with its std over replicates."""
+  diff = "-" if r["n"] == 0 else f"{r['mean'] * 100:+.1f}"
+  return diff + (f" ± {r['std'] * 100:.1f}" if r["n"] > 1 else "")
+
+
+def _interval(r: dict) -> str:
+  if r["interval"] is None:
+    return "-"
+  return "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in r["interval"]))
+
+
+def experiment_markdown(index: dict, arms: dict, gate: dict, rows: list[dict]) -> str:
+  """One table's markdown: the gate, the arms' metrics and ``rows`` (``comparison_rows``)."""
   lines = [f"### {index['title']}{' (quick)' if index.get('quick') else ''}", ""]
   if index.get("question"):
     lines += [f"Question: {index['question']}", ""]
   for note in index.get("notes", []):
     lines += [note, ""]
-  gate = gate_values(index, arms)
   lines += _gate_lines(gate)
   shown = {name: a for name, a in arms.items() if a["report"]}
   if any(a["col"] for a in shown.values()) and index.get("col_title"):
@@ -264,7 +280,7 @@ def experiment_markdown(index: dict, arms: dict) -> str:
     ]
     for a in shown.values():
       cells = [_fmt([m[k] for m in a["seeds"].values()]) for k in METRICS]
-      secs = mean_std(a["seconds"])[0] if a["seconds"] else math.nan
+      secs = stats_lib.mean_std(a["seconds"])[0] if a["seconds"] else math.nan
       lines.append(
         f"| {a['row']} | {' | '.join(cells)} | {len(a['seeds'])} | "
         f"{'-' if math.isnan(secs) else f'{secs:.0f}'} |"
@@ -276,18 +292,12 @@ def experiment_markdown(index: dict, arms: dict) -> str:
       "| p (t, Holm) | p (TOST, Holm) | reading |",
       "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for r in comparison_rows(index, arms, gate):
-      diff = "-" if r["n"] == 0 else f"{r['mean'] * 100:+.1f}"
-      if r["n"] > 1:
-        diff += f" ± {r['std'] * 100:.1f}"
-      ci = (
-        "-"
-        if r["interval"] is None
-        else "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in r["interval"]))
-      )
+    for r in rows:
+      n = f"{r['n']} of {r['planned']}" if r["n"] < r["planned"] else str(r["n"])
       tost = f"{_p(r['p_tost_holm'])} (±{100 * r['margin']:.1f})"
       lines.append(
-        f"| {r['claim']} | {diff} | {ci} | {r['n']} | {_p(r['p_holm'])} | {tost} | {r['reading']} |"
+        f"| {r['claim']} | {_diff(r)} | {_interval(r)} | {n} | {_p(r['p_holm'])} | {tost} "
+        f"| {r['reading']} |"
       )
   total = sum(sum(a["seconds"]) for a in arms.values())
   runs = sum(len(a["seeds"]) for a in arms.values())
@@ -321,119 +331,6 @@ def _pivot(index: dict, shown: dict) -> list[str]:
   return lines
 
 
-# --- figures -------------------------------------------------------------------------------------
-
-
-def _pyplot():
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise RuntimeError(
-      "fedprune report draws its figures with matplotlib: pip install 'fedprune_jax[report]'"
-    ) from e
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  return plt
-
-
-def _by_pattern(arms: dict) -> dict[str, list[tuple[float, dict]]]:
-  """pattern -> [(target sparsity, arm)] sorted by sparsity (arms named 'pattern@sparsity')."""
-  out: dict[str, list] = {}
-  for name, a in arms.items():
-    if "@" in name and a["seeds"]:
-      pattern, s = name.split("@")
-      out.setdefault(pattern, []).append((float(s), a))
-  return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
-
-
-def wer_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
-  """F1: test WER vs target sparsity, one line per pattern, the dense reference dashed."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-  for pattern, points in _by_pattern(arms).items():
-    stats = [mean_std([m["test_wer"] for m in a["seeds"].values()]) for _, a in points]
-    ax.errorbar(
-      [100 * s for s, _ in points],
-      [100 * m for m, _, _ in stats],
-      yerr=[100 * sd for _, sd, _ in stats],
-      marker="o",
-      capsize=3,
-      label=pattern,
-    )
-  dense = arms.get("dense")
-  if dense and dense["seeds"]:
-    m, sd, _ = mean_std([x["test_wer"] for x in dense["seeds"].values()])
-    ax.axhline(100 * m, color="k", linestyle="--", label=f"dense ({100 * m:.1f} ± {100 * sd:.1f})")
-  ax.set_xlabel("target sparsity (%)")
-  ax.set_ylabel("test WER (%)")
-  ax.set_title("F1: WER vs sparsity (mean ± std over seeds)")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  _save(fig, path)
-  plt.close(fig)
-
-
-def cost_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
-  """F2: per-client cost per round vs target sparsity, one line per pattern: bytes actually sent,
-  FLOPs of a local step of the model actually trained and the measured training memory (older
-  runs without them: the masked-dense estimates)."""
-  plt = _pyplot()
-  panels = (
-    ("bytes_down_sent", "bytes down / client / round (MB)", 1e-6),
-    ("bytes_up_sent", "bytes up / client / round (MB)", 1e-6),
-    ("client_flops_per_step", "client GFLOP / local step (executed)", 1e-9),
-    ("client_train_memory_bytes", "client training memory (MB, measured)", 1e-6),
-  )
-  fallback = {
-    "bytes_down_sent": "bytes_down_masked",
-    "bytes_up_sent": "bytes_up",
-    "client_flops_per_step": "client_flops_per_step_sparse",
-  }
-  dense_of = {
-    "bytes_down_sent": "bytes_down_dense",
-    "bytes_up_sent": "bytes_down_dense",
-    "client_flops_per_step": "client_flops_per_step_dense",
-    "client_train_memory_bytes": None,
-  }
-
-  def value(m: dict, key: str):
-    return m.get(key) if m.get(key) is not None else m.get(fallback.get(key, ""))
-
-  fig, axes = plt.subplots(2, 2, figsize=(8, 6), dpi=110)
-  for ax, (key, label, scale) in zip(axes.flat, panels):
-    for pattern, points in _by_pattern(arms).items():
-      xs, ys = [], []
-      first = next(iter(points[0][1]["seeds"].values()))
-      if dense_of[key] and first.get(dense_of[key]) is not None:
-        xs.append(0.0)
-        ys.append(first[dense_of[key]] * scale)
-      for s, a in points:
-        values = [value(m, key) for m in a["seeds"].values() if value(m, key) is not None]
-        if values:
-          xs.append(100 * s)
-          ys.append(mean_std(values)[0] * scale)
-      ax.plot(xs, ys, marker="o", label=pattern)
-    ax.set_xlabel("target sparsity (%)")
-    ax.set_ylabel(label, fontsize=8)
-    ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=7)
-  fig.suptitle("F2: client cost vs sparsity")
-  fig.tight_layout()
-  _save(fig, path)
-  plt.close(fig)
-
-
-def _save(fig, path: pathlib.Path) -> None:
-  tmp = path.with_name(path.name + ".tmp.png")
-  fig.savefig(tmp)
-  tmp.replace(path)
-
-
-FIGURES = {"wer_vs_sparsity": wer_vs_sparsity, "cost_vs_sparsity": cost_vs_sparsity}
-
-
 def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = None) -> str:
   """Writes ``OUT/report.md`` and the figures' PNGs (default OUT: ``RUNS/report``); returns the
   markdown."""
@@ -455,13 +352,18 @@ def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = No
     "| gate (a), (b) |",
     "|---|---:|---:|---:|---:|---|",
   ]
+  claims = []
   for index in indexes:
     arms = collect(runs_dir, index)
-    parts.append(experiment_markdown(index, arms))
     gate = gate_values(index, arms)
+    rows = comparison_rows(index, arms, gate)
+    claims += [r for r in rows if r.get("expect")]
+    parts.append(experiment_markdown(index, arms, gate, rows))
+    done = sum(len(a["seeds"]) for a in arms.values())
+    planned = sum(len(a["planned"]) for a in arms.values())
     closing.append(
       f"| {index['experiment']}{' (quick)' if index.get('quick') else ''} "
-      f"| {sum(len(a['seeds']) for a in arms.values())} "
+      f"| {done}{'' if done == planned else f' of {planned}'} "
       f"| {sum(sum(a['seconds']) for a in arms.values()) / 60:.1f} "
       f"| {_pct(gate['reference_dev_wer'])} | {_pct(gate['warm_start_dev_wer'])} "
       f"| {'pass' if not gate['failures'] else '; '.join(gate['failures'])} |"
@@ -470,8 +372,35 @@ def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = No
     for figure in index.get("figures", []):
       if any(a["seeds"] for a in arms.values()):
         png = out / f"{stem}_{figure}.png"
-        FIGURES[figure](arms, png)
+        report_figures.FIGURES[figure](arms, png)
         parts.append(f"![{figure}]({png.name})\n")
+  parts += claims_markdown(claims, [i["experiment"] for i in indexes])
+  if any(r["n"] for r in claims):
+    report_figures.claims_forest(claims, out / "claims.png")
+    parts += ["![claims](claims.png)", ""]
   text = "\n".join(parts + closing + [""])
   io_utils.write_text_atomic(out / "report.md", text)
   return text
+
+
+def claims_markdown(rows: list[dict], experiments: list[str]) -> list[str]:
+  """The paper's claims in one table: the comparison rows that state one (``expect`` set), with
+  their tables' readings; then the suite's tables that have no index in ``experiments``."""
+  lines = [
+    "### The paper's claims",
+    "",
+    "Each comparison that states a claim of the paper, as read in its table above (a - b of test "
+    "WER, paired by replicate: warm start / speaker split and seed).",
+    "",
+    "| table | claim | a - b (points) | 95% speaker bootstrap | replicates | reading |",
+    "|---|---|---:|---:|---:|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['table']} | {r['claim']} | {_diff(r)} | {_interval(r)} | {r['n']} of {r['planned']} "
+      f"| {r['reading']} |"
+    )
+  missing = [name for name in _experiment_names() if name not in experiments]
+  if missing:
+    lines += ["", f"Not run yet: {', '.join(missing)}."]
+  return lines + [""]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics as py_statistics  # the standard library's, not this module
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -90,6 +91,14 @@ def broken_arms(test_wers: Mapping[str, float], gate: Gate = GATE) -> list[str]:
     for name, w in test_wers.items()
     if not math.isnan(w) and w >= gate.broken_wer
   ]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+  """(mean, sample std (0 for one value), n); (nan, nan, 0) for no values."""
+  n = len(values)
+  if n == 0:
+    return math.nan, math.nan, 0
+  return py_statistics.fmean(values), py_statistics.stdev(values) if n > 1 else 0.0, n
 
 
 def paired_t(diffs: Sequence[float]) -> tuple[float, float]:

@@ -195,3 +195,37 @@ def test_report_holm_over_a_table(tmp_path):
   adjusted = sorted([2 * min(raw), max(2 * min(raw), max(raw))])
   assert f"| {adjusted[0]:.3f} |" in text and f"| {min(1.0, adjusted[1]):.3f} |" in text
   assert np.isclose(st.holm(raw), [2 * raw[0], max(2 * raw[0], raw[1])]).all()
+
+
+def test_report_claims_section_provisional_readings_and_tables_not_run(tmp_path):
+  """The claims table repeats each claim's reading from its table (descriptive comparisons left
+  out) with replicates done of planned; a reading on fewer replicates than planned is marked
+  provisional; the suite's tables without an index are listed; the claims figure is a PNG."""
+  pruned = ([0.40, 0.42, 0.44, 0.41, 0.43], [0.39, 0.41, 0.43, 0.40, 0.42])
+  dense = ([0.30, 0.31, 0.32, 0.30, 0.31], [0.29, 0.30, 0.31, 0.29, 0.30])
+  described = dict(claim="dense - pruned", a="dense", b="pruned", metric="test_wer")
+  text = _write_table(tmp_path, {"dense": dense, "pruned": pruned}, 0.45, [CLAIM, described])
+  claims = text[text.index("### The paper's claims") :]
+  # pruned - dense: .10, .11, .12, .11, .12: mean +11.2, sample std 0.8
+  assert "| t9 | pruned - dense | +11.2 ± 0.8 | - | 5 of 5 | reproduces |" in claims
+  assert "dense - pruned" not in claims  # no claim: described in its table only
+  assert (
+    "Not run yet: t1_pattern, t2_score, t3_schedule, t4_allocation, t5_refinement, t6_data."
+    in claims
+  )
+  png = tmp_path / "report" / "claims.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  # a sixth replicate of both arms planned, not finished: the same numbers, marked provisional
+  index = json.loads((tmp_path / "t9.json").read_text())
+  for arm in ("dense", "pruned"):
+    index["runs"].append(
+      dict(
+        arm=arm, seed=5, split=0, dir=f"runs/{arm}-5", state="pending", row=arm, col="", report=True
+      )
+    )
+  (tmp_path / "t9.json").write_text(json.dumps(index))
+  text = report.render(tmp_path)
+  assert "| pruned - dense | +11.2 ± 0.8 | - | 5 of 6 |" in text  # the table's row
+  assert "| 5 of 6 | reproduces (provisional: 5 of 6 replicates) |" in text  # the claims row
+  assert "| t9 | 10 of 12 |" in text  # the closing table: runs done of planned

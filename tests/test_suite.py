@@ -16,6 +16,7 @@ import pytest
 
 from conftest import MICRO_MODEL, write_finished_run
 from fedprune_jax import cli, report, suite
+from fedprune_jax import statistics as st
 from fedprune_jax.data import batching
 from fedprune_jax.errors import InputError
 
@@ -425,7 +426,8 @@ def test_paired_differences():
   )
   arms["b"]["seeds"] = {0: {"m": 1.0}}
   assert math.isnan(report.paired(arms, "a", "b", "m", 0.01)["p"])
-  assert math.isnan(report.mean_std([])[0])
+  assert math.isnan(st.mean_std([])[0])
+  assert st.mean_std([0.2, 0.4]) == pytest.approx((0.3, 0.1414214, 2))  # sample std: / (n - 1)
   assert report._fmt([0.5]) == "50.0" and report._fmt([]) == "-"  # one seed: no ± shown
   assert report._fmt([0.2, 0.4]) == "30.0 ± 14.1"
 
