@@ -187,12 +187,17 @@ def gate_values(index: dict, arms: dict) -> dict[str, Any]:
   return {"reference_dev_wer": dev, "warm_start_dev_wer": warm, "failures": failures}
 
 
+def _table_name(index: dict) -> str:
+  """The experiment's name as the claims and closing tables show it (quick runs marked)."""
+  return index["experiment"] + (" (quick)" if index.get("quick") else "")
+
+
 def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]:
   """Every comparison's paired statistics, Holm-adjusted p-values and reading; ``planned``: the
   replicates both arms are to have (a reading on fewer is marked provisional); ``table``: the
   experiment's name."""
   rows = []
-  table = index["experiment"] + (" (quick)" if index.get("quick") else "")
+  table = _table_name(index)
   for c in index.get("comparisons", []):
     margin = c.get("margin", stats_lib.DEFAULT_MARGIN)
     row = {**c, "margin": margin, **paired(arms, c["a"], c["b"], c["metric"], margin)}
@@ -362,7 +367,7 @@ def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = No
     done = sum(len(a["seeds"]) for a in arms.values())
     planned = sum(len(a["planned"]) for a in arms.values())
     closing.append(
-      f"| {index['experiment']}{' (quick)' if index.get('quick') else ''} "
+      f"| {_table_name(index)} "
       f"| {done}{'' if done == planned else f' of {planned}'} "
       f"| {sum(sum(a['seconds']) for a in arms.values()) / 60:.1f} "
       f"| {_pct(gate['reference_dev_wer'])} | {_pct(gate['warm_start_dev_wer'])} "
