@@ -71,6 +71,22 @@ def _stderr(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
+def time_left(ran: int, left: int, elapsed_s: float) -> str:
+  """What is left of a call, at its own pace so far: ``ran`` runs finished (cached ones not
+  counted) in ``elapsed_s`` seconds of wall time, ``left`` runs not finished yet.
+
+  The pace is wall time per run with every worker busy, so it already counts the parallelism.
+  """
+  if left == 0:
+    return "none left"
+  if ran == 0:
+    return f"{left} left"
+  pace = elapsed_s / ran
+  eta = pace * left
+  eta_text = f"{eta / 3600:.1f} h" if eta >= 5400 else f"{eta / 60:.0f} min"
+  return f"{left} left, about {eta_text} at {pace / 60:.1f} min a run so far"
+
+
 def run_experiment(
   experiment: Experiment,
   runs_dir: str | pathlib.Path,
@@ -118,21 +134,39 @@ def run_experiment(
   warm_start_of = functools.partial(warm_start_path, runs_dir=runs_dir)
   training = set()  # warm starts that a running run is training
   start = time.monotonic()
+  ran = 0  # runs this call finished or failed (not the cached ones): its pace
+
+  def needs_failed(i: int) -> bool:
+    spec = specs[i]
+    return any(state_of[key_of[(spec.seed, spec.split, a)]] == "failed" for a in spec.arm.needs)
+
+  def left(finished_key: str) -> int:
+    """Distinct runs (an arm shared by two cells runs once) still to run or running, besides the
+    one that just finished; those whose dependency failed will not run."""
+    keys = {specs[i].key for i in waiting if not needs_failed(i)} | {
+      specs[i].key for i in running.values()
+    }
+    return sum(state_of[k] != "done" for k in keys - {finished_key})
 
   def finish(i: int, future: concurrent.futures.Future) -> None:
+    nonlocal ran
     spec, entry, tag = specs[i], entries[i], tags[i]
     error = future.exception()
     if error is not None:
       entry.update(state="failed", error=f"{type(error).__name__}: {error}")
-      log(
-        f"{tag} {spec.arm.name} seed {spec.seed}: FAILED\n"
-        + "".join(traceback.format_exception(error))
-      )
     else:
       suite_index.record_seconds(runs_dir / spec.dirname, future.result())
       entry.update(suite_index.entry(spec, runs_dir))
-      log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s")
     state_of[spec.key] = entry["state"]
+    ran += 1
+    pace = time_left(ran, left(spec.key), time.monotonic() - start)
+    if error is not None:
+      log(
+        f"{tag} {spec.arm.name} seed {spec.seed}: FAILED ({pace})\n"
+        + "".join(traceback.format_exception(error))
+      )
+    else:
+      log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s; {pace}")
     training.discard(warm_start_of(spec))  # if it is still not on disk, the next run trains it
     suite_index.write_index(index_path, experiment, quick, entries)
 

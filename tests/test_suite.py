@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -128,7 +129,8 @@ def test_cache_resume_and_failure_isolation(tmp_path):
     write_finished_run(out, _fake_results(0.5 - 0.1 * cfg.seed))
     return {}
 
-  index = suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
+  lines = []
+  index = suite.run_experiment(experiment, tmp_path, runner=runner, log=lines.append)
   states = {(r["arm"], r["seed"]): r["state"] for r in index["runs"]}
   assert states[("broken", 1)] == "failed" and states[("after", 1)] == "failed"
   assert "boom" in next(
@@ -141,18 +143,37 @@ def test_cache_resume_and_failure_isolation(tmp_path):
   assert len(calls) == 7  # 8 runs, one skipped because what it starts from failed
   # the frozen-mask arm was given its dependency's mask path (absolute, under RUNS)
   assert all(r["seconds"] >= 0 for r in index["runs"] if r["state"] == "done")
+  # what is left after each run, one worker in seed-major order: the skipped run ("after" of
+  # seed 1) stops counting when the run it starts from fails
+  assert _runs_left(lines) == [7, 6, 5, 4, 3, 1, 0]
 
   # rerun: the finished runs are cached; only the failed ones run again
   calls.clear()
   key = next(r["dir"] for r in index["runs"] if r["arm"] == "pruned" and r["seed"] == 0)
   (tmp_path / key / "results.json").unlink()  # as if killed before it finished
-  suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
+  lines.clear()
+  suite.run_experiment(experiment, tmp_path, runner=runner, log=lines.append)
   assert sorted(calls) == sorted([(suite.BASELINE, 1, 0.6), (suite.FEDERATED, 0, 0.5)])
+  assert _runs_left(lines) == [2, 0]  # the cached runs are not left to do
   # running one seed keeps the other seed's entries in the index
   calls.clear()
   index = suite.run_experiment(experiment, tmp_path, seeds=[1], runner=runner, log=lambda s: None)
   assert len(index["runs"]) == 8 and {c[1] for c in calls} == {1}
   assert sum(r["state"] == "done" for r in index["runs"] if r["seed"] == 0) == 4
+
+
+def _runs_left(lines: list[str]) -> list[int]:
+  """The runs left that each finished (or failed) run's log line states."""
+  pattern = re.compile(r": (?:done in \d+ s; |FAILED \()(none|\d+) left")
+  found = [pattern.search(line) for line in lines]
+  return [0 if m[1] == "none" else int(m[1]) for m in found if m]
+
+
+def test_time_left_is_the_pace_so_far_times_the_runs_left():
+  assert suite.time_left(4, 6, 1200.0) == "6 left, about 30 min at 5.0 min a run so far"
+  assert suite.time_left(10, 30, 1800.0) == "30 left, about 1.5 h at 3.0 min a run so far"
+  assert suite.time_left(0, 3, 10.0) == "3 left"  # no pace before the first run
+  assert suite.time_left(5, 0, 900.0) == "none left"
 
 
 class ScriptedPool:
