@@ -56,24 +56,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 
 @contextlib.contextmanager
-def stderr_held(drop_if: "Callable[[BaseException], bool]") -> Iterator[None]:
+def stderr_held(
+  drop_if: "Callable[[BaseException], bool]",
+  late_noise: "Callable[[BaseException], bool] | None" = None,
+) -> Iterator[None]:
   """Holds what Python writes to ``sys.stderr`` (any thread) during the block; replays it after,
   unless the block raised an exception for which ``drop_if`` is true.
 
   orbax's background writers print tracebacks of their closed event loop when a save fails on
-  a full disk; the failure itself is reported as one line by the CLI.
+  a full disk; the failure itself is reported as one line by the CLI. Some of those writers end
+  after the block has raised (tensorstore's threads report the closed loop as unraisable
+  exceptions, whenever their writes complete): after a dropped failure, the unraisable
+  exceptions for which ``late_noise`` is true are dropped for the rest of the process, the
+  others still go to the hook that was there.
   """
   real, held = sys.stderr, io.StringIO()
   sys.stderr = held
   try:
     yield
   except BaseException as e:
+    dropped = drop_if(e)
+    if dropped and late_noise is not None:
+      _drop_unraisable(late_noise)
     sys.stderr = real
-    if not drop_if(e):
+    if not dropped:
       real.write(held.getvalue())
     raise
   sys.stderr = real
   real.write(held.getvalue())
+
+
+def _drop_unraisable(noise: "Callable[[BaseException], bool]") -> None:
+  """Chains a ``sys.unraisablehook`` that drops the unraisable exceptions ``noise`` selects."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if unraisable.exc_value is None or not noise(unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def closed_event_loop(error: BaseException) -> bool:
+  """asyncio's ``RuntimeError: Event loop is closed``, what a background writer raises when it
+  finishes after its loop ended."""
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> pathlib.Path:

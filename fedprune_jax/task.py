@@ -177,7 +177,10 @@ def save_params(path: pathlib.Path, params: Params) -> None:
 
   path = pathlib.Path(path).absolute()
   # a failed write on a full disk is one CLI line: orbax's background noise about it is dropped
-  with io_utils.stderr_held(drop_if=lambda e: errors.environment_failure(e) is not None):
+  with io_utils.stderr_held(
+    drop_if=lambda e: errors.environment_failure(e) is not None,
+    late_noise=io_utils.closed_event_loop,
+  ):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params, force=True)
     checkpointer.wait_until_finished()

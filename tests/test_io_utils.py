@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -42,3 +43,38 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
   finally:
     os.umask(old)
   assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640  # 0666 & ~umask, not 0600
+
+
+class _RaisesWhenCollected:
+  """An object whose finalizer raises: Python reports that through ``sys.unraisablehook``, as
+  tensorstore's threads report orbax's closed event loop."""
+
+  def __init__(self, error: BaseException):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+def test_stderr_held_drops_only_a_dropped_failures_output_and_its_late_noise(monkeypatch, capsys):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  held = lambda: io_utils.stderr_held(  # noqa: E731
+    drop_if=lambda e: isinstance(e, OSError), late_noise=io_utils.closed_event_loop
+  )
+  # a failure that is not dropped: what was held is written, the closed loop is still reported
+  with pytest.raises(ValueError):
+    with held():
+      print("kept", file=sys.stderr)
+      raise ValueError("not an environment failure")
+  _RaisesWhenCollected(RuntimeError("Event loop is closed"))
+  assert capsys.readouterr().err == "kept\n" and seen == ["Event loop is closed"]
+  seen.clear()
+  # a dropped failure: its output goes, and so does the closed loop that ends after the block
+  with pytest.raises(OSError):
+    with held():
+      print("noise", file=sys.stderr)
+      raise OSError("File too large")
+  _RaisesWhenCollected(RuntimeError("Event loop is closed"))
+  _RaisesWhenCollected(RuntimeError("another failure"))
+  assert capsys.readouterr().err == "" and seen == ["another failure"]
