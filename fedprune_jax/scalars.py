@@ -9,8 +9,15 @@ next to the line that writes the round's ``metrics.jsonl`` row.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Mapping
+
+# tensorboardX names an event file by the second it was opened and the host, and opens it with
+# "wb": two writers opened in one directory within one second (a run's round-0 evaluation, then
+# its rounds) would write one file, the second truncating the first's scalars. A suffix of the
+# process and a per-process count keeps every sink's file its own.
+_SINKS = itertools.count()
 
 
 class ScalarSink:
@@ -18,7 +25,8 @@ class ScalarSink:
   (non-bool) field of ``record`` except those named in ``skip``, then flushes."""
 
   def __init__(self, logdir: str | os.PathLike, writer_cls: Any):
-    self._writer = writer_cls(str(logdir))
+    suffix = f".{os.getpid()}.{next(_SINKS):06d}"
+    self._writer = writer_cls(str(logdir), filename_suffix=suffix)
 
   def write(self, record: Mapping[str, Any], step: int, skip: tuple[str, ...] = ()) -> None:
     for key, value in record.items():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from fedprune_jax import io_utils
+from fedprune_jax import io_utils, scalars
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -43,6 +44,21 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
   finally:
     os.umask(old)
   assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640  # 0666 & ~umask, not 0600
+
+
+def test_two_scalar_sinks_opened_in_one_second_keep_both_their_scalars(tmp_path, monkeypatch):
+  """A run's round-0 evaluation and its rounds each open a sink in one directory; tensorboardX
+  names files by the second, so within one second the second sink used to truncate the first's."""
+  from tensorboardX import event_file_writer
+
+  from conftest import read_scalars
+
+  monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
+  for step, wer in ((0, 1.0), (5, 0.5)):
+    sink = scalars.open_sink(tmp_path)
+    sink.write({"eval_dev_wer": wer, "rounds_completed": step}, step, skip=("rounds_completed",))
+    sink.close()
+  assert read_scalars(tmp_path) == {"eval_dev_wer": {0: 1.0, 5: 0.5}}
 
 
 class _RaisesWhenCollected:
