@@ -136,14 +136,13 @@ def run_experiment(
   start = time.monotonic()
   ran = 0  # runs this call finished or failed (not the cached ones): its pace
 
-  def needs_failed(i: int) -> bool:
-    spec = specs[i]
-    return any(state_of[key_of[(spec.seed, spec.split, a)]] == "failed" for a in spec.arm.needs)
+  def needs_states(spec: RunSpec) -> list[str]:  # the states of the arms a run starts from
+    return [state_of[key_of[(spec.seed, spec.split, a)]] for a in spec.arm.needs]
 
   def left(finished_key: str) -> int:
     """Distinct runs (an arm shared by two cells runs once) still to run or running, besides the
     one that just finished; those whose dependency failed will not run."""
-    keys = {specs[i].key for i in waiting if not needs_failed(i)} | {
+    keys = {specs[i].key for i in waiting if "failed" not in needs_states(specs[i])} | {
       specs[i].key for i in running.values()
     }
     return sum(state_of[k] != "done" for k in keys - {finished_key})
@@ -176,7 +175,7 @@ def run_experiment(
         if len(running) >= pool.workers:
           break
         spec, entry = specs[i], entries[i]
-        needs = [state_of[key_of[(spec.seed, spec.split, a)]] for a in spec.arm.needs]
+        needs = needs_states(spec)
         if state_of[spec.key] == "done":
           waiting.remove(i)
           entry.update(suite_index.entry(spec, runs_dir))
