@@ -295,12 +295,25 @@ def _finish_run(cfg, setup: Setup, evals, algorithm, state, history, train: dict
   return finish(setup.workdir, result, model_params)
 
 
+def environment() -> dict[str, Any]:
+  """Where a run ran: JAX's platform (``cpu``, ``gpu``, ``tpu``), the first device's kind, the
+  device count and the JAX version. Float rounding differs between platforms, so a table whose
+  runs ran on two platforms is marked so by the report."""
+  devices = jax.devices()
+  return {
+    "platform": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "jax": jax.__version__,
+  }
+
+
 def finish(workdir: pathlib.Path, result: dict, model_params) -> dict:
   """The run's last writes, in this order: the final checkpoint, ``results.json``, then the
   completion marker (``workdir.mark_done``), so a run killed (or out of disk) between any two is
   not taken for a finished one."""
   task.save_params(workdir / "checkpoint", model_params)
-  io_utils.write_json_atomic(workdir / "results.json", result)
+  io_utils.write_json_atomic(workdir / "results.json", {**result, "environment": environment()})
   workdir_lib.mark_done(workdir)
   return result
 

@@ -75,7 +75,7 @@ def _experiment_names() -> tuple[str, ...]:
   return suite.EXPERIMENTS
 
 
-def run_metrics(results: dict) -> dict[str, float]:
+def run_metrics(results: dict) -> dict[str, Any]:
   """The numbers the report uses from one run's ``results.json``."""
   final, train = results["final"], results["train"]
   history = results.get("history") or [{}]
@@ -90,6 +90,9 @@ def run_metrics(results: dict) -> dict[str, float]:
     "num_params": train.get("num_params"),
     "warm_start_dev_wer": train.get("warm_start_dev_wer"),
     "test_speakers": final["test"].get("speakers"),
+    # runs written before the environment was recorded ran on this project's CPU machines
+    "platform": (results.get("environment") or {}).get("platform", "cpu"),
+    "device_kind": (results.get("environment") or {}).get("device_kind", "cpu"),
   }
   for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
     out[key] = train.get(f"last_{key}")
@@ -313,8 +316,17 @@ def experiment_markdown(index: dict, arms: dict, gate: dict, rows: list[dict]) -
       f"; the latest `fedprune experiment` of this table took {last['wall_seconds'] / 60:.1f} min"
       f" with {last['workers']} worker{'s' if last['workers'] > 1 else ''}"
     )
+  devices = sorted({_device(m) for a in arms.values() for m in a["seeds"].values()})
+  if devices:  # float rounding, and so a replicate's WER, differs between platforms
+    timing += f"; ran on {' and '.join(devices)}"
   lines += ["", timing + ".", ""]
   return "\n".join(lines)
+
+
+def _device(metrics: dict) -> str:
+  """``cpu``, or e.g. ``gpu (NVIDIA H200)``: where a run ran."""
+  platform, kind = metrics["platform"], metrics["device_kind"]
+  return platform if kind.lower() == platform else f"{platform} ({kind})"
 
 
 def _pivot(index: dict, shown: dict) -> list[str]:

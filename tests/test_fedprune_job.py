@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 import numpy as np
 
 from conftest import MICRO_MODEL
@@ -60,6 +62,10 @@ def test_federated_pruning_job_resume_eval_and_baseline(tiny_corpus, tmp_path, c
   assert abs(t["sparsity"] - 0.5) < 0.01
   assert (workdir / "mask.npz").exists()
   assert len(t["params_sha256"]) == 64 and len(t["mask_sha256"]) == 64
+  # where it ran (the tests force the CPU platform: JAX_PLATFORMS=cpu)
+  env = result["environment"]
+  assert env["platform"] == "cpu" and env["device_count"] == jax.device_count()
+  assert env["jax"] == jax.__version__
   # the warm start logged dev metrics every 2 of its 4 steps
   ws_history = json.loads((workdir / "warm_start.json").read_text())["history"]
   assert [h["step"] for h in ws_history if "dev_wer" in h] == [2, 4]

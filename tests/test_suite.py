@@ -382,6 +382,8 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
       results["history"] = [
         {"client_flops_per_step_sparse": 4e9, "client_flops_per_step_dense": 8e9}
       ]
+      if (arm, seed) == ("dense", 2):  # one run from an accelerator; the others predate the field
+        results["environment"] = {"platform": "gpu", "device_kind": "NVIDIA H200"}
       write_finished_run(d, results)
       pattern = arm.split("@")[0]
       runs.append(
@@ -419,15 +421,17 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
   assert "| column - row | -4.3 ± 1.5 | - | 3 | 0.039 | 0.968 (±1.0) | column@0.5 lower |" in text
   # the gate: dense dev WER 32.0%, its warm start 50.0%: passes
   assert "improvement 18.0 points" in text and "passes (a), (b)" in text
-  assert "9 runs done; their wall time adds up to 1.6 min." in text
+  assert (
+    "9 runs done; their wall time adds up to 1.6 min; ran on cpu and gpu (NVIDIA H200)." in text
+  )
   for fig in ("wer_vs_sparsity", "cost_vs_sparsity"):
     png = tmp_path / "report" / f"t1_pattern_{fig}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
   assert (tmp_path / "report" / "report.md").read_text() == text
   index["last_invocation"] = {"wall_seconds": 54.0, "workers": 2}
   (tmp_path / "t1_pattern.json").write_text(json.dumps(index))
-  latest = "the latest `fedprune experiment` of this table took 0.9 min with 2 workers."
-  assert f"adds up to 1.6 min; {latest}" in report.render(tmp_path)
+  latest = "the latest `fedprune experiment` of this table took 0.9 min with 2 workers"
+  assert f"adds up to 1.6 min; {latest}; ran on cpu and gpu" in report.render(tmp_path)
 
 
 def test_paired_differences():
