@@ -211,6 +211,17 @@ def _parse_seeds(text: str) -> list[int]:
   return list(dict.fromkeys(int(p) for p in parts))
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+  from fedprune_jax import suite_archive
+
+  counts = suite_archive.archive(args.runs, args.out)
+  print(
+    f"{args.out}: {counts['copied']} finished runs copied, {counts['present']} already there; "
+    f"{counts['unfinished']} not finished in {args.runs}"
+  )
+  return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
   from fedprune_jax import report
 
@@ -339,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
   report_p.add_argument("runs", help="runs directory of `fedprune experiment`")
   report_p.add_argument("--out", default=None, help="output directory (default: RUNS/report)")
   report_p.set_defaults(func=cmd_report)
+  archive_p = sub.add_parser(
+    "archive",
+    help="slim copies of a runs directory's finished runs (results, no checkpoints): to keep in "
+    "git, render with `fedprune report`, or put back into a runs directory to resume a suite",
+  )
+  archive_p.add_argument("runs", help="runs directory (or archive) to copy from")
+  archive_p.add_argument("--out", required=True, help="archive (or runs directory) to copy into")
+  archive_p.set_defaults(func=cmd_archive)
 
   bench_p = sub.add_parser("bench", help="benchmarks (each prints ratios measured in one run)")
   bench_p.add_argument(

@@ -42,22 +42,26 @@ def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
   Other ``*.json`` files are skipped; InputError names an index (a file named after an
   experiment, ``t1_pattern[_quick].json``) that does not parse or lacks its fields.
   """
-  indexes = []
-  for path in sorted(runs_dir.glob("*.json")):
-    try:
-      data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-      data, problem = None, f"does not parse ({e})"
-    else:
-      problem = "is not an experiment index (no 'experiment' and 'runs')"
-    if _is_index(data):
-      indexes.append(data)
-    elif path.stem.removesuffix("_quick") in _experiment_names():
-      raise InputError(
-        f"{path}: experiment index {problem}; delete it and rerun `fedprune experiment` to "
-        "rewrite it"
-      )
-  return indexes
+  indexes = [read_index(path) for path in sorted(runs_dir.glob("*.json"))]
+  return [index for index in indexes if index is not None]
+
+
+def read_index(path: pathlib.Path) -> dict | None:
+  """The experiment index in ``path``, or None if ``path`` is another JSON file; InputError if it
+  is named after an experiment but does not parse or lacks its fields."""
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    data, problem = None, f"does not parse ({e})"
+  else:
+    problem = "is not an experiment index (no 'experiment' and 'runs')"
+  if _is_index(data):
+    return data
+  if path.stem.removesuffix("_quick") in _experiment_names():
+    raise InputError(
+      f"{path}: experiment index {problem}; delete it and rerun `fedprune experiment` to rewrite it"
+    )
+  return None
 
 
 def _is_index(data: Any) -> bool:

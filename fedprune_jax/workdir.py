@@ -32,6 +32,8 @@ from fedprune_jax import fields, io_utils
 from fedprune_jax.errors import ConfigError, InputError
 
 CONFIG, LOCK, MARKER = "config.json", ".lock", "done.json"
+# a finished run's slim copy (``suite_archive``): stands in for the final checkpoint it dropped
+ARCHIVED = "archived.json"
 
 # Dotted config fields that a rerun may change without changing the run's result.
 IGNORED_FIELDS = frozenset(
@@ -231,7 +233,9 @@ def mark_done(workdir: pathlib.Path) -> None:
 
 def incomplete(workdir: pathlib.Path) -> str | None:
   """Why ``workdir`` is not a finished run (None if it is): the completion marker, ``results.json``
-  (with its final metrics) and the final checkpoint must all be present and parse."""
+  (with its final metrics) and the final checkpoint must all be present and parse; an archived
+  run (``suite_archive``) has ``archived.json`` vouching for the same results instead of the
+  checkpoint."""
   marker = _read_json(workdir / MARKER)
   if marker is None:
     return f"no completion marker {MARKER}"
@@ -240,6 +244,9 @@ def incomplete(workdir: pathlib.Path) -> str | None:
     return "results.json is missing or unreadable"
   if marker.get("results_sha256") != io_utils.file_sha256(workdir / "results.json"):
     return "results.json is not the one the completion marker recorded"
+  archived = _read_json(workdir / ARCHIVED)
+  if isinstance(archived, dict) and archived.get("results_sha256") == marker["results_sha256"]:
+    return None  # finished, its checkpoint dropped on purpose
   checkpoint = workdir / "checkpoint"
   if (
     not (checkpoint / "_CHECKPOINT_METADATA").is_file()

@@ -180,3 +180,18 @@ def write_finished_run(workdir, results: dict) -> None:
   (workdir / "mask.npz").write_bytes(b"")
   (workdir / "results.json").write_text(json.dumps(results))
   workdir_lib.mark_done(workdir)
+
+
+def fake_results(test_wer: float, sparsity: float = 0.0) -> dict:
+  """A run's ``results.json`` with the fields the suite and the report read."""
+  final = {s: {"wer": test_wer, "cer": test_wer / 2, "loss": 1.0} for s in ("dev", "test")}
+  return {"final": final, "train": {"sparsity": sparsity}, "history": []}
+
+
+def toy_experiment(arms, **kw):
+  """An experiment of the small setting with the given arms (for the suite's tests)."""
+  from fedprune_jax import suite  # pylint: disable=g-import-not-at-top
+
+  return suite.Experiment(
+    name="toy", title="toy", question="?", base=suite.setting_config("small"), arms=arms, **kw
+  )

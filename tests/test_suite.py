@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import MICRO_MODEL, write_finished_run
+from conftest import MICRO_MODEL, fake_results, toy_experiment, write_finished_run
 from fedprune_jax import cli, report, suite
 from fedprune_jax import statistics as st
 from fedprune_jax.data import batching
@@ -35,12 +35,6 @@ TEST_SETS = [
   "baseline.steps_per_round=2",
   *(f"model.overrides.{k}={v!r}" for k, v in MICRO_MODEL.items()),
 ]
-
-
-def _experiment(arms, **kw):
-  return suite.Experiment(
-    name="toy", title="toy", question="?", base=suite.setting_config("small"), arms=arms, **kw
-  )
 
 
 def test_keys_are_shared_across_tables_and_follow_the_config():
@@ -93,20 +87,15 @@ def test_step_schedule_reaches_the_target_within_the_pruning_phase():
 
 def test_bad_experiments_are_rejected():
   with pytest.raises(suite.ConfigError, match="repeat"):
-    _experiment((suite.Arm("a"), suite.Arm("a")))
+    toy_experiment((suite.Arm("a"), suite.Arm("a")))
   with pytest.raises(suite.ConfigError, match="must come before"):
-    _experiment(
+    toy_experiment(
       (suite.Arm("b", {"pruning.mask_path": suite.From("a", "mask.npz")}), suite.Arm("a"))
     )
   with pytest.raises(suite.ConfigError, match="unknown arm"):
-    _experiment((suite.Arm("a"),), comparisons=(suite.Comparison("x", "a", "zzz"),))
+    toy_experiment((suite.Arm("a"),), comparisons=(suite.Comparison("x", "a", "zzz"),))
   with pytest.raises(suite.ConfigError, match="not an experiment"):
     suite.load_experiment("paper_small")
-
-
-def _fake_results(test_wer: float, sparsity: float = 0.0) -> dict:
-  final = {s: {"wer": test_wer, "cer": test_wer / 2, "loss": 1.0} for s in ("dev", "test")}
-  return {"final": final, "train": {"sparsity": sparsity}, "history": []}
 
 
 def test_cache_resume_and_failure_isolation(tmp_path):
@@ -118,7 +107,7 @@ def test_cache_resume_and_failure_isolation(tmp_path):
     suite.Arm("after", {"pruning.mask_path": suite.From("broken", "mask.npz")}, row="c"),
     suite.Arm("pruned", {"pruning.target_sparsity": 0.5}, row="p"),
   )
-  experiment = _experiment(arms, seeds=(0, 1))
+  experiment = toy_experiment(arms, seeds=(0, 1))
   calls = []
 
   def runner(kind, cfg):
@@ -126,7 +115,7 @@ def test_cache_resume_and_failure_isolation(tmp_path):
     if kind == suite.BASELINE and cfg.seed == 1:
       raise RuntimeError("boom")
     out = pathlib.Path(cfg.workdir)
-    write_finished_run(out, _fake_results(0.5 - 0.1 * cfg.seed))
+    write_finished_run(out, fake_results(0.5 - 0.1 * cfg.seed))
     return {}
 
   lines = []
@@ -218,7 +207,7 @@ def warm_start_runner(kind, cfg):
   warm.mkdir(parents=True, exist_ok=True)
   if kind == suite.BASELINE and cfg.seed == 1:
     raise RuntimeError("boom")
-  record = {**_fake_results(0.5), "trained_warm_start": trained}
+  record = {**fake_results(0.5), "trained_warm_start": trained}
   write_finished_run(cfg.workdir, record)
   return {}
 
@@ -255,7 +244,7 @@ def test_runs_go_side_by_side_in_dependency_order(tmp_path, monkeypatch):
   )
   pool = ScriptedPool(warm_start_runner, workers=2)
   monkeypatch.setattr(suite.concurrent.futures, "wait", pool.wait)
-  index = suite.run_experiment(_experiment(arms, seeds=(0, 1)), tmp_path, pool=pool, log=print)
+  index = suite.run_experiment(toy_experiment(arms, seeds=(0, 1)), tmp_path, pool=pool, log=print)
   runs = {(r["arm"], r["seed"]): r for r in index["runs"]}
   assert index["last_invocation"]["workers"] == 2
   assert runs[("central", 1)]["state"] == "failed" and "boom" in runs[("central", 1)]["error"]
@@ -376,7 +365,7 @@ def test_report_numbers_against_hand_computed_values(tmp_path):
       d = tmp_path / "runs" / f"{arm}-{seed}"
       d.mkdir(parents=True)
       sparsity = 0.0 if arm == "dense" else 0.5
-      results = _fake_results(wer, sparsity)
+      results = fake_results(wer, sparsity)
       results["train"].update(last_bytes_down_masked=2e6, last_bytes_up=1.9e6)
       results["train"]["warm_start_dev_wer"] = 0.5
       results["history"] = [
