@@ -193,6 +193,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     data_root=args.data,
     overrides=args.overrides,
     workers=args.workers,
+    archive=args.archive,
   )
   failed = sum(failed_by_experiment.values())
   print(report.render(args.runs, args.report_dir))
@@ -343,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     "CPU, one per core is fastest for the small setting; on an accelerator keep 1)",
   )
   exp_p.add_argument("--report-dir", default=None, help="default: RUNS/report")
+  exp_p.add_argument(
+    "--archive",
+    default=None,
+    help="a `fedprune archive` directory (e.g. in git): its finished runs are restored into "
+    "RUNS first, and each run is archived there as it finishes (same --data path: it is in the "
+    "runs' keys)",
+  )
   exp_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
   exp_p.set_defaults(func=cmd_experiment)
 

@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 import ml_collections
 
 from fedprune_jax import suite_index
+from fedprune_jax.suite_archive import archive as archive_runs
+from fedprune_jax.suite_archive import restore
 from fedprune_jax import workers as workers_lib
 from fedprune_jax.errors import ConfigError  # noqa: F401  (``suite.ConfigError``)
 from fedprune_jax.experiments_def import (  # noqa: F401  (the suite's names for experiment files)
@@ -98,6 +100,7 @@ def run_experiment(
   progress: bool = True,
   runner: Callable[[str, ml_collections.ConfigDict], dict] | None = None,
   pool: workers_lib.RunPool | None = None,
+  archive: str | pathlib.Path | None = None,
   log: Log = _stderr,
 ) -> dict:
   """Runs (or resumes) every run of ``experiment``; returns its index.
@@ -109,6 +112,8 @@ def run_experiment(
     runner: ``runner(kind, cfg) -> results`` (default: ``job.run`` / ``job.run_baseline``).
     pool: where runs execute (default: this process, one after the other, with ``runner``);
       a pool's own runner is used instead of ``runner``.
+    archive: a ``suite_archive`` directory (e.g. in git): its finished runs of the experiment
+      are restored into ``runs_dir`` first, and every run is archived there as it finishes.
   """
   runs_dir = pathlib.Path(runs_dir).absolute()
   runs_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,8 @@ def run_experiment(
   indexed = tuple(dict.fromkeys(default + wanted))
   specs = expand(experiment, quick=quick, seeds=indexed, data_root=data_root, overrides=overrides)
   index_path = suite_index.index_path(runs_dir, experiment.name, quick)
+  if archive is not None and (restored := restore(archive, runs_dir, {s.dirname for s in specs})):
+    log(f"{experiment.name}: {restored} finished run(s) restored from {archive}")
   entries = [suite_index.entry(spec, runs_dir) for spec in specs]
   key_of = {(s.seed, s.split, s.arm.name): s.key for s in specs}
   state_of = {s.key: e["state"] for s, e in zip(specs, entries)}  # shared runs: one state
@@ -168,6 +175,8 @@ def run_experiment(
       log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s; {pace}")
     training.discard(warm_start_of(spec))  # if it is still not on disk, the next run trains it
     suite_index.write_index(index_path, experiment, quick, entries)
+    if archive is not None:
+      archive_runs(runs_dir, archive)
 
   try:
     while waiting or running:
@@ -211,6 +220,8 @@ def run_experiment(
   suite_index.write_index(
     index_path, experiment, quick, entries, time.monotonic() - start, pool.workers
   )
+  if archive is not None:
+    archive_runs(runs_dir, archive)
   return json.loads(index_path.read_text(encoding="utf-8"))
 
 
@@ -224,6 +235,7 @@ def run_experiments(
   data_root: str | None = None,
   overrides: Sequence[str] = (),
   workers: int = 1,
+  archive: str | pathlib.Path | None = None,
   log: Log = _stderr,
 ) -> dict[str, int]:
   """Runs (resumes) several experiments seed-major on one pool of ``workers``; returns the number
@@ -280,6 +292,7 @@ def run_experiments(
           data_root=data_root,
           overrides=overrides,
           pool=pool,
+          archive=archive,
           log=log,
         )
         failed[experiment.name] = sum(r["state"] == "failed" for r in index["runs"])

@@ -6,8 +6,10 @@ resumed suite need of every finished run -- its record, results, config, per-rou
 completion marker -- without checkpoints or masks, and marks each copy with ``archived.json``.
 
 * ``fedprune report DST`` renders the same tables from the archive as from ``src``.
-* ``fedprune archive ARCHIVE --out RUNS`` puts archived runs into a runs directory; the suite
-  then counts them finished (``workdir.incomplete`` takes ``archived.json`` in place of the final
+* ``fedprune experiment ... --archive ARCHIVE`` restores the archive's finished runs of the
+  experiment into RUNS before it starts (``restore``) and archives each run as it finishes, so
+  only the runs in flight are lost with the machine. ``fedprune archive ARCHIVE --out RUNS``
+  restores a whole archive. The suite counts restored runs finished (``workdir.incomplete`` takes ``archived.json`` in place of the final
   checkpoint) and runs only the rest. A run that starts from an archived run's files (``From``)
   stops with the error of ``suite_runs.check_needs``; warm starts are not archived and are
   trained again where a pending run needs one.
@@ -37,9 +39,11 @@ def _indexes(runs_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict]]:
   return [(p, index) for p, index in found if index is not None]
 
 
-def archive(src: str | pathlib.Path, dst: str | pathlib.Path) -> dict[str, int]:
-  """Copies the experiment indexes of ``src`` and the kept files of every finished run they list
-  into ``dst`` (created if absent; an archive is a valid ``src`` too).
+def archive(
+  src: str | pathlib.Path, dst: str | pathlib.Path, *, indexes: bool = True
+) -> dict[str, int]:
+  """Copies the experiment indexes of ``src`` (unless not ``indexes``) and the kept files of every
+  finished run they list into ``dst`` (created if absent; an archive is a valid ``src`` too).
 
   Returns:
     ``{"copied": runs new in dst, "present": runs already there with the same results,
@@ -49,20 +53,29 @@ def archive(src: str | pathlib.Path, dst: str | pathlib.Path) -> dict[str, int]:
     InputError: ``src`` has no experiment index, or a run finished in both has other results.
   """
   src, dst = pathlib.Path(src), pathlib.Path(dst)
-  indexes = _indexes(src)
-  if not indexes:
+  found = _indexes(src)
+  if not found:
     raise InputError(f"{src}: no experiment index (<experiment>.json) to archive")
   counts = {"copied": 0, "present": 0, "unfinished": 0}
   seen = set()
-  for _, index in indexes:
+  for _, index in found:
     for entry in index["runs"]:
       if entry["dir"] in seen:
         continue
       seen.add(entry["dir"])
       counts[_archive_run(src / entry["dir"], dst / entry["dir"])] += 1
-  for path, _ in indexes:  # after the runs: an index never lists a run missing from dst
+  for path, _ in found if indexes else ():  # after the runs: never an index without its runs
     io_utils.write_text_atomic(dst / path.name, path.read_text(encoding="utf-8"))
   return counts
+
+
+def restore(archive_dir: str | pathlib.Path, runs_dir: pathlib.Path, dirs: set[str]) -> int:
+  """Copies the finished runs of ``archive_dir`` among ``dirs`` (``runs/<key>``) that are not
+  finished in ``runs_dir`` into it; returns how many. InputError if one is finished in both with
+  other results."""
+  archive_dir = pathlib.Path(archive_dir)
+  outcomes = [_archive_run(archive_dir / d, runs_dir / d) for d in sorted(dirs)]
+  return outcomes.count("copied")
 
 
 def _archive_run(run: pathlib.Path, out: pathlib.Path) -> str:

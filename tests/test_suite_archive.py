@@ -102,3 +102,31 @@ def test_an_archived_run_whose_results_changed_is_not_finished(tmp_path):
 def test_archive_without_an_index_is_one_error(tmp_path, capsys):
   assert cli.main(["archive", str(tmp_path), "--out", str(tmp_path / "a")]) != 0
   assert "no experiment index" in capsys.readouterr().err
+
+
+def test_the_suite_archives_each_run_as_it_finishes_and_restores_them(tmp_path):
+  """``run_experiment(archive=...)``: each run is in the archive before the next one starts (so
+  a lost machine loses only the runs in flight), and a new machine's suite restores them."""
+  archive = tmp_path / "archive"
+  archived_before = []
+
+  def runner(kind, cfg):
+    archived_before.append(len(list((archive / "runs").glob("*/archived.json"))))
+    write_finished_run(cfg.workdir, fake_results(0.3))
+    return {}
+
+  experiment = toy_experiment(ARMS, seeds=(0, 1))
+  log = []
+  suite.run_experiment(experiment, tmp_path / "a", runner=runner, archive=archive, log=log.append)
+  assert archived_before == [0, 1, 2, 3, 4, 5]
+  assert (archive / "toy.json").exists()
+  calls = []
+  index = suite.run_experiment(
+    experiment,
+    tmp_path / "b",
+    runner=lambda kind, cfg: calls.append(cfg.seed),
+    archive=archive,
+    log=log.append,
+  )
+  assert calls == [] and all(r["state"] == "done" for r in index["runs"])
+  assert sum("toy: 6 finished run(s) restored from" in line for line in log) == 1
