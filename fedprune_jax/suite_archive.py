@@ -39,11 +39,9 @@ def _indexes(runs_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict]]:
   return [(p, index) for p, index in found if index is not None]
 
 
-def archive(
-  src: str | pathlib.Path, dst: str | pathlib.Path, *, indexes: bool = True
-) -> dict[str, int]:
-  """Copies the experiment indexes of ``src`` (unless not ``indexes``) and the kept files of every
-  finished run they list into ``dst`` (created if absent; an archive is a valid ``src`` too).
+def archive(src: str | pathlib.Path, dst: str | pathlib.Path) -> dict[str, int]:
+  """Copies the experiment indexes of ``src`` and the kept files of every finished run they list
+  into ``dst`` (created if absent; an archive is a valid ``src`` too).
 
   Returns:
     ``{"copied": runs new in dst, "present": runs already there with the same results,
@@ -64,7 +62,7 @@ def archive(
         continue
       seen.add(entry["dir"])
       counts[_archive_run(src / entry["dir"], dst / entry["dir"])] += 1
-  for path, _ in found if indexes else ():  # after the runs: never an index without its runs
+  for path, _ in found:  # last: an index never names a finished run that dst lacks
     io_utils.write_text_atomic(dst / path.name, path.read_text(encoding="utf-8"))
   return counts
 
