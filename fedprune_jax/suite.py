@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import ml_collections
 
 from fedprune_jax import suite_index
+from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.suite_archive import archive as archive_runs
 from fedprune_jax.suite_archive import restore
 from fedprune_jax import workers as workers_lib
@@ -142,6 +143,7 @@ def run_experiment(
   training = set()  # warm starts that a running run is training
   start = time.monotonic()
   ran = 0  # runs this call finished or failed (not the cached ones): its pace
+  resumed = set()  # runs that started from a killed attempt's round checkpoint: not the pace
 
   def needs_states(spec: RunSpec) -> list[str]:  # the states of the arms a run starts from
     return [state_of[key_of[(spec.seed, spec.split, a)]] for a in spec.arm.needs]
@@ -164,7 +166,7 @@ def run_experiment(
       suite_index.record_seconds(runs_dir / spec.dirname, future.result())
       entry.update(suite_index.entry(spec, runs_dir))
     state_of[spec.key] = entry["state"]
-    ran += 1
+    ran += i not in resumed
     pace = time_left(ran, left(spec.key), time.monotonic() - start)
     if error is not None:
       log(
@@ -205,6 +207,8 @@ def run_experiment(
           if warm_start and not pathlib.Path(warm_start).exists():
             training.add(warm_start)
           state_of[spec.key] = "running"  # an arm shared by two cells runs once
+          if saved_rounds(runs_dir / spec.dirname / "rounds"):
+            resumed.add(i)
           log(f"{tags[i]} {spec.arm.name} seed {spec.seed}: running in {runs_dir / spec.dirname}")
           running[_submit(pool, spec, runs_dir)] = i
       if not running:

@@ -158,6 +158,25 @@ def _runs_left(lines: list[str]) -> list[int]:
   return [0 if m[1] == "none" else int(m[1]) for m in found if m]
 
 
+def test_a_resumed_run_does_not_set_the_pace(tmp_path):
+  """A run that resumes a killed attempt finishes early: counted in the pace, it would make the
+  rest look minutes away. The first line after it has no pace; the next fresh run sets one."""
+  experiment = toy_experiment(
+    (suite.Arm("dense", {"pruning": None}, row="dense"),), seeds=(0, 1, 2)
+  )
+  first, *_ = suite.expand(experiment)
+  (tmp_path / first.dirname / "rounds" / "10").mkdir(parents=True)  # a killed attempt's checkpoint
+
+  def runner(kind, cfg):
+    write_finished_run(cfg.workdir, fake_results(0.3))
+    return {}
+
+  lines = []
+  suite.run_experiment(experiment, tmp_path, runner=runner, log=lines.append)
+  done = [line for line in lines if ": done in " in line]
+  assert len(done) == 3 and done[0].endswith("; 2 left") and done[1].endswith("a run so far")
+
+
 def test_time_left_is_the_pace_so_far_times_the_runs_left():
   assert suite.time_left(4, 6, 1200.0) == "6 left, about 30 min at 5.0 min a run so far"
   assert suite.time_left(10, 30, 1800.0) == "30 left, about 1.5 h at 3.0 min a run so far"
