@@ -30,53 +30,12 @@ from typing import Any
 from fedprune_jax import io_utils
 from fedprune_jax import report_figures
 from fedprune_jax import statistics as stats_lib
+from fedprune_jax import suite_index
 from fedprune_jax import workdir as workdir_lib
+from fedprune_jax.experiments_def import EXPERIMENTS
 from fedprune_jax.errors import InputError
 
 METRICS = ("test_wer", "dev_wer", "dev_cer", "sparsity")
-
-
-def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
-  """The experiment indexes in ``runs_dir`` (sorted by name).
-
-  Other ``*.json`` files are skipped; InputError names an index (a file named after an
-  experiment, ``t1_pattern[_quick].json``) that does not parse or lacks its fields.
-  """
-  indexes = [read_index(path) for path in sorted(runs_dir.glob("*.json"))]
-  return [index for index in indexes if index is not None]
-
-
-def read_index(path: pathlib.Path) -> dict | None:
-  """The experiment index in ``path``, or None if ``path`` is another JSON file; InputError if it
-  is named after an experiment but does not parse or lacks its fields."""
-  try:
-    data = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    data, problem = None, f"does not parse ({e})"
-  else:
-    problem = "is not an experiment index (no 'experiment' and 'runs')"
-  if _is_index(data):
-    return data
-  if path.stem.removesuffix("_quick") in _experiment_names():
-    raise InputError(
-      f"{path}: experiment index {problem}; delete it and rerun `fedprune experiment` to rewrite it"
-    )
-  return None
-
-
-def _is_index(data: Any) -> bool:
-  return (
-    isinstance(data, dict)
-    and isinstance(data.get("experiment"), str)
-    and isinstance(data.get("runs"), list)
-    and all(isinstance(r, dict) and {"arm", "seed", "dir", "state"} <= set(r) for r in data["runs"])
-  )
-
-
-def _experiment_names() -> tuple[str, ...]:
-  from fedprune_jax import suite  # pylint: disable=g-import-not-at-top
-
-  return suite.EXPERIMENTS
 
 
 def run_metrics(results: dict) -> dict[str, Any]:
@@ -360,7 +319,7 @@ def render(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = No
     raise FileNotFoundError(f"runs directory {str(runs_dir)!r} does not exist")
   out = pathlib.Path(out_dir) if out_dir else runs_dir / "report"
   out.mkdir(parents=True, exist_ok=True)
-  indexes = load_indexes(runs_dir)
+  indexes = suite_index.load_indexes(runs_dir)
   if not indexes:
     raise FileNotFoundError(
       f"{runs_dir}: no experiment index (<experiment>.json); run `fedprune experiment` first"
@@ -421,7 +380,7 @@ def claims_markdown(rows: list[dict], experiments: list[str]) -> list[str]:
       f"| {r['table']} | {r['claim']} | {_diff(r)} | {_interval(r)} | {r['n']} of {r['planned']} "
       f"| {r['reading']} |"
     )
-  missing = [name for name in _experiment_names() if name not in experiments]
+  missing = [name for name in EXPERIMENTS if name not in experiments]
   if missing:
     lines += ["", f"Not run yet: {', '.join(missing)}."]
   return lines + [""]

@@ -23,6 +23,7 @@ import pathlib
 import shutil
 
 from fedprune_jax import io_utils
+from fedprune_jax import suite_index
 from fedprune_jax import workdir as workdir_lib
 from fedprune_jax.errors import InputError
 
@@ -33,9 +34,7 @@ KEPT = (workdir_lib.MARKER, "results.json", "suite.json", workdir_lib.CONFIG)
 
 def _indexes(runs_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict]]:
   """The experiment indexes (``<experiment>[_quick].json``) at the top of ``runs_dir``."""
-  from fedprune_jax import report  # pylint: disable=g-import-not-at-top
-
-  found = [(p, report.read_index(p)) for p in sorted(runs_dir.glob("*.json"))]
+  found = [(p, suite_index.read_index(p)) for p in sorted(runs_dir.glob("*.json"))]
   return [(p, index) for p, index in found if index is not None]
 
 

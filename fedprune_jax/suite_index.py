@@ -1,5 +1,5 @@
-"""What the suite writes beside its runs: each run's ``suite.json`` record and each experiment's
-index.
+"""What the suite writes beside its runs, and reads back: each run's ``suite.json`` record and
+each experiment's index.
 
 ``RUNS/runs/<key>/suite.json`` names the run (experiment, arm, seed, key) and, once finished, the
 wall seconds of the attempt that finished it. ``RUNS/<experiment>.json`` indexes the experiment's
@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
 from fedprune_jax import io_utils
 from fedprune_jax import workdir as workdir_lib
-from fedprune_jax.experiments_def import Experiment
+from fedprune_jax.errors import InputError
+from fedprune_jax.experiments_def import EXPERIMENTS, Experiment
 from fedprune_jax.suite_runs import RunSpec
 
 
@@ -98,4 +100,41 @@ def write_index(
       "figures": list(experiment.figures),
       "runs": entries,
     },
+  )
+
+
+def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
+  """The experiment indexes in ``runs_dir`` (sorted by name).
+
+  Other ``*.json`` files are skipped; InputError names an index (a file named after an
+  experiment, ``t1_pattern[_quick].json``) that does not parse or lacks its fields.
+  """
+  indexes = [read_index(path) for path in sorted(runs_dir.glob("*.json"))]
+  return [index for index in indexes if index is not None]
+
+
+def read_index(path: pathlib.Path) -> dict | None:
+  """The experiment index in ``path``, or None if ``path`` is another JSON file; InputError if it
+  is named after an experiment but does not parse or lacks its fields."""
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    data, problem = None, f"does not parse ({e})"
+  else:
+    problem = "is not an experiment index (no 'experiment' and 'runs')"
+  if _is_index(data):
+    return data
+  if path.stem.removesuffix("_quick") in EXPERIMENTS:
+    raise InputError(
+      f"{path}: experiment index {problem}; delete it and rerun `fedprune experiment` to rewrite it"
+    )
+  return None
+
+
+def _is_index(data: Any) -> bool:
+  return (
+    isinstance(data, dict)
+    and isinstance(data.get("experiment"), str)
+    and isinstance(data.get("runs"), list)
+    and all(isinstance(r, dict) and {"arm", "seed", "dir", "state"} <= set(r) for r in data["runs"])
   )
