@@ -41,6 +41,7 @@ METRICS = ("test_wer", "dev_wer", "dev_cer", "sparsity")
 def run_metrics(results: dict) -> dict[str, Any]:
   """The numbers the report uses from one run's ``results.json``."""
   final, train = results["final"], results["train"]
+  environment = results.get("environment") or {}
   history = results.get("history") or [{}]
   last = history[-1]
   out = {
@@ -54,8 +55,8 @@ def run_metrics(results: dict) -> dict[str, Any]:
     "warm_start_dev_wer": train.get("warm_start_dev_wer"),
     "test_speakers": final["test"].get("speakers"),
     # runs written before the environment was recorded ran on this project's CPU machines
-    "platform": (results.get("environment") or {}).get("platform", "cpu"),
-    "device_kind": (results.get("environment") or {}).get("device_kind", "cpu"),
+    "platform": environment.get("platform", "cpu"),
+    "device_kind": environment.get("device_kind", "cpu"),
   }
   for key in ("bytes_down_masked", "bytes_down_dense", "bytes_up", "client_train_memory_bytes"):
     out[key] = train.get(f"last_{key}")

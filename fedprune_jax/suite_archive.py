@@ -2,15 +2,15 @@
 
 A suite's runs directory lives on one machine; when that machine is gone its results are gone
 too (weeks of CPU time for the paper suite). ``archive(src, dst)`` copies what the report and a
-resumed suite need of every finished run -- its record, results, config, per-round metrics and
-completion marker -- without checkpoints or masks, and marks each copy with ``archived.json``.
+resumed suite need of every finished run -- its record, results, config and completion marker --
+without checkpoints, masks or ``metrics.jsonl``, and marks each copy with ``archived.json``.
 
 * ``fedprune report DST`` renders the same tables from the archive as from ``src``.
 * ``fedprune experiment ... --archive ARCHIVE`` restores the archive's finished runs of the
   experiment into RUNS before it starts (``restore``) and archives each run as it finishes, so
   only the runs in flight are lost with the machine. ``fedprune archive ARCHIVE --out RUNS``
-  restores a whole archive. The suite counts restored runs finished (``workdir.incomplete`` takes ``archived.json`` in place of the final
-  checkpoint) and runs only the rest. A run that starts from an archived run's files (``From``)
+  restores a whole archive. The suite counts restored runs finished (``workdir.incomplete``
+  takes ``archived.json`` in place of the final checkpoint) and runs only the rest. A run that starts from an archived run's files (``From``)
   stops with the error of ``suite_runs.check_needs``; warm starts are not archived and are
   trained again where a pending run needs one.
 * A finished run is never replaced by a different one: a key present in both with other results
@@ -32,12 +32,6 @@ from fedprune_jax.errors import InputError
 KEPT = (workdir_lib.MARKER, "results.json", "suite.json", workdir_lib.CONFIG)
 
 
-def _indexes(runs_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict]]:
-  """The experiment indexes (``<experiment>[_quick].json``) at the top of ``runs_dir``."""
-  found = [(p, suite_index.read_index(p)) for p in sorted(runs_dir.glob("*.json"))]
-  return [(p, index) for p, index in found if index is not None]
-
-
 def archive(src: str | pathlib.Path, dst: str | pathlib.Path) -> dict[str, int]:
   """Copies the experiment indexes of ``src`` and the kept files of every finished run they list
   into ``dst`` (created if absent; an archive is a valid ``src`` too).
@@ -50,7 +44,7 @@ def archive(src: str | pathlib.Path, dst: str | pathlib.Path) -> dict[str, int]:
     InputError: ``src`` has no experiment index, or a run finished in both has other results.
   """
   src, dst = pathlib.Path(src), pathlib.Path(dst)
-  found = _indexes(src)
+  found = suite_index.index_files(src)
   if not found:
     raise InputError(f"{src}: no experiment index (<experiment>.json) to archive")
   counts = {"copied": 0, "present": 0, "unfinished": 0}

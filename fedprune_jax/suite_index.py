@@ -109,8 +109,14 @@ def load_indexes(runs_dir: pathlib.Path) -> list[dict]:
   Other ``*.json`` files are skipped; InputError names an index (a file named after an
   experiment, ``t1_pattern[_quick].json``) that does not parse or lacks its fields.
   """
-  indexes = [read_index(path) for path in sorted(runs_dir.glob("*.json"))]
-  return [index for index in indexes if index is not None]
+  return [index for _, index in index_files(runs_dir)]
+
+
+def index_files(runs_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict]]:
+  """``(path, index)`` of every experiment index in ``runs_dir``, sorted by name (as
+  ``load_indexes``, with the files they were read from)."""
+  found = [(path, read_index(path)) for path in sorted(runs_dir.glob("*.json"))]
+  return [(path, index) for path, index in found if index is not None]
 
 
 def read_index(path: pathlib.Path) -> dict | None:
