@@ -239,4 +239,5 @@ def reading(
     return f"inconclusive: neither an effect nor {within}"
   if effect:
     return direction
-  return within if equivalent else "within noise"
+  # Not "within noise": without equivalence a non-significant difference is not shown to be small.
+  return within if equivalent else f"inconclusive: neither an effect nor {within}"

@@ -78,7 +78,10 @@ def test_readings():
     "does not reproduce: x higher"
   )
   assert r("", -0.03, 3, 0.01, 1.0, 0.01, names=("x", "y")) == "x lower"
-  assert r("", 0.0, 3, 0.5, 0.5, 0.01) == "within noise"
+  assert r("", 0.0, 3, 0.5, 0.5, 0.01) == (
+    "inconclusive: neither an effect nor equivalent within ±1.0 points"
+  )
+  assert r("", 0.001, 3, 0.5, 0.01, 0.01) == "equivalent within ±1.0 points"
   assert r("lower", -0.2, 1, math.nan, math.nan, 0.01) == "inconclusive: needs >= 2 replicates"
   gated = r("lower", -0.2, 5, 1e-6, 1.0, 0.01, ["(a) x"])
   assert gated == "inconclusive: setting out of regime ((a) x)"
