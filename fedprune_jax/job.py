@@ -43,6 +43,7 @@ from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
 from fedprune_jax.data import batching
+from fedprune_jax.data import corpus_identity
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.models import asr
@@ -64,6 +65,7 @@ class Setup:
   train_fs: batching.FeatureSet
   speakers: speaker_split.SpeakerSplit
   warm_path: str | None  # where the warm start is saved (None: none)
+  corpus: str | None  # the corpus' identity (``corpus_identity``; None for TFDS)
 
 
 def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
@@ -88,8 +90,11 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
     cfg.seed if split_seed is None else split_seed,
     speaker_split.server_eligible(cfg),
   )
-  warm = warm_start.train(cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress)
-  return Setup(workdir, model, loss_fn, warm.params, train_fs, speakers, warm.path)
+  corpus = corpus_identity.of_data_config(cfg.data)
+  warm = warm_start.train(
+    cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress, corpus
+  )
+  return Setup(workdir, model, loss_fn, warm.params, train_fs, speakers, warm.path, corpus)
 
 
 def _check_inputs(cfg, model, params, workdir: pathlib.Path) -> None:
@@ -291,7 +296,8 @@ def _finish_run(cfg, setup: Setup, evals, algorithm, state, history, train: dict
     if any("bytes_down_dense" in h for h in history):  # clients' costs (not the server's)
       summary.update({f"last_{k}": history[-1].get(k) for k in COST_KEYS})
     pruning.save_mask(setup.workdir / "mask.npz", mask)
-  result = {"final": final, "train": summary, "history": history}
+  # the corpus it read: the suite refuses this result if the corpus at its path changes
+  result = {"final": final, "train": summary, "history": history, "corpus": setup.corpus}
   return finish(setup.workdir, result, model_params)
 
 

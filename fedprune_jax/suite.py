@@ -59,6 +59,7 @@ from fedprune_jax.experiments_def import (  # noqa: F401  (the suite's names for
 )
 from fedprune_jax.suite_runs import (  # noqa: F401  (``suite.expand`` ...)
   RunSpec,
+  check_corpora,
   check_experiment,
   check_needs,
   expand,
@@ -130,6 +131,7 @@ def run_experiment(
   if archive is not None and (restored := restore(archive, runs_dir, {s.dirname for s in specs})):
     log(f"{experiment.name}: {restored} finished run(s) restored from {archive}")
   entries = [suite_index.entry(spec, runs_dir) for spec in specs]
+  check_corpora([s for s, e in zip(specs, entries) if e["state"] == "done"], runs_dir)
   key_of = {(s.seed, s.split, s.arm.name): s.key for s in specs}
   state_of = {s.key: e["state"] for s, e in zip(specs, entries)}  # shared runs: one state
   waiting = [i for i, spec in enumerate(specs) if spec.seed in wanted]

@@ -223,6 +223,38 @@ def check_needs(spec: RunSpec, runs_dir: pathlib.Path) -> None:
         )
 
 
+def check_corpora(finished: Sequence[RunSpec], runs_dir: pathlib.Path) -> None:
+  """InputError naming the runs, if finished runs were computed on another corpus than the one
+  now at their ``data.root`` (a corpus rebuilt there with other contents): their results would
+  stand in for runs on this corpus. Runs that recorded no corpus identity (TFDS, or finished
+  before runs recorded it) are taken as they are."""
+  from fedprune_jax.data import corpus_identity  # pylint: disable=g-import-not-at-top
+
+  now: dict[tuple, str | None] = {}  # identity per corpus and splits
+  stale = []
+  for spec in {s.dirname: s for s in finished}.values():  # a shared run once
+    try:
+      results = json.loads((runs_dir / spec.dirname / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+      continue  # not finished after all: ``workdir.incomplete`` decides that, not this check
+    recorded = results.get("corpus") if isinstance(results, dict) else None
+    if recorded is None:
+      continue
+    data = materialize(spec, runs_dir).data.to_dict()
+    which = tuple(data.get(k) for k in ("source", "root", "train_split", "dev_split", "test_split"))
+    if which not in now:
+      now[which] = corpus_identity.of_data_config(data)
+    if now[which] != recorded:
+      stale.append(f"{spec.dirname} (data.root={data['root']})")
+  if stale:
+    raise InputError(
+      f"{len(stale)} finished run(s) in {runs_dir} were computed on another corpus than the one "
+      f"now at their data.root (rebuilt with other contents?): {', '.join(stale[:5])}"
+      f"{' ...' if len(stale) > 5 else ''}; give the corpus they ran on (--data) or another "
+      "--runs directory"
+    )
+
+
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
   node = cfg
   for part in dotted.split("."):

@@ -42,7 +42,9 @@ class WarmStart(NamedTuple):
 WARM_START_ROUND = 25  # warm-start steps a record of its history (without warm_start.eval_every)
 
 
-def train(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress) -> WarmStart:
+def train(
+  cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progress, corpus=None
+) -> WarmStart:
   """Params after ``warm_start.steps`` centralized steps on the server-side speakers (dense
   ``centralized`` training through the round driver: a round of ``warm_start.eval_every`` steps,
   else of ``WARM_START_ROUND``; one history record per call of the round, dev metrics every
@@ -51,7 +53,9 @@ def train(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progr
   Cached in ``warm_start.path`` (default ``workdir/warm_start``), so runs that share a warm
   start (dense reference and pruned runs) train it once; ``warm_start.seed`` (default: the run's
   seed) seeds its initialization and batches, so runs of several seeds can share one. Its loss
-  history (and dev WER every ``warm_start.eval_every`` steps, if set) goes to ``PATH.json``.
+  history (and dev WER every ``warm_start.eval_every`` steps, if set) goes to ``PATH.json``,
+  with ``corpus``, the identity of the corpus it trained on (``corpus_identity``), which a run
+  that finds it cached checks.
   """
   ws = cfg.get("warm_start")
   if not ws or not ws.steps:
@@ -60,7 +64,7 @@ def train(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progr
     raise ConfigError("config field warm_start.steps > 0 needs data.server_speakers > 0")
   path = path_of(cfg, workdir)
   if path.exists():
-    check_record(path, cfg)
+    check_record(path, cfg, corpus)
     try:
       return WarmStart(task.restore_params(path, params), str(path))
     except Exception as e:  # pylint: disable=broad-except  (any orbax failure: not this model's)
@@ -112,6 +116,7 @@ def train(cfg, model, loss_fn, params, train_fs, server_speakers, workdir, progr
     {
       "history": history,
       "inputs": inputs_of(cfg),
+      "corpus": corpus,
       # what compiling its programs cost (of this process's run: 0 where the cache had them)
       **rounds.compile_totals(rounds_run),
     },
@@ -178,14 +183,24 @@ def inputs_of(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"warm_start": ws, "data": data, "model": d["model"], "specaug": d.get("specaug")}
 
 
-def check_record(path: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
-  """ConfigError if the warm start at ``path`` was trained from other inputs than this run's
-  (a record without inputs, written before they were recorded, is accepted)."""
+def check_record(
+  path: pathlib.Path, cfg: ml_collections.ConfigDict, corpus: str | None = None
+) -> None:
+  """ConfigError if the warm start at ``path`` was trained from other inputs than this run's,
+  or on another corpus than ``corpus`` (the identity of the one at its path now). A record
+  without inputs or corpus, written before they were recorded, is accepted."""
   record_path = path.with_name(path.name + ".json")
   try:
-    recorded = json.loads(record_path.read_text(encoding="utf-8")).get("inputs")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    recorded = record.get("inputs")
   except (OSError, ValueError, AttributeError):
     return
+  if corpus is not None and record.get("corpus") not in (None, corpus):
+    raise ConfigError(
+      f"warm start {str(path)!r} was trained on another corpus than the one now at "
+      f"data.root={cfg.data.root!r} (identity {record['corpus'][:12]}, now {corpus[:12]}: "
+      "rebuilt with other contents?); remove it or set warm_start.path elsewhere"
+    )
   if recorded is None:
     return
   current = inputs_of(cfg)

@@ -13,6 +13,7 @@ import numpy as np
 from conftest import MICRO_MODEL
 from fedprune_jax import cli, task
 from fedprune_jax.algorithms import build
+from fedprune_jax.data import corpus_identity
 from fedprune_jax import speaker_split
 from fedprune_jax.io_utils import read_jsonl
 
@@ -66,6 +67,13 @@ def test_federated_pruning_job_resume_eval_and_baseline(tiny_corpus, tmp_path, c
   env = result["environment"]
   assert env["platform"] == "cpu" and env["device_count"] == jax.device_count()
   assert env["jax"] == jax.__version__
+  # the corpus it read, and its warm start trained on (the suite checks cached runs against it)
+  data = task.load_run_config(workdir).data
+  corpus = corpus_identity.identity(
+    str(tiny_corpus), [data.train_split, data.dev_split, data.test_split]
+  )
+  assert result["corpus"] == corpus
+  assert json.loads((workdir / "warm_start.json").read_text())["corpus"] == corpus
   # the warm start logged dev metrics every 2 of its 4 steps
   ws_history = json.loads((workdir / "warm_start.json").read_text())["history"]
   assert [h["step"] for h in ws_history if "dev_wer" in h] == [2, 4]

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from fedprune_jax import io_utils
+from fedprune_jax.data import corpus_identity
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.data import tokenizer
 from fedprune_jax.data.records import CorpusError, Utterance
@@ -410,24 +411,11 @@ def split_fingerprint(
   without reading the audio of the whole corpus on every run, as make and
   rsync do; only a change that also restores the old mtime goes unseen.
   Transcript (``*.txt``) contents are hashed too (they are small and a
-  regenerated corpus may keep their sizes).
+  regenerated corpus may keep their sizes). The walk is ``corpus_identity``'s.
   """
   h = hashlib.sha256()
   h.update(f"v{CACHE_VERSION}|{config!r}|{tokenizer.VOCAB!r}|{extra}".encode())
-  if not os.path.isdir(split_dir):
-    raise CorpusError(f"split directory {split_dir!r} does not exist")
-  for root, dirs, files in os.walk(split_dir):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    for name in sorted(files):
-      if name.startswith("."):
-        continue
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, split_dir).replace(os.sep, "/")
-      st = os.stat(full)
-      h.update(f"|{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
-      if name.endswith(".txt"):
-        with open(full, "rb") as f:
-          h.update(hashlib.sha256(f.read()).digest())
+  corpus_identity.hash_split(h, split_dir, mtimes=True)
   return h.hexdigest()
 
 
