@@ -76,11 +76,9 @@ def _stderr(line: str) -> None:
 
 
 def time_left(ran: int, left: int, elapsed_s: float) -> str:
-  """What is left of a call, at its own pace so far: ``ran`` runs finished (cached ones not
-  counted) in ``elapsed_s`` seconds of wall time, ``left`` runs not finished yet.
-
-  The pace is wall time per run with every worker busy, so it already counts the parallelism.
-  """
+  """What is left of a call, at its own pace so far: ``ran`` runs took ``elapsed_s`` seconds of
+  wall time with every worker busy (``run_experiment``: their run seconds over the workers),
+  ``left`` runs are not finished yet."""
   if left == 0:
     return "none left"
   if ran == 0:
@@ -144,7 +142,9 @@ def run_experiment(
   warm_start_of = functools.partial(warm_start_path, runs_dir=runs_dir)
   training = set()  # warm starts that a running run is training
   start = time.monotonic()
-  ran = 0  # runs this call finished or failed (not the cached ones): its pace
+  # the pace: runs this call ran from the start and their seconds (not the cached ones, nor
+  # those resumed from a killed attempt's checkpoint, which finish early, nor failed ones)
+  ran, ran_seconds = 0, 0.0
   resumed = set()  # runs that started from a killed attempt's round checkpoint: not the pace
 
   def needs_states(spec: RunSpec) -> list[str]:  # the states of the arms a run starts from
@@ -159,7 +159,7 @@ def run_experiment(
     return sum(state_of[k] != "done" for k in keys - {finished_key})
 
   def finish(i: int, future: concurrent.futures.Future) -> None:
-    nonlocal ran
+    nonlocal ran, ran_seconds
     spec, entry, tag = specs[i], entries[i], tags[i]
     error = future.exception()
     if error is not None:
@@ -168,8 +168,9 @@ def run_experiment(
       suite_index.record_seconds(runs_dir / spec.dirname, future.result())
       entry.update(suite_index.entry(spec, runs_dir))
     state_of[spec.key] = entry["state"]
-    ran += i not in resumed
-    pace = time_left(ran, left(spec.key), time.monotonic() - start)
+    if error is None and i not in resumed:
+      ran, ran_seconds = ran + 1, ran_seconds + future.result()
+    pace = time_left(ran, left(spec.key), ran_seconds / pool.workers)
     if error is not None:
       log(
         f"{tag} {spec.arm.name} seed {spec.seed}: FAILED ({pace})\n"

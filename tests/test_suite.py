@@ -177,6 +177,35 @@ def test_a_resumed_run_does_not_set_the_pace(tmp_path):
   assert len(done) == 3 and done[0].endswith("; 2 left") and done[1].endswith("a run so far")
 
 
+def test_the_pace_is_the_fresh_runs_seconds_over_the_workers(tmp_path, monkeypatch):
+  """After a restart, the runs resumed from a killed attempt take their workers' time while
+  the first fresh runs start: the pace is the fresh runs' own seconds per run over the workers
+  (240 s a run, 2 workers: 2.0 min a run), not the call's wall time since it started."""
+  experiment = toy_experiment(
+    (suite.Arm("dense", {"pruning": None}, row="dense"),), seeds=(0, 1, 2, 3, 4)
+  )
+  specs = suite.expand(experiment)
+  for spec in specs[:2]:  # two killed attempts with a round checkpoint each
+    (tmp_path / spec.dirname / "rounds" / "10").mkdir(parents=True)
+  resumed = {str(tmp_path / spec.dirname) for spec in specs[:2]}
+
+  def runner(kind, cfg):
+    write_finished_run(cfg.workdir, fake_results(0.3))
+
+  pool = ScriptedPool(runner, 2, seconds=lambda cfg: 30.0 if cfg.workdir in resumed else 240.0)
+  monkeypatch.setattr(suite.concurrent.futures, "wait", pool.wait)
+  lines = []
+  suite.run_experiment(experiment, tmp_path, pool=pool, log=lines.append)
+  done = [line.split("; ", 1)[1] for line in lines if ": done in " in line]
+  assert done == [
+    "4 left",
+    "3 left",
+    "2 left, about 4 min at 2.0 min a run so far",
+    "1 left, about 2 min at 2.0 min a run so far",
+    "none left",
+  ]
+
+
 def test_time_left_is_the_pace_so_far_times_the_runs_left():
   assert suite.time_left(4, 6, 1200.0) == "6 left, about 30 min at 5.0 min a run so far"
   assert suite.time_left(10, 30, 1800.0) == "30 left, about 1.5 h at 3.0 min a run so far"
@@ -188,8 +217,8 @@ class ScriptedPool:
   """A pool of ``workers`` slots in this process whose runs finish only when the scheduler waits,
   oldest first: the scheduling rule is exercised without processes, clocks or the OS."""
 
-  def __init__(self, runner, workers: int):
-    self.runner, self.workers = runner, workers
+  def __init__(self, runner, workers: int, seconds=lambda cfg: 0.0):
+    self.runner, self.workers, self.seconds = runner, workers, seconds  # seconds: a run's time
     self.pending: list = []  # (future, kind, config) in submission order
     self.events: list = []  # ("start" | "end", arm, seed, runs in flight after the event)
 
@@ -209,7 +238,7 @@ class ScriptedPool:
     assert future in futures
     try:
       self.runner(kind, cfg)
-      future.set_result(0.0)
+      future.set_result(self.seconds(cfg))
     except Exception as e:  # pylint: disable=broad-except
       future.set_exception(e)
     self.events.append(("end", *self._label(cfg), len(self.pending)))
