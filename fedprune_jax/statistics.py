@@ -222,6 +222,7 @@ def reading(
   effect = not math.isnan(p_t) and p_t < ALPHA
   equivalent = not math.isnan(p_tost) and p_tost < ALPHA
   within = f"equivalent within ±{_pts(margin)} points"
+  neither = f"inconclusive: neither an effect nor {within}"
   a = names[0]
   direction = f"{a} {'higher' if mean > 0 else 'lower'}"
   if expect in ("lower", "higher"):
@@ -230,14 +231,14 @@ def reading(
       return "reproduces" if right else f"does not reproduce: the opposite effect ({direction})"
     if equivalent:
       return f"does not reproduce: no effect, {within}"
-    return f"inconclusive: neither an effect nor {within}"
+    return neither
   if expect == "equivalent":
     if equivalent:
       return f"reproduces: {within}"
     if effect:
       return f"does not reproduce: {direction}"
-    return f"inconclusive: neither an effect nor {within}"
+    return neither
   if effect:
     return direction
   # Not "within noise": without equivalence a non-significant difference is not shown to be small.
-  return within if equivalent else f"inconclusive: neither an effect nor {within}"
+  return within if equivalent else neither

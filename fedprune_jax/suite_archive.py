@@ -10,9 +10,10 @@ without checkpoints, masks or ``metrics.jsonl``, and marks each copy with ``arch
   experiment into RUNS before it starts (``restore``) and archives each run as it finishes, so
   only the runs in flight are lost with the machine. ``fedprune archive ARCHIVE --out RUNS``
   restores a whole archive. The suite counts restored runs finished (``workdir.incomplete``
-  takes ``archived.json`` in place of the final checkpoint) and runs only the rest. A run that starts from an archived run's files (``From``)
-  stops with the error of ``suite_runs.check_needs``; warm starts are not archived and are
-  trained again where a pending run needs one.
+  takes ``archived.json`` in place of the final checkpoint) and runs only the rest. A run that
+  starts from an archived run's files (``From``) stops with the error of
+  ``suite_runs.check_needs``; warm starts are not archived and are trained again where a pending
+  run needs one.
 * A finished run is never replaced by a different one: a key present in both with other results
   (e.g. the same config run on another platform) is an InputError naming both files.
 """

@@ -240,7 +240,7 @@ def check_corpora(finished: Sequence[RunSpec], runs_dir: pathlib.Path) -> None:
     recorded = results.get("corpus") if isinstance(results, dict) else None
     if recorded is None:
       continue
-    data = materialize(spec, runs_dir).data.to_dict()
+    data = spec.config.data.to_dict()  # ``materialize`` leaves data.root as it is
     which = tuple(data.get(k) for k in ("source", "root", "train_split", "dev_split", "test_split"))
     if which not in now:
       now[which] = corpus_identity.of_data_config(data)
