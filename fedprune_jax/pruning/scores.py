@@ -49,6 +49,14 @@ score above the zero a pruned weight gets in the pruning phase. Its per-step mea
 ``S = -sum_t w_t dL/dw_t`` divided by the client's live steps (independent of the local optimizer
 and learning rate, unlike ``-w_start * delta``).
 
+``update`` depends on the local optimizer: under a fresh Adam per round (the default clients),
+each step moves an entry by about ``lr`` whatever its gradient's size, so ``|delta|`` measures
+how consistent the gradient's sign was over the local steps, not how large the weight or the
+gradient is. Measured on the paper's small setting (6 Adam steps, lr 2e-3, 4 clients from its
+warm start; ``experiments/t2_update_probe.py``): Spearman 0.02 with ``|w|`` and -0.10 with the
+mean ``|g|``, and its top 30 % overlaps magnitude's at chance (0.31); T2's ``update`` masks overlap
+magnitude's as random's do (0.30). It measures the size of a change with SGD clients only.
+
 To add a score: write its functions, one ``Score(...)`` line in ``REGISTRY``, and its name in
 ``fields.SERVER_SCORES`` or ``fields.CLIENT_SCORES`` (the config's allowed values;
 ``tests/test_scores.py`` checks the two agree). A client score whose ``finish`` is not entry by
