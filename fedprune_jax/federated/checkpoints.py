@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from fedprune_jax import io_utils
 from fedprune_jax.errors import InputError
 
 PyTree = Any
@@ -65,7 +66,10 @@ class RoundCheckpointer:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._restore_step(step, like)
+        # a failed restore is reported below in one line: orbax's output about it is dropped, and
+        # so are its reader threads' late "Event loop is closed" (unraisable, whenever they end)
+        with io_utils.stderr_held(drop_if=lambda e: True, late_noise=io_utils.closed_event_loop):
+          restored = self._restore_step(step, like)
       except Exception as e:  # pylint: disable=broad-except  (any orbax/JSON failure)
         failures.append(f"round {step}: {type(e).__name__}: {_first_line(e)}")
         continue
