@@ -11,6 +11,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -101,6 +102,32 @@ def closed_event_loop(error: BaseException) -> bool:
   """asyncio's ``RuntimeError: Event loop is closed``, what a background writer raises when it
   finishes after its loop ended."""
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def orbax_read_noise(error: BaseException) -> bool:
+  """What orbax leaves behind, unraisable, after a restore failed: the closed event loop of its
+  reader threads, and the read errors of its coroutines garbage-collected unfinished."""
+  return closed_event_loop(error) or str(error).startswith(
+    "Encountered error while reading array index"
+  )
+
+
+# the RuntimeWarning of orbax's reader coroutines that a failed restore leaves unawaited
+_ORBAX_UNAWAITED = r"coroutine '_read_array_index\w*' was never awaited"
+
+
+@contextlib.contextmanager
+def quiet_failed_restore() -> Iterator[None]:
+  """Around an orbax restore whose failure the caller reports in one line: on a failure, what
+  orbax printed is dropped, and so is its late noise for the rest of the process (the
+  unraisable ``orbax_read_noise`` and the RuntimeWarning of its unawaited reader coroutines);
+  on success, what it printed is replayed."""
+  try:
+    with stderr_held(drop_if=lambda e: True, late_noise=orbax_read_noise):
+      yield
+  except Exception:
+    warnings.filterwarnings("ignore", message=_ORBAX_UNAWAITED, category=RuntimeWarning)
+    raise
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> pathlib.Path:

@@ -193,7 +193,8 @@ def restore_params(path: pathlib.Path, like: Params) -> Params:
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-  return ocp.StandardCheckpointer().restore(path, abstract)
+  with io_utils.quiet_failed_restore():  # its callers report a failure in one line
+    return ocp.StandardCheckpointer().restore(path, abstract)
 
 
 def evaluate_checkpoint(

@@ -66,9 +66,7 @@ class RoundCheckpointer:
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        # a failed restore is reported below in one line: orbax's output about it is dropped, and
-        # so are its reader threads' late "Event loop is closed" (unraisable, whenever they end)
-        with io_utils.stderr_held(drop_if=lambda e: True, late_noise=io_utils.closed_event_loop):
+        with io_utils.quiet_failed_restore():  # reported below in one line
           restored = self._restore_step(step, like)
       except Exception as e:  # pylint: disable=broad-except  (any orbax/JSON failure)
         failures.append(f"round {step}: {type(e).__name__}: {_first_line(e)}")
