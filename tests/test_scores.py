@@ -1,5 +1,5 @@
 """Importance scores as pluggable units (``pruning.scores``): the registry agrees with the config's
-allowed names; Taylor and movement against brute-force accumulations over a client's local steps,
+allowed names; Taylor, movement and update against brute-force accumulations over a client's local steps,
 in one client, in one federated-pruning round (clients, aggregate, server scores, next mask) and
 in the centralized baseline's step; and a run selecting each through the config."""
 
@@ -32,9 +32,10 @@ def _policy(score: str, **kw):
 
 def _brute_force_client(params, mask, data, score: str):
   """A plain loop over a client's live steps: masked SGD, and the mean over those steps of
-  |w_t g_t| (taylor) or -w_t g_t (movement) at the current masked params, g_t unmasked."""
+  |w_t g_t| (taylor) or -w_t g_t (movement) at the current masked params, g_t unmasked; for
+  update, the size of the client's change |w_start - w_end| instead."""
   loss_fn = toy.make_loss_fn()
-  p = pruning.apply_mask(params, mask)
+  p = start = pruning.apply_mask(params, mask)
   acc, steps = jax.tree.map(jnp.zeros_like, p), 0
   for s in range(data["weights"].shape[0]):
     batch = {k: v[s] for k, v in data.items()}
@@ -49,6 +50,8 @@ def _brute_force_client(params, mask, data, score: str):
     steps += 1
     g = pruning.apply_mask(g, mask)
     p = jax.tree.map(lambda a, b: a - LR * b, p, g)
+  if score == "update":
+    return p, jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), start, p)
   return p, jax.tree.map(lambda a: a / steps, acc)
 
 
@@ -82,7 +85,7 @@ def test_movement_shift_keeps_the_order_and_ranks_every_entry_above_zero():
   np.testing.assert_allclose(flat_out, flat_in + 3.0, atol=1e-7)
 
 
-@pytest.mark.parametrize("score", ["taylor", "movement"])
+@pytest.mark.parametrize("score", ["taylor", "movement", "update"])
 def test_client_scores_equal_a_brute_force_accumulation_over_local_steps(score):
   """One client, two epochs' worth of live steps plus a padding step, with a mask: its upload is
   the mean over live steps of the per-step term at its current masked params."""
@@ -110,7 +113,7 @@ def test_client_scores_equal_a_brute_force_accumulation_over_local_steps(score):
   assert any(np.any(np.asarray(s) != 0) for s in jax.tree.leaves(out.update["scores"]))
 
 
-@pytest.mark.parametrize("score", ["taylor", "movement"])
+@pytest.mark.parametrize("score", ["taylor", "movement", "update"])
 def test_one_round_selecting_the_score_equals_a_hand_written_reference(score):
   """Round 0 of federated pruning with the score chosen in the config: brute-force clients, the
   example-weighted mean of their uploads, the server's scores (movement shifted by its minimum)
