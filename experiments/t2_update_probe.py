@@ -6,7 +6,8 @@ Two measurements, printed:
    that each other arm keeps too (chance = the kept fraction, 0.30 at 70 % sparsity).
 2. The score itself: from a run's warm start, ``--clients`` clients (the first train speakers with
    a full epoch) each take the run's local steps with a fresh Adam at the run's client learning
-   rate, as the federated clients do; printed: the quantiles of |delta w| / (steps * lr) and the
+   rate, as the federated clients do (but on the speaker's first utterances in order, padded to
+   its longest, not the engine's shuffled, bucketed batches); printed: the quantiles of |delta w| / (steps * lr) and the
    Spearman correlations of the cohort's mean |delta w| with |w| and with the mean |g|, and the
    overlap of its top (1 - sparsity) with magnitude's.
 
@@ -112,7 +113,8 @@ def adam_update_scores(run: pathlib.Path, clients: int) -> None:
   )
   rho = lambda a, b: scipy.stats.spearmanr(a, b).statistic  # noqa: E731
   print(
-    f"Spearman: update-|w| {rho(update, magnitude):.3f}, update-mean|g| {rho(update, mean_grad):.3f},"
+    f"Spearman: update-|w| {rho(update, magnitude):.3f},"
+    f" update-mean|g| {rho(update, mean_grad):.3f},"
     f" saliency(|w| mean|g|)-|w| {rho(magnitude * mean_grad, magnitude):.3f}"
   )
   k = int(round((1 - cfg.pruning.target_sparsity) * update.size))

@@ -1,7 +1,8 @@
 """Importance scores as pluggable units (``pruning.scores``): the registry agrees with the config's
-allowed names; Taylor, movement and update against brute-force accumulations over a client's local steps,
-in one client, in one federated-pruning round (clients, aggregate, server scores, next mask) and
-in the centralized baseline's step; and a run selecting each through the config."""
+allowed names; Taylor, movement and update against brute-force loops over a client's local steps,
+in one client and in one federated-pruning round (clients, aggregate, server scores, next mask);
+saliency, Taylor and movement in the centralized baseline's step; and a run selecting each
+through the config."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def test_movement_shift_keeps_the_order_and_ranks_every_entry_above_zero():
 @pytest.mark.parametrize("score", ["taylor", "movement", "update"])
 def test_client_scores_equal_a_brute_force_accumulation_over_local_steps(score):
   """One client, two epochs' worth of live steps plus a padding step, with a mask: its upload is
-  the mean over live steps of the per-step term at its current masked params."""
+  the mean over live steps of the per-step term at its current masked params (update: the size
+  of its change over those steps)."""
   params = toy.init_params(jax.random.key(1), F, K, hidden=H)
   mask = pruning.prune_mask(pruning.magnitude(params), 0.5)
   data = {k: v[0] for k, v in toy_store(4, 2).get(np.array([1])).items()}
