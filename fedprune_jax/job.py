@@ -82,7 +82,9 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
     ("training_loss", model, programs.config_key(specaug)),
     lambda: task.make_training_loss(model, specaug),
   )
-  train_fs = task.load_train_split(cfg)
+  with corpus_identity.walk_once():  # the train split is listed once for both hashes
+    train_fs = task.load_train_split(cfg)
+    corpus = corpus_identity.of_data_config(cfg.data)
   split_seed = cfg.data.get("split_seed")
   speakers = speaker_split.split_speakers(
     train_fs,
@@ -90,7 +92,6 @@ def _setup(cfg: ml_collections.ConfigDict, progress: bool) -> Setup:
     cfg.seed if split_seed is None else split_seed,
     speaker_split.server_eligible(cfg),
   )
-  corpus = corpus_identity.of_data_config(cfg.data)
   warm = warm_start.train(
     cfg, model, loss_fn, params, train_fs, speakers.server, workdir, progress, corpus
   )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_cli_does_not_import_tensorflow():
   )
 
 
-def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys):
+def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys, monkeypatch):
   from conftest import MICRO_MODEL  # pylint: disable=g-import-not-at-top
 
   programs.clear()  # count the demo's own programs below
@@ -184,7 +185,12 @@ def test_demo_synthesizes_and_prints_dense_vs_pruned(tmp_path, capsys):
   fedavg.warm_start.path = str(tmp_path / "run" / "warm_start")
   fedavg.workdir = str(tmp_path / "fedavg")
   fedavg.pruning = None
+  walked = []  # a run's start lists its train split once (feature cache key and corpus identity)
+  real_walk = os.walk
+  monkeypatch.setattr(os, "walk", lambda d, *a, **k: walked.append(d) or real_walk(d, *a, **k))
   train = job.run(fedavg)["train"]
+  monkeypatch.undo()
+  assert [d for d in walked if os.path.basename(d) == "train"] == [fedavg.data.root + "/train"]
   assert train["algorithm"] == "fedavg"
 
   like = task.make_model(fedavg).init(jax.random.key(0))

@@ -171,3 +171,24 @@ def test_a_cached_warm_start_of_another_corpus_is_refused(tmp_path):
     warm_start.check_record(path, cfg, "b" * 64)
   record.write_text(json.dumps({"inputs": warm_start.inputs_of(cfg)}))  # an older record
   warm_start.check_record(path, cfg, "b" * 64)
+
+
+def test_walk_once_lists_each_split_once_with_the_same_hashes(tmp_path, monkeypatch):
+  """Inside ``walk_once`` the feature cache key and the identity come from one listing of the
+  split and equal the ones from separate walks; after it a changed file is seen again."""
+  a = _write(tmp_path / "a", mtime=1_000_000_000)
+  config, extra = features_lib.DEFAULT_CONFIG, np.dtype(np.float32).str
+  key = batching.split_fingerprint(str(a / "train"), config, extra)
+  ident = corpus_identity.identity(str(a), SPLITS)
+  walked = []
+  real_walk = os.walk
+  monkeypatch.setattr(
+    corpus_identity.os, "walk", lambda d, *args: walked.append(d) or real_walk(d, *args)
+  )
+  with corpus_identity.walk_once():
+    assert batching.split_fingerprint(str(a / "train"), config, extra) == key
+    assert corpus_identity.identity(str(a), SPLITS) == ident
+  assert sorted(os.path.basename(d) for d in walked) == ["dev", "test", "train"]
+  _write(a, {"train/1/10/1-10-0000.flac": b"\x09" * 7}, mtime=1_000_000_001)
+  assert batching.split_fingerprint(str(a / "train"), config, extra) != key
+  assert len(walked) == 4

@@ -13,18 +13,59 @@ reads). Not modification times: a corpus synthesized again byte for byte on a ne
 its identity. Not the audio bytes either, which would mean reading the whole corpus (60 GB for
 LibriSpeech) at each start: a re-rendered audio file of the same size goes unseen. The feature
 cache's fingerprint (``batching.split_fingerprint``) adds the mtimes to the same walk, so it
-notices such a file.
+notices such a file; a run's start (``job``) lists its train split once for both
+(``walk_once``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from fedprune_jax.data.records import CorpusError
 
 SPEAKERS_FILE = "SPEAKERS.TXT"  # the corpus' speaker metadata (sex, subset, accent)
+
+
+_Entry = tuple  # (relative path, size, mtime_ns, sha256 of a *.txt file's content or None)
+_listings: contextvars.ContextVar[dict[str, tuple[_Entry, ...]] | None] = contextvars.ContextVar(
+  "split_listings", default=None
+)
+
+
+@contextlib.contextmanager
+def walk_once() -> Iterator[None]:
+  """Within it, each split directory is walked once and its listing reused (by
+  ``hash_split``): a run's start hashes its train split for the feature cache and again for the
+  corpus identity, 281k files for LibriSpeech-960. Keep it around those back-to-back reads only:
+  a listing is not refreshed while the context is open."""
+  token = _listings.set({})
+  try:
+    yield
+  finally:
+    _listings.reset(token)
+
+
+def _walk(split_dir: str) -> tuple[_Entry, ...]:
+  """Each file of ``split_dir`` in sorted order (dot files and folders left out)."""
+  entries = []
+  for root, dirs, files in os.walk(split_dir):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for name in sorted(files):
+      if name.startswith("."):
+        continue
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, split_dir).replace(os.sep, "/")
+      st = os.stat(full)
+      digest = None
+      if name.endswith(".txt"):
+        with open(full, "rb") as f:
+          digest = hashlib.sha256(f.read()).digest()
+      entries.append((rel, st.st_size, st.st_mtime_ns, digest))
+  return tuple(entries)
 
 
 def hash_split(h: "hashlib._Hash", split_dir: str, *, mtimes: bool) -> None:
@@ -36,20 +77,19 @@ def hash_split(h: "hashlib._Hash", split_dir: str, *, mtimes: bool) -> None:
   """
   if not os.path.isdir(split_dir):
     raise CorpusError(f"split directory {split_dir!r} does not exist")
-  for root, dirs, files in os.walk(split_dir):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    for name in sorted(files):
-      if name.startswith("."):
-        continue
-      full = os.path.join(root, name)
-      rel = os.path.relpath(full, split_dir).replace(os.sep, "/")
-      st = os.stat(full)
-      h.update(f"|{rel}:{st.st_size}".encode())
-      if mtimes:
-        h.update(f":{st.st_mtime_ns}".encode())
-      if name.endswith(".txt"):
-        with open(full, "rb") as f:
-          h.update(hashlib.sha256(f.read()).digest())
+  memo = _listings.get()
+  key = os.path.abspath(split_dir)
+  entries = memo.get(key) if memo is not None else None
+  if entries is None:
+    entries = _walk(split_dir)
+    if memo is not None:
+      memo[key] = entries
+  for rel, size, mtime_ns, digest in entries:
+    h.update(f"|{rel}:{size}".encode())
+    if mtimes:
+      h.update(f":{mtime_ns}".encode())
+    if digest is not None:
+      h.update(digest)
 
 
 def identity(root: str, splits: Sequence[str]) -> str:
