@@ -10,12 +10,16 @@ import numpy as np
 
 from fedprune_jax import metrics
 from fedprune_jax.data import batching
+from fedprune_jax.data import feature_sets
 from fedprune_jax.data import tokenizer
 from fedprune_jax.models import ctc
 
 
 def eval_batches(
-  feature_set: batching.FeatureSet, batch_size: int, num_buckets: int = 4, frame_multiple: int = 16
+  feature_set: feature_sets.FeatureSet,
+  batch_size: int,
+  num_buckets: int = 4,
+  frame_multiple: int = 16,
 ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """Length-sorted fixed-shape batches covering every utterance exactly once.
 
@@ -45,7 +49,7 @@ def eval_batches(
   return result
 
 
-def references(feature_set: batching.FeatureSet) -> list[str]:
+def references(feature_set: feature_sets.FeatureSet) -> list[str]:
   """Reference transcripts, recovered exactly from the stored token ids."""
   return [tokenizer.decode(feature_set.example(i).tokens) for i in range(len(feature_set))]
 
@@ -53,7 +57,7 @@ def references(feature_set: batching.FeatureSet) -> list[str]:
 def evaluate(
   model: Any,
   params: Any,
-  feature_set: batching.FeatureSet,
+  feature_set: feature_sets.FeatureSet,
   *,
   batch_size: int = 64,
   num_buckets: int = 4,
@@ -64,7 +68,7 @@ def evaluate(
   Args:
     model: an ``AsrModel`` (``decode`` and ``per_example_loss`` are used).
     params: its params.
-    feature_set: the split's features (``batching.cached_features``).
+    feature_set: the split's features (``feature_sets.cached_features``).
     batches: precomputed ``eval_batches`` (reuse across evaluations to avoid re-padding).
 
   Returns:

@@ -42,8 +42,8 @@ from fedprune_jax.errors import ConfigError
 from fedprune_jax.algorithms import build
 from fedprune_jax.algorithms import centralized as centralized_lib
 from fedprune_jax.algorithms import costs as costs_lib
-from fedprune_jax.data import batching
 from fedprune_jax.data import corpus_identity
+from fedprune_jax.data import feature_sets
 from fedprune_jax.federated import rounds
 from fedprune_jax.federated.checkpoints import saved_rounds
 from fedprune_jax.models import asr
@@ -62,7 +62,7 @@ class Setup:
   model: asr.AsrModel
   loss_fn: Callable  # the training loss (``task.make_training_loss``), shared per process
   params: PyTree  # the warm start's params, else the initialization (seeded by ``cfg.seed``)
-  train_fs: batching.FeatureSet
+  train_fs: feature_sets.FeatureSet
   speakers: speaker_split.SpeakerSplit
   warm_path: str | None  # where the warm start is saved (None: none)
   corpus: str | None  # the corpus' identity (``corpus_identity``; None for TFDS)

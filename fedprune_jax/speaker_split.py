@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from fedprune_jax.data import batching
+from fedprune_jax.data import feature_sets
 from fedprune_jax.errors import ConfigError
 from fedprune_jax.federated.speakers import SpeakerClientStore
 
@@ -27,7 +28,7 @@ class SpeakerSplit(NamedTuple):
 
 
 def split_speakers(
-  train_fs: batching.FeatureSet,
+  train_fs: feature_sets.FeatureSet,
   num_server: int,
   seed: int,
   eligible: Collection[str] | None = None,
@@ -68,7 +69,7 @@ def server_eligible(cfg: ml_collections.ConfigDict) -> list[str] | None:
   return sorted(spk for spk, accent in of.items() if accent in set(accents))
 
 
-def examples_of(fs: batching.FeatureSet, speakers: list[str]) -> list[batching.Example]:
+def examples_of(fs: feature_sets.FeatureSet, speakers: list[str]) -> list[batching.Example]:
   index = fs.speaker_indices()
   return [fs.example(int(i)) for s in speakers for i in index[s]]
 

@@ -22,7 +22,7 @@ from fedprune_jax import errors
 from fedprune_jax import io_utils
 from fedprune_jax import fields
 from fedprune_jax.data import alignable
-from fedprune_jax.data import batching
+from fedprune_jax.data import feature_sets
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.models import asr
 from fedprune_jax import evaluation as evaluate_lib
@@ -30,11 +30,11 @@ from fedprune_jax import evaluation as evaluate_lib
 Params = Any
 
 
-def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSet:
+def load_split(cfg: ml_collections.ConfigDict, split: str) -> feature_sets.FeatureSet:
   """Features of a split of ``cfg.data.root`` (cached on disk after the first call); ``a+b+c``
   joins several (LibriSpeech train-960: ``train-clean-100+train-clean-360+train-other-500``)."""
   if "+" in split:
-    return batching.concat_feature_sets([load_split(cfg, part) for part in split.split("+")])
+    return feature_sets.concat_feature_sets([load_split(cfg, part) for part in split.split("+")])
   if cfg.data.source == "tfds":
     from fedprune_jax.data import tfds_librispeech  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +44,7 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSe
       examples.append(example)
       utt_ids.append(u.utt_id)
       speakers.append(u.speaker_id)
-    return batching.pack_examples(examples, utt_ids, speakers)
+    return feature_sets.pack_examples(examples, utt_ids, speakers)
   root = pathlib.Path(cfg.data.root)
   split_dir = root / split
   if not split_dir.is_dir():
@@ -53,10 +53,10 @@ def load_split(cfg: ml_collections.ConfigDict, split: str) -> batching.FeatureSe
       f"(run `fedprune corpus synth --out {root}` to make the embedded corpus)"
     )
   cache_dir = cfg.data.cache_dir or str(root / ".features")
-  return batching.cached_features(str(split_dir), cache_dir)
+  return feature_sets.cached_features(str(split_dir), cache_dir)
 
 
-def load_train_split(cfg: ml_collections.ConfigDict) -> batching.FeatureSet:
+def load_train_split(cfg: ml_collections.ConfigDict) -> feature_sets.FeatureSet:
   """The training split, checked for utterances too short for their transcript under the
   model's head (``data.alignable``): an error naming the file, or with
   ``data.skip_unalignable`` each one dropped with a warning."""
@@ -84,7 +84,7 @@ def embedded_corpus(data_cfg: ml_collections.ConfigDict, data_dir: str) -> pathl
 def zip_featurized(utterances):
   """Yields ``(utterance, Example)`` pairs, featurising one utterance at a time."""
   for u in utterances:
-    (example,) = batching.featurize([u])
+    (example,) = feature_sets.featurize([u])
     yield u, example
 
 
@@ -161,12 +161,12 @@ class EvalSplits:
     return {name: self.evaluate(model, params, name) for name in self.feature_sets}
 
 
-def _spread_subset(fs: batching.FeatureSet, limit: int) -> batching.FeatureSet:
+def _spread_subset(fs: feature_sets.FeatureSet, limit: int) -> feature_sets.FeatureSet:
   """At most ``limit`` utterances (0 = all), evenly spread over the split (so over speakers)."""
   if not limit or len(fs) <= limit:
     return fs
   idx = np.linspace(0, len(fs) - 1, limit).round().astype(np.int64)
-  return batching.pack_examples(
+  return feature_sets.pack_examples(
     [fs.example(int(i)) for i in idx], fs.utt_ids[idx], fs.speaker_ids[idx]
   )
 

@@ -198,12 +198,12 @@ def test_evaluation_compiles_once_however_the_params_are_placed():
   the same WER and loss from one compiled evaluation program (``evaluation.committed``; jit keys
   programs by placement, so each run of make demo compiled its evaluation again)."""
   from fedprune_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from fedprune_jax.data import batching  # pylint: disable=g-import-not-at-top
+  from fedprune_jax.data import feature_sets  # pylint: disable=g-import-not-at-top
 
   model = _model()
   rng = np.random.default_rng(0)
   frames, labels = np.array([40, 36, 30]), np.array([3, 2, 4])
-  feature_set = batching.FeatureSet(
+  feature_set = feature_sets.FeatureSet(
     features=rng.normal(size=(frames.sum(), MICRO["input_dim"])).astype(np.float32),
     frame_offsets=np.concatenate([[0], np.cumsum(frames)]).astype(np.int64),
     tokens=rng.integers(1, 29, labels.sum()).astype(np.int32),

@@ -16,7 +16,7 @@ import pytest
 from conftest import fake_results, toy_experiment, write_finished_run
 from fedprune_jax import config as config_lib
 from fedprune_jax import suite, warm_start
-from fedprune_jax.data import batching, corpus_identity
+from fedprune_jax.data import corpus_identity, feature_sets
 from fedprune_jax.data import features as features_lib
 from fedprune_jax.data import tokenizer
 from fedprune_jax.errors import ConfigError, InputError
@@ -90,20 +90,22 @@ def test_identity_by_hand_and_what_changes_it(tmp_path):
 
 
 def test_feature_cache_fingerprint_unchanged_and_sees_mtimes(tmp_path):
-  """``batching.split_fingerprint`` walks the same way, with mtimes: a rewritten file of the same
+  """``feature_sets.split_fingerprint`` walks the same way, with mtimes: a rewritten file of the same
   size has the same corpus identity but a new feature cache key."""
   a = _write(tmp_path / "a", mtime=1_000_000_000)
   config, extra = features_lib.DEFAULT_CONFIG, np.dtype(np.float32).str
-  h = hashlib.sha256(f"v{batching.CACHE_VERSION}|{config!r}|{tokenizer.VOCAB!r}|{extra}".encode())
+  h = hashlib.sha256(
+    f"v{feature_sets.CACHE_VERSION}|{config!r}|{tokenizer.VOCAB!r}|{extra}".encode()
+  )
   for rel in sorted(r for r in FILES if r.startswith("train/")):
     h.update(f"|{rel[len('train/') :]}:{len(FILES[rel])}:1000000000".encode())
     if rel.endswith(".txt"):
       h.update(hashlib.sha256(FILES[rel]).digest())
-  assert batching.split_fingerprint(str(a / "train"), config, extra) == h.hexdigest()
+  assert feature_sets.split_fingerprint(str(a / "train"), config, extra) == h.hexdigest()
   before = corpus_identity.identity(str(a), SPLITS)
   _write(a, {"train/1/10/1-10-0000.flac": b"\x09" * 7}, mtime=1_000_000_001)
   assert corpus_identity.identity(str(a), SPLITS) == before
-  assert batching.split_fingerprint(str(a / "train"), config, extra) != h.hexdigest()
+  assert feature_sets.split_fingerprint(str(a / "train"), config, extra) != h.hexdigest()
   with pytest.raises(Exception, match="does not exist"):
     corpus_identity.identity(str(a), ("train", "nope"))
 
@@ -178,7 +180,7 @@ def test_walk_once_lists_each_split_once_with_the_same_hashes(tmp_path, monkeypa
   split and equal the ones from separate walks; after it a changed file is seen again."""
   a = _write(tmp_path / "a", mtime=1_000_000_000)
   config, extra = features_lib.DEFAULT_CONFIG, np.dtype(np.float32).str
-  key = batching.split_fingerprint(str(a / "train"), config, extra)
+  key = feature_sets.split_fingerprint(str(a / "train"), config, extra)
   ident = corpus_identity.identity(str(a), SPLITS)
   walked = []
   real_walk = os.walk
@@ -186,9 +188,9 @@ def test_walk_once_lists_each_split_once_with_the_same_hashes(tmp_path, monkeypa
     corpus_identity.os, "walk", lambda d, *args: walked.append(d) or real_walk(d, *args)
   )
   with corpus_identity.walk_once():
-    assert batching.split_fingerprint(str(a / "train"), config, extra) == key
+    assert feature_sets.split_fingerprint(str(a / "train"), config, extra) == key
     assert corpus_identity.identity(str(a), SPLITS) == ident
   assert sorted(os.path.basename(d) for d in walked) == ["dev", "test", "train"]
   _write(a, {"train/1/10/1-10-0000.flac": b"\x09" * 7}, mtime=1_000_000_001)
-  assert batching.split_fingerprint(str(a / "train"), config, extra) != key
+  assert feature_sets.split_fingerprint(str(a / "train"), config, extra) != key
   assert len(walked) == 4

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from conftest import MICRO_MODEL
-from fedprune_jax.data import batching
+from fedprune_jax.data import batching, feature_sets
 from fedprune_jax.federated import buckets as buckets_lib
 from fedprune_jax.federated import client, speakers
 
@@ -25,7 +25,7 @@ def _feature_set(seed=0, num_speakers=5, max_utts=23):
       utt.append(f"{100 + s}-1-{u:04d}")
       spk.append(str(100 + s))
   order = rng.permutation(len(exs))
-  return batching.pack_examples(
+  return feature_sets.pack_examples(
     [exs[i] for i in order], [utt[i] for i in order], [spk[i] for i in order]
   )
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import MICRO_MODEL
-from fedprune_jax.data import batching
+from fedprune_jax.data import batching, feature_sets
 from fedprune_jax.algorithms import build
 from fedprune_jax.federated import speakers
 
@@ -26,7 +26,7 @@ def _feature_set(seed=0, num_speakers=6):
       spk.append(str(100 + s))
   order = rng.permutation(len(exs))  # speakers interleaved in the set
   return (
-    batching.pack_examples(
+    feature_sets.pack_examples(
       [exs[i] for i in order], [utt[i] for i in order], [spk[i] for i in order]
     ),
     exs,

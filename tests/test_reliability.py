@@ -322,14 +322,14 @@ def test_short_utterance_is_an_error_naming_its_file(tiny_corpus, tmp_path, caps
 
 
 def test_unalignable_utterances_are_skipped_when_not_strict(caplog):
-  from fedprune_jax.data import alignable, batching
+  from fedprune_jax.data import alignable, batching, feature_sets
 
   examples = [
     batching.Example(np.zeros((40, 80), np.float32), np.array([1, 2, 3], np.int32)),  # T'=10
     batching.Example(np.zeros((12, 80), np.float32), np.array([1, 1, 2], np.int32)),  # 3 < 4
     batching.Example(np.zeros((13, 80), np.float32), np.array([1, 1, 2], np.int32)),  # 4 >= 4
   ]
-  fs = batching.pack_examples(examples, ["s-c-0", "s-c-1", "s-c-2"], ["s", "s", "s"])
+  fs = feature_sets.pack_examples(examples, ["s-c-0", "s-c-1", "s-c-2"], ["s", "s", "s"])
   assert alignable.unalignable(fs, "ctc") == [(1, 3, 4)]
   assert alignable.unalignable(fs, "rnnt") == []
   kept = alignable.check_alignable(fs, "ctc", "split", strict=False)

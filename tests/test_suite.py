@@ -12,13 +12,11 @@ import pathlib
 import re
 import shutil
 
-import numpy as np
 import pytest
 
 from conftest import MICRO_MODEL, fake_results, toy_experiment, write_finished_run
 from fedprune_jax import cli, report, suite
 from fedprune_jax import statistics as st
-from fedprune_jax.data import batching
 from fedprune_jax.errors import InputError
 
 # Shrinks the setting to the tiny test corpus (6 speakers: 4 train, 1 dev, 1 test).
@@ -590,25 +588,6 @@ def test_full_setting_wiring_on_a_librispeech_layout(tiny_corpus, tmp_path):
   results = json.loads((tmp_path / "runs" / entry["dir"] / "results.json").read_text())
   assert results["train"]["num_clients"] == 3  # 4 train speakers over 3 splits, 1 server-side
   assert results["final"]["test"]["num_utterances"] == 4
-
-
-def test_concat_feature_sets_equals_packing_everything_at_once():
-  rng = np.random.default_rng(0)
-  examples = [
-    batching.Example(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(1, 9, size=m))
-    for n, m in ((4, 2), (6, 3), (2, 1), (5, 4))
-  ]
-  ids = [f"u{i}" for i in range(4)]
-  spk = ["a", "a", "b", "c"]
-  whole = batching.pack_examples(examples, ids, spk)
-  parts = [
-    batching.pack_examples(examples[:1], ids[:1], spk[:1]),
-    batching.pack_examples(examples[1:3], ids[1:3], spk[1:3]),
-    batching.pack_examples(examples[3:], ids[3:], spk[3:]),
-  ]
-  joined = batching.concat_feature_sets(parts)
-  for field in ("features", "frame_offsets", "tokens", "token_offsets", "utt_ids", "speaker_ids"):
-    np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field))
 
 
 def test_run_experiments_runs_the_claims_seeds_by_default(tmp_path, monkeypatch):

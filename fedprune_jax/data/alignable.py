@@ -17,7 +17,7 @@ import pathlib
 
 import numpy as np
 
-from fedprune_jax.data import batching
+from fedprune_jax.data import feature_sets
 from fedprune_jax.data.records import CorpusError
 
 
@@ -35,7 +35,7 @@ def min_encoder_frames(tokens: np.ndarray, head: str) -> int:
   return int(len(tokens) + np.count_nonzero(tokens[1:] == tokens[:-1]))
 
 
-def unalignable(fs: batching.FeatureSet, head: str) -> list[tuple[int, int, int]]:
+def unalignable(fs: feature_sets.FeatureSet, head: str) -> list[tuple[int, int, int]]:
   """``(index, encoder frames, frames needed)`` of each utterance of ``fs`` that cannot align."""
   have = encoder_frames(fs.num_frames)
   out = []
@@ -48,8 +48,8 @@ def unalignable(fs: batching.FeatureSet, head: str) -> list[tuple[int, int, int]
 
 
 def check_alignable(
-  fs: batching.FeatureSet, head: str, split_dir: str | pathlib.Path, strict: bool = True
-) -> batching.FeatureSet:
+  fs: feature_sets.FeatureSet, head: str, split_dir: str | pathlib.Path, strict: bool = True
+) -> feature_sets.FeatureSet:
   """``fs`` without the utterances that cannot align (see module docstring).
 
   Raises CorpusError naming the first one's audio file (and how many there are) when
@@ -77,6 +77,6 @@ def check_alignable(
     logging.warning("skipping: %s", describe(*item))
   dropped = {i for i, _, _ in bad}
   keep = np.array([i for i in range(len(fs)) if i not in dropped], np.int64)
-  return batching.pack_examples(
+  return feature_sets.pack_examples(
     [fs.example(int(i)) for i in keep], fs.utt_ids[keep], fs.speaker_ids[keep]
   )

@@ -12,7 +12,7 @@ the transcripts' contents, and the root's ``SPEAKERS.TXT`` (the accents that ``T
 reads). Not modification times: a corpus synthesized again byte for byte on a new machine keeps
 its identity. Not the audio bytes either, which would mean reading the whole corpus (60 GB for
 LibriSpeech) at each start: a re-rendered audio file of the same size goes unseen. The feature
-cache's fingerprint (``batching.split_fingerprint``) adds the mtimes to the same walk, so it
+cache's fingerprint (``feature_sets.split_fingerprint``) adds the mtimes to the same walk, so it
 notices such a file; a run's start (``job``) lists its train split once for both
 (``walk_once``).
 """

@@ -1,6 +1,6 @@
 """Speakers as clients: a ClientStore over a featurised split.
 
-Wraps ``fedprune_jax.data.batching.FeatureSet`` (all utterances' log-mel
+Wraps ``fedprune_jax.data.feature_sets.FeatureSet`` (all utterances' log-mel
 frames + tokens, concatenated) without copying it: each speaker's examples
 are padded into its bucket's ``[S, B, ...]`` tensors only when a chunk that
 contains the speaker is fetched.
@@ -31,7 +31,7 @@ class SpeakerClientStore(ClientStore):
   """One client per speaker of a ``FeatureSet``.
 
   Args:
-    feature_set: a ``batching.FeatureSet`` (or any object with its fields).
+    feature_set: a ``feature_sets.FeatureSet`` (or any object with its fields).
     batch_size: B.
     num_buckets: shape buckets (compilations).
     round_to: T and L are rounded up to a multiple of this.
