@@ -59,11 +59,30 @@ def wer_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
   ax.set_xlabel("target sparsity (%)")
   ax.set_ylabel("test WER (%)")
   ax.set_title("F1: WER vs sparsity (mean ± std over seeds)")
-  ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
+  _legend_and_note(fig, ax)
   _save(fig, path)
   plt.close(fig)
+
+
+# what our row and column patterns remove (the axis convention; experiments/configs/t1_pattern.py)
+_AXIS_NOTE = (
+  "Flax kernels W are [in, out]: column = an output neuron's fan-in, row = an input unit's fan-out"
+)
+
+
+def _legend_and_note(fig, ax) -> None:
+  """One legend right of the plots (inside them it hid lines) and, when the patterns include rows
+  or columns, what they are below; then a layout that keeps both inside the figure."""
+  handles, labels = ax.get_legend_handles_labels()
+  legend = fig.legend(handles, labels, loc="center right", fontsize=8)
+  bottom = 0.0
+  if any(p.split(" ")[0] in ("row", "column", "half_row", "half_column") for p in labels):
+    fig.text(0.5, 0.01, _AXIS_NOTE, ha="center", va="bottom", fontsize=7)
+    bottom = 0.05
+  fig.canvas.draw()
+  legend_width = legend.get_window_extent().width / fig.bbox.width
+  fig.tight_layout(rect=(0, bottom, 1 - legend_width - 0.01, 1))
 
 
 def cost_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
@@ -109,9 +128,8 @@ def cost_vs_sparsity(arms: dict, path: pathlib.Path) -> None:
     ax.set_xlabel("target sparsity (%)")
     ax.set_ylabel(label, fontsize=8)
     ax.grid(alpha=0.3)
-  axes.flat[0].legend(fontsize=7)
   fig.suptitle("F2: client cost vs sparsity")
-  fig.tight_layout()
+  _legend_and_note(fig, axes.flat[0])
   _save(fig, path)
   plt.close(fig)
 
@@ -132,8 +150,10 @@ def claims_forest(rows: list[dict], path: pathlib.Path) -> None:
       left out.
   """
   rows = [r for r in rows if r["n"] > 0]
+  labels = [f"{r['table']}: {r['claim']} (n={r['n']}/{r['planned']})" for r in reversed(rows)]
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.4), dpi=110)
+  height = 0.45 * len(rows) + 1.6
+  fig, ax = plt.subplots(figsize=(10, height), dpi=110)
   for y, r in enumerate(reversed(rows)):
     colour = _READING_COLOURS.get(r["reading"].split(" ")[0].rstrip(":"), "tab:gray")
     mean = 100 * r["mean"]
@@ -146,15 +166,17 @@ def claims_forest(rows: list[dict], path: pathlib.Path) -> None:
       ax.fill_betweenx([y - 0.3, y + 0.3], -100 * r["margin"], 100 * r["margin"], alpha=0.15)
   ax.axvline(0, color="k", linewidth=0.8)
   ax.set_yticks(range(len(rows)))
-  ax.set_yticklabels(
-    [f"{r['table']}: {r['claim']} (n={r['n']}/{r['planned']})" for r in reversed(rows)], fontsize=7
-  )
+  ax.set_yticklabels(labels, fontsize=7)
   ax.set_xlabel("a - b, test WER points (95% speaker bootstrap)")
-  ax.set_title(
+  fig.suptitle(  # over the whole figure: the plot alone is narrower than the title
     "The paper's claims: green reproduces, red does not, grey inconclusive; hollow: provisional",
     fontsize=9,
   )
   ax.grid(axis="x", alpha=0.3)
+  # as wide as the longest claim's label (measured once drawn) plus 5 inches for the plot
+  fig.canvas.draw()
+  label_width = max(t.get_window_extent().width for t in ax.get_yticklabels()) / fig.dpi
+  fig.set_size_inches(label_width + 5.0, height)
   fig.tight_layout()
   _save(fig, path)
   plt.close(fig)

@@ -232,3 +232,61 @@ def test_report_claims_section_provisional_readings_and_tables_not_run(tmp_path)
   assert "| pruned - dense | +11.2 ± 0.8 | - | 5 of 6 |" in text  # the table's row
   assert "| 5 of 6 | reproduces (provisional: 5 of 6 replicates) |" in text  # the claims row
   assert "| t9 | 10 of 12 |" in text  # the closing table: runs done of planned
+
+
+def _texts_inside(fig) -> int:
+  """Asserts every text of ``fig`` (titles, labels, legends, notes; not x tick labels, some of
+  which lie outside the view limits, undrawn) lies inside the figure; returns how many."""
+  import matplotlib.text
+
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  ticks = {t for ax in fig.axes for t in ax.get_xticklabels()}
+  texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text() and t not in ticks]
+  for text in texts:
+    extent = text.get_window_extent(renderer)
+    assert fig.bbox.x0 - 1 <= extent.x0 and extent.x1 <= fig.bbox.x1 + 1, text.get_text()
+    assert fig.bbox.y0 - 1 <= extent.y0 and extent.y1 <= fig.bbox.y1 + 1, text.get_text()
+  return len(texts)
+
+
+def test_figures_keep_their_titles_labels_and_legends_inside(tmp_path, monkeypatch):
+  """The claims figure with T1-length claims (its title used to run off the right edge), and F1
+  / F2 with T1's six patterns (legend and axis note): no text leaves the saved figure."""
+  from fedprune_jax import report_figures
+
+  checked = []
+  monkeypatch.setattr(report_figures, "_save", lambda fig, path: checked.append(_texts_inside(fig)))
+  claim = "column beats row, y = Wx convention: fan-out - fan-in at 50% (negative: reproduces)"
+  rows = [
+    dict(
+      table="t1_pattern",
+      claim=claim * k,
+      mean=0.01 * k,
+      interval=(0.0, 0.02 * k),
+      n=10,
+      planned=10,
+      expect="lower",
+      margin=0.01,
+      reading="reproduces",
+    )
+    for k in (1, 2)
+  ]
+  report_figures.claims_forest(rows, tmp_path / "claims.png")
+  metrics = dict(
+    test_wer=0.4,
+    bytes_down_sent=2e6,
+    bytes_up_sent=2e6,
+    client_flops_per_step=1e9,
+    client_train_memory_bytes=2e8,
+    bytes_down_dense=4e6,
+    client_flops_per_step_dense=2e9,
+  )
+  arms = {"dense": {"seeds": {0: {"test_wer": 0.33}}}}
+  for pattern in ("unstructured", "row", "half_row", "column", "half_column", "units"):
+    for s in (0.5, 0.7, 0.8):
+      arms[f"{pattern}@{s}"] = {"seeds": {0: metrics, 1: metrics}}
+  report_figures.wer_vs_sparsity(arms, tmp_path / "f1.png")
+  report_figures.cost_vs_sparsity(arms, tmp_path / "f2.png")
+  # claims: title, 2 labels, x label; F1: + 7 legend entries and the note; F2: 4 panels' labels
+  assert len(checked) == 3 and checked[0] >= 4 and checked[1] >= 11 and checked[2] >= 14, checked
