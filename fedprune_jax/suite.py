@@ -26,6 +26,7 @@ Seeds are the outer loop, splits the next: a table is complete for seed 0 before
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import functools
 import json
@@ -146,6 +147,7 @@ def run_experiment(
   # those resumed from a killed attempt's checkpoint, which finish early, nor failed ones)
   ran, ran_seconds = 0, 0.0
   resumed = set()  # runs that started from a killed attempt's round checkpoint: not the pace
+  retried = set()  # runs whose worker died under them once: started again, not a second time
 
   def needs_states(spec: RunSpec) -> list[str]:  # the states of the arms a run starts from
     return [state_of[key_of[(spec.seed, spec.split, a)]] for a in spec.arm.needs]
@@ -162,8 +164,22 @@ def run_experiment(
     nonlocal ran, ran_seconds
     spec, entry, tag = specs[i], entries[i], tags[i]
     error = future.exception()
+    training.discard(warm_start_of(spec))  # if it is still not on disk, the next run trains it
+    if error is not None and workers_lib.worker_died(error) and i not in retried:
+      # the OS ended its worker (out of memory, a signal), and with it every run of that pool:
+      # each runs again once, from its last round checkpoint, in a new pool
+      retried.add(i)
+      state_of[spec.key] = "pending"
+      entry.update(state="pending")
+      bisect.insort(waiting, i)
+      log(
+        f"{tag} {spec.arm.name} seed {spec.seed}: its worker process died ({error}); again, alone"
+      )
+      return
     if error is not None:
-      entry.update(state="failed", error=f"{type(error).__name__}: {error}")
+      twice = i in retried and workers_lib.worker_died(error)
+      died = "its worker process died twice (killed by the OS: out of memory?): " * twice
+      entry.update(state="failed", error=f"{died}{type(error).__name__}: {error}")
     else:
       suite_index.record_seconds(runs_dir / spec.dirname, future.result())
       entry.update(suite_index.entry(spec, runs_dir))
@@ -178,7 +194,6 @@ def run_experiment(
       )
     else:
       log(f"{tag} {spec.arm.name} seed {spec.seed}: done in {future.result():.0f} s; {pace}")
-    training.discard(warm_start_of(spec))  # if it is still not on disk, the next run trains it
     suite_index.write_index(index_path, experiment, quick, entries)
     if archive is not None:
       archive_runs(runs_dir, archive)
@@ -186,7 +201,10 @@ def run_experiment(
   try:
     while waiting or running:
       for i in list(waiting):
-        if len(running) >= pool.workers:
+        # a run started again after its worker died runs alone, and nothing starts beside it:
+        # if it dies again, it is that run that kills its worker, not a run beside it
+        alone = i in retried or any(j in retried for j in running.values())
+        if len(running) >= pool.workers or (running and alone):
           break
         spec, entry = specs[i], entries[i]
         needs = needs_states(spec)

@@ -15,6 +15,7 @@ machine and worker count, give the same bits). A run's cache key does not hold t
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
 import os
 import time
@@ -68,6 +69,12 @@ def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent
     programs.enable_compilation_cache()
 
 
+def worker_died(error: BaseException) -> bool:
+  """Whether a run's error is its worker process ending under it (killed by the OS, e.g. out of
+  memory, or by a signal), not an error of the run: every run of that pool ends so."""
+  return isinstance(error, concurrent.futures.process.BrokenProcessPool)
+
+
 class RunPool:
   """Executes runs: ``submit(kind, config) -> Future`` of the run's wall seconds.
 
@@ -78,28 +85,38 @@ class RunPool:
   """
 
   def __init__(self, runner: Runner, workers: int = 1):
-    groups = core_groups(workers)
+    self._groups = core_groups(workers)
     self.runner = runner
     self.workers = workers
-    self._pool = None
-    if workers > 1:
-      import jax  # pylint: disable=g-import-not-at-top
+    self.restarts = 0  # pools started anew after a worker died
+    self._pool = self._start() if workers > 1 else None
 
-      context = multiprocessing.get_context("spawn")
-      queue = context.Queue()
-      for group in groups:
-        queue.put(group)
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(queue, bool(jax.config.jax_compilation_cache_dir), os.getpid()),
-      )
+  def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    for group in self._groups:
+      queue.put(group)
+    return concurrent.futures.ProcessPoolExecutor(
+      self.workers,
+      mp_context=context,
+      initializer=_init_worker,
+      initargs=(queue, bool(jax.config.jax_compilation_cache_dir), os.getpid()),
+    )
 
   def submit(self, kind: str, config: ml_collections.ConfigDict) -> concurrent.futures.Future:
+    """Starts a run; a pool whose worker died (its runs end with ``worker_died`` errors) is
+    replaced by a new one first."""
     plain = config.to_dict()
     if self._pool is not None:
-      return self._pool.submit(timed_run, self.runner, kind, plain)
+      try:
+        return self._pool.submit(timed_run, self.runner, kind, plain)
+      except concurrent.futures.process.BrokenProcessPool:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._start()
+        self.restarts += 1
+        return self._pool.submit(timed_run, self.runner, kind, plain)
     future = concurrent.futures.Future()
     try:
       future.set_result(timed_run(self.runner, kind, plain))

@@ -612,3 +612,47 @@ def test_run_experiments_runs_the_claims_seeds_by_default(tmp_path, monkeypatch)
   calls.clear()  # --quick: the first seed only
   suite.run_experiments(names, tmp_path, quick=True, overrides=root, log=lambda line: None)
   assert calls == [(n, (0,)) for n in names]
+
+
+def dying_runner(kind, cfg):
+  """A picklable fake run for worker processes that, by its target sparsity, kills its own worker
+  with SIGKILL (as the kernel's out-of-memory killer does): 0.5 on its first attempt only, 0.6 on
+  every attempt; the others finish."""
+  import signal
+
+  attempts = pathlib.Path(cfg.workdir + ".attempts")
+  attempts.write_text(str(int(attempts.read_text() if attempts.exists() else 0) + 1))
+  sparsity = cfg.pruning.target_sparsity
+  if sparsity == 0.6 or (sparsity == 0.5 and attempts.read_text() == "1"):
+    os.kill(os.getpid(), signal.SIGKILL)
+  write_finished_run(cfg.workdir, fake_results(0.3, sparsity))
+
+
+def test_a_run_whose_worker_dies_runs_again_alone_and_the_suite_goes_on(tmp_path):
+  """A worker killed by the OS breaks its pool and fails every run in flight (it used to end the
+  whole suite): the suite starts a new pool and runs each of them again, alone, so a run that
+  kills its worker every time fails by itself ("died twice") and the others finish."""
+  from fedprune_jax import workers
+
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs 2 CPU cores")
+  arms = tuple(
+    suite.Arm(name, {"pruning.target_sparsity": s}, row=name)
+    for name, s in (("ok1", 0.3), ("dies", 0.5), ("always", 0.6), ("ok2", 0.7))
+  )
+  experiment = toy_experiment(arms, seeds=(0,))
+  lines = []
+  with workers.RunPool(dying_runner, workers=2) as pool:
+    index = suite.run_experiment(experiment, tmp_path, pool=pool, log=lines.append)
+    assert pool.restarts >= 2  # after each arm that killed its worker beside another run
+  state = {r["arm"]: r for r in index["runs"]}
+  assert {a: r["state"] for a, r in state.items()} == {
+    "ok1": "done",
+    "dies": "done",
+    "always": "failed",
+    "ok2": "done",
+  }
+  assert state["always"]["error"].startswith("its worker process died twice"), state["always"]
+  attempts = {a: (tmp_path / (r["dir"] + ".attempts")).read_text() for a, r in state.items()}
+  assert attempts["dies"] == "2" and attempts["always"] == "2", attempts
+  assert any("always seed 0: its worker process died" in line for line in lines), lines
