@@ -51,11 +51,31 @@ def core_groups(workers: int, cores: list[int] | None = None) -> list[list[int]]
   return [cores[i::workers] for i in range(workers)]
 
 
-def timed_run(runner: Runner, kind: str, config: dict) -> float:
-  """Runs ``runner(kind, ConfigDict(config))``; returns its wall seconds."""
+def memory_budget(workers: int) -> int | None:
+  """Resident bytes a worker may keep between runs: a quarter of the machine's memory with two
+  workers (``1 / (2 * workers)``), so a run in flight in each (4-6 GB a run of the 30-word
+  setting, measured) and other work beside them fit. None where the memory is not known."""
+  try:
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+  return total // (2 * workers)
+
+
+def timed_run(runner: Runner, kind: str, config: dict, budget: int | None = None) -> float:
+  """Runs ``runner(kind, ConfigDict(config))``; returns its wall seconds. If this process then
+  holds more than ``budget`` bytes, it returns the memory the run freed to the system, and if it
+  still holds more, it releases its shared programs (``programs.release``): the next runs trace
+  theirs again and find the compiled code in XLA's persistent cache. Kept, they grew a suite
+  worker to 11.8 GB, and the kernel killed it."""
   start = time.monotonic()
   runner(kind, ml_collections.ConfigDict(config))
-  return time.monotonic() - start
+  seconds = time.monotonic() - start
+  if budget is not None and (programs.resident_bytes() or 0) > budget:
+    programs.return_free_memory()  # what the finished run freed first: the programs may fit
+    if (programs.resident_bytes() or 0) > budget:
+      programs.release()
+  return seconds
 
 
 def _init_worker(cores: "multiprocessing.Queue", compilation_cache: bool, parent: int) -> None:
@@ -89,6 +109,7 @@ class RunPool:
     self.runner = runner
     self.workers = workers
     self.restarts = 0  # pools started anew after a worker died
+    self.budget = memory_budget(workers)  # a worker's resident bytes between runs
     self._pool = self._start() if workers > 1 else None
 
   def _start(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -111,15 +132,15 @@ class RunPool:
     plain = config.to_dict()
     if self._pool is not None:
       try:
-        return self._pool.submit(timed_run, self.runner, kind, plain)
+        return self._pool.submit(timed_run, self.runner, kind, plain, self.budget)
       except concurrent.futures.process.BrokenProcessPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._start()
         self.restarts += 1
-        return self._pool.submit(timed_run, self.runner, kind, plain)
+        return self._pool.submit(timed_run, self.runner, kind, plain, self.budget)
     future = concurrent.futures.Future()
     try:
-      future.set_result(timed_run(self.runner, kind, plain))
+      future.set_result(timed_run(self.runner, kind, plain, self.budget))
     except Exception as e:  # pylint: disable=broad-except  (reported by the caller)
       future.set_exception(e)
     return future

@@ -656,3 +656,39 @@ def test_a_run_whose_worker_dies_runs_again_alone_and_the_suite_goes_on(tmp_path
   attempts = {a: (tmp_path / (r["dir"] + ".attempts")).read_text() for a, r in state.items()}
   assert attempts["dies"] == "2" and attempts["always"] == "2", attempts
   assert any("always seed 0: its worker process died" in line for line in lines), lines
+
+
+def test_a_worker_over_its_memory_budget_releases_its_programs_after_a_run(monkeypatch):
+  """``timed_run``: under its budget a process keeps its shared programs for the next run; over
+  it after returning freed memory, it releases them (a suite worker kept growing to 11.8 GB);
+  the budget is a 1 / (2 x workers) share of the machine's memory."""
+  from fedprune_jax import programs, workers
+
+  monkeypatch.setattr(programs, "_cache", type(programs._cache)())
+  if os.path.exists("/proc/self/statm"):  # the real measurement and release, once
+    assert programs.resident_bytes() > 10**7
+  programs.release()
+  resident = {"bytes": 100}
+  monkeypatch.setattr(programs, "resident_bytes", lambda: resident["bytes"])
+  trims = []
+
+  def trim():  # what the run freed goes back: 100 -> 80 bytes
+    trims.append(True)
+    resident["bytes"] = 80
+
+  monkeypatch.setattr(programs, "return_free_memory", trim)
+
+  def runner(kind, cfg):
+    programs.shared(("program", cfg.arm), object)
+    resident["bytes"] = 100
+
+  cfg = {"arm": "a"}
+  workers.timed_run(runner, "federated", cfg, budget=None)
+  workers.timed_run(runner, "federated", cfg, budget=200)
+  assert programs.stats()["entries"] == 1 and not trims  # under the budget: kept, no trim
+  workers.timed_run(runner, "federated", cfg, budget=90)
+  assert programs.stats()["entries"] == 1 and len(trims) == 1  # fits once the freed memory went
+  workers.timed_run(runner, "federated", cfg, budget=50)
+  assert programs.stats()["entries"] == 0 and len(trims) == 3  # released (and trimmed again)
+  total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  assert workers.memory_budget(2) == total // 4 and workers.memory_budget(1) == total // 2
