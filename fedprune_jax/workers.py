@@ -52,14 +52,16 @@ def core_groups(workers: int, cores: list[int] | None = None) -> list[list[int]]
 
 
 def memory_budget(workers: int) -> int | None:
-  """Resident bytes a worker may keep between runs: a quarter of the machine's memory with two
-  workers (``1 / (2 * workers)``), so a run in flight in each (4-6 GB a run of the 30-word
-  setting, measured) and other work beside them fit. None where the memory is not known."""
+  """Resident bytes a worker may keep between runs: ``1 / (3 * workers)`` of the machine's memory.
+  A run of the 30-word setting adds 4-6 GB to what its worker kept (measured every minute on
+  2026-12-05: with a quarter of 24 GB kept, a worker peaked at 9.9 GB), so on 24 GB two workers
+  keep 4 GB each, peak near 10 GB, and leave about 4 GB for everything else. None where the
+  memory is not known."""
   try:
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError):
     return None
-  return total // (2 * workers)
+  return total // (3 * workers)
 
 
 def timed_run(runner: Runner, kind: str, config: dict, budget: int | None = None) -> float:
