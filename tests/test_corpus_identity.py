@@ -90,8 +90,8 @@ def test_identity_by_hand_and_what_changes_it(tmp_path):
 
 
 def test_feature_cache_fingerprint_unchanged_and_sees_mtimes(tmp_path):
-  """``feature_sets.split_fingerprint`` walks the same way, with mtimes: a rewritten file of the same
-  size has the same corpus identity but a new feature cache key."""
+  """``feature_sets.split_fingerprint`` walks the same way, with mtimes: a rewritten file of the
+  same size has the same corpus identity but a new feature cache key."""
   a = _write(tmp_path / "a", mtime=1_000_000_000)
   config, extra = features_lib.DEFAULT_CONFIG, np.dtype(np.float32).str
   h = hashlib.sha256(
