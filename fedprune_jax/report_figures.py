@@ -77,7 +77,7 @@ def _legend_and_note(fig, ax) -> None:
   handles, labels = ax.get_legend_handles_labels()
   legend = fig.legend(handles, labels, loc="center right", fontsize=8)
   bottom = 0.0
-  if any(p.split(" ")[0] in ("row", "column", "half_row", "half_column") for p in labels):
+  if {"row", "column", "half_row", "half_column"} & set(labels):  # labels: the pattern names
     fig.text(0.5, 0.01, _AXIS_NOTE, ha="center", va="bottom", fontsize=7)
     bottom = 0.05
   fig.canvas.draw()

@@ -65,21 +65,15 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 
 def pytest_runtest_teardown(item, nextitem):
   """After a test file's last test (in this process), the process forgets its programs: shared
-  run programs (``programs.clear``) and JAX's in-memory executables (``jax.clear_caches``).
-  Without this an xdist worker holds every program of every file it ran: 6.5 GB resident by
+  run programs and JAX's in-memory executables (``programs.release``, which a suite worker over
+  its memory budget calls too). Without this an xdist worker holds every program of every file it ran: 6.5 GB resident by
   mid-suite, and two suites side by side (plus one training run) were OOM-killed on a 24 GB
   machine. The next file that needs a program finds it in XLA's persistent cache."""
   if nextitem is not None and nextitem.path == item.path:
     return
-  import gc  # pylint: disable=g-import-not-at-top
-
-  import jax  # pylint: disable=g-import-not-at-top
-
   from fedprune_jax import programs  # pylint: disable=g-import-not-at-top
 
-  programs.clear()
-  jax.clear_caches()
-  gc.collect()
+  programs.release()
 
 
 @pytest.fixture(scope="session")
