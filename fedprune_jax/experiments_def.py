@@ -155,19 +155,37 @@ class Experiment:
   def all_seeds(self) -> tuple[int, ...]:
     return tuple(dict.fromkeys(self.seeds + self.claim_seeds))
 
-  @property
-  def claim_arms(self) -> frozenset[str]:
-    """The arms of the comparisons, the reference and (transitively) the arms they start from."""
+  def _with_needs(self, names: Sequence[str]) -> set[str]:
+    """``names`` with (transitively) the arms they start from."""
     by_name = {a.name: a for a in self.arms}
-    todo = [n for c in self.comparisons for n in (c.a, c.b)]
-    todo += [self.reference] if self.reference in by_name else []
-    found: set[str] = set()
+    todo, found = list(names), set()
     while todo:
       name = todo.pop()
       if name not in found:
         found.add(name)
         todo += list(by_name[name].needs)
-    return frozenset(found)
+    return found
+
+  def _reference(self) -> list[str]:
+    return [self.reference] if any(a.name == self.reference for a in self.arms) else []
+
+  @property
+  def claim_arms(self) -> frozenset[str]:
+    """The arms of the comparisons, the reference and (transitively) the arms they start from."""
+    names = [n for c in self.comparisons for n in (c.a, c.b)]
+    return frozenset(self._with_needs(names + self._reference()))
+
+  def start_ranks(self) -> dict[str, int]:
+    """Arm name -> when its runs start (lower first; ties seed-major): the first comparison's
+    arms (with the reference the gate reads, and what they start from) at 0, the next
+    comparison's new arms at 1, ..., arms no comparison reads last. So a suite cut short by its
+    budget has whole comparisons, not a few replicates of every arm."""
+    ranks: dict[str, int] = {}
+    for k, c in enumerate(self.comparisons):
+      first = self._reference() if k == 0 else []
+      for name in self._with_needs([c.a, c.b, *first]):
+        ranks.setdefault(name, k)
+    return {a.name: ranks.get(a.name, len(self.comparisons)) for a in self.arms}
 
   def runs_seed(self, arm: Arm, seed: int) -> bool:
     """Whether ``arm`` runs ``seed``: every arm runs ``seeds``, claim arms ``claim_seeds`` too."""

@@ -106,8 +106,9 @@ def run_experiment(
 ) -> dict:
   """Runs (or resumes) every run of ``experiment``; returns its index.
 
-  Runs are started in order (seed-major) as ``pool`` has room: a run waits for the arms it
-  starts from (``From``), not for the runs before it.
+  Runs are started comparison by comparison (``Experiment.start_ranks``), each seed-major, as
+  ``pool`` has room: a run waits for the arms it starts from (``From``), not for the runs
+  before it.
 
   Args:
     runner: ``runner(kind, cfg) -> results`` (default: ``job.run`` / ``job.run_baseline``).
@@ -133,7 +134,12 @@ def run_experiment(
   check_corpora([s for s, e in zip(specs, entries) if e["state"] == "done"], runs_dir)
   key_of = {(s.seed, s.split, s.arm.name): s.key for s in specs}
   state_of = {s.key: e["state"] for s, e in zip(specs, entries)}  # shared runs: one state
-  waiting = [i for i, spec in enumerate(specs) if spec.seed in wanted]
+  rank = experiment.start_ranks()
+
+  def start_order(i: int) -> tuple[int, int]:
+    return rank[specs[i].arm.name], i
+
+  waiting = sorted((i for i, spec in enumerate(specs) if spec.seed in wanted), key=start_order)
   tags = {
     i: f"[{experiment.name}{' quick' if quick else ''} {n + 1}/{len(waiting)}]"
     for n, i in enumerate(waiting)
@@ -171,7 +177,7 @@ def run_experiment(
       retried.add(i)
       state_of[spec.key] = "pending"
       entry.update(state="pending")
-      bisect.insort(waiting, i)
+      bisect.insort(waiting, i, key=start_order)
       log(
         f"{tag} {spec.arm.name} seed {spec.seed}: its worker process died ({error}); again, alone"
       )
@@ -233,7 +239,7 @@ def run_experiment(
           log(f"{tags[i]} {spec.arm.name} seed {spec.seed}: running in {runs_dir / spec.dirname}")
           running[_submit(pool, spec, runs_dir)] = i
       if not running:
-        if waiting:  # cannot happen: an arm's needs come before it in its seed
+        if waiting:  # cannot happen: an arm's needs start no later than it (start_ranks)
           raise RuntimeError(f"runs {[specs[i].arm.name for i in waiting]} wait on no run")
       else:
         done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")

@@ -1,7 +1,7 @@
 """An experiment expanded into its runs: one resolved config and content key per run.
 
 ``expand`` turns an experiment (``fedprune_jax.experiments_def``) into ``RunSpec``s, one per
-(arm, split, seed), in execution order; a run's key hashes its resolved config (paths written
+(arm, split, seed), in the index's order; a run's key hashes its resolved config (paths written
 relative to RUNS, the workdir left out), so a run shared by several tables is computed once and a
 changed config is a new run. ``materialize`` makes a spec's config runnable under a runs
 directory; ``check_experiment`` validates every run's config before any starts. The scheduler
@@ -101,7 +101,9 @@ def expand(
   data_root: str | None = None,
   overrides: Sequence[str] = (),
 ) -> list[RunSpec]:
-  """The experiment's runs in execution order (seed-major, then split, arms in order).
+  """The experiment's runs (seed-major, then split, arms in order): the index's order.
+
+  ``suite.run_experiment`` starts them comparison by comparison (``Experiment.start_ranks``).
 
   A seed outside ``experiment.seeds`` runs the claim arms only (``Experiment.runs_seed``). A
   run's config: the setting's, then ``--quick``'s ``QUICK`` fields, then the split replicate

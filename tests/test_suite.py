@@ -149,6 +149,45 @@ def test_cache_resume_and_failure_isolation(tmp_path):
   assert sum(r["state"] == "done" for r in index["runs"] if r["seed"] == 0) == 4
 
 
+def test_runs_start_comparison_by_comparison(tmp_path):
+  """The first comparison's arms (with the reference and what they start from) run every
+  replicate first, then the next comparison's, then the arms no comparison reads: a suite cut
+  short has whole comparisons (seed-major, it had a few replicates of every arm)."""
+  arms = (
+    suite.Arm("dense", {"pruning": None}, row="dense"),
+    suite.Arm("extra", {"pruning.target_sparsity": 0.8}, row="e"),
+    suite.Arm("a", {"pruning.target_sparsity": 0.5}, row="a"),
+    suite.Arm("central", {"pruning.target_sparsity": 0.6}, kind=suite.BASELINE, row="c"),
+    suite.Arm("after", {"pruning.mask_path": suite.From("central", "mask.npz")}, row="f"),
+    suite.Arm("b", {"pruning.target_sparsity": 0.7}, row="b"),
+  )
+  comparisons = (suite.Comparison("b - a", "b", "a"), suite.Comparison("after - a", "after", "a"))
+  experiment = toy_experiment(arms, seeds=(0, 1), comparisons=comparisons)
+  assert experiment.start_ranks() == {
+    "dense": 0,
+    "a": 0,
+    "b": 0,
+    "central": 1,
+    "after": 1,
+    "extra": 2,
+  }
+  order = []
+  name = {None: "dense", 0.8: "extra", 0.5: "a", 0.6: "central", 0.7: "b"}
+
+  def runner(kind, cfg):
+    p = cfg.pruning
+    order.append(("after" if p and p.mask_path else name[p and p.target_sparsity], cfg.seed))
+    write_finished_run(pathlib.Path(cfg.workdir), fake_results(0.5))
+    return {}
+
+  suite.run_experiment(experiment, tmp_path, runner=runner, log=lambda s: None)
+  assert order == [
+    ("dense", 0), ("a", 0), ("b", 0), ("dense", 1), ("a", 1), ("b", 1),
+    ("central", 0), ("after", 0), ("central", 1), ("after", 1),
+    ("extra", 0), ("extra", 1),
+  ]  # fmt: skip
+
+
 def _runs_left(lines: list[str]) -> list[int]:
   """The runs left that each finished (or failed) run's log line states."""
   pattern = re.compile(r": (?:done in \d+ s; |FAILED \()(none|\d+) left")
