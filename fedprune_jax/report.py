@@ -11,7 +11,9 @@ how many finished), and renders per experiment:
   comparison a broken model (>= 90% WER); a table out of regime reads "inconclusive";
 * its comparisons: the paired (same replicate: split and seed) difference ``a - b`` of test WER,
   mean +- std, a speaker-level bootstrap interval, the paired t-test and the TOST equivalence test
-  (each Holm-corrected over the table's comparisons), and the reading of the paper's claim;
+  (each Holm-corrected over the table's comparisons, a comparison and its mirror ``b - a`` counted
+  once), and the reading of the paper's claim (provisional while a comparison has fewer
+  replicates than planned, or while the unfinished ones can still change it through Holm);
 * its figures (``report_figures``): ``wer_vs_sparsity`` (F1) and ``cost_vs_sparsity`` (F2);
 
 and then every comparison that states a claim of the paper in one table, with its replicates done
@@ -175,8 +177,9 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
     )
     row["out_of_regime"] = gate["failures"] + stats_lib.broken_arms(broken)
     rows.append(row)
+  running = len({_hypothesis(r) for r in rows if r["n"] < r["planned"]})
   for key in ("p", "p_tost"):
-    for row, adjusted in zip(rows, stats_lib.holm([r[key] for r in rows])):
+    for row, adjusted in zip(rows, _holm_by_hypothesis(rows, key)):
       row[f"{key}_holm"] = adjusted
   for row in rows:
     row["reading"] = stats_lib.reading(
@@ -189,9 +192,53 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
       row["out_of_regime"],
       (row["a"], row["b"]),
     )
-    if row["n"] < row["planned"]:  # the table is still running (or a run failed)
+    row["provisional"] = row["n"] < row["planned"]  # still running (or a run failed)
+    if row["provisional"]:
       row["reading"] += f" (provisional: {row['n']} of {row['planned']} replicates)"
+  if running:
+    _mark_unsettled(rows, running)
   return rows
+
+
+def _hypothesis(row: dict) -> tuple:
+  """What a comparison tests: ``b - a`` is the same test as ``a - b`` (T1's two axis
+  conventions), one member of Holm's family, not two."""
+  return row["metric"], frozenset((row["a"], row["b"])), row["margin"]
+
+
+def _holm_by_hypothesis(rows: list[dict], key: str, running_p: float | None = None) -> list[float]:
+  """Holm-adjusted p-values ``key`` of ``rows``, each hypothesis counted once.
+
+  ``running_p``: the raw p-value given to the comparisons still running (default: their p so far).
+  Holm's adjusted p-values rise with every raw p-value, so 0 and 1 bound what a finished
+  comparison's will be once the others finish.
+  """
+  first: dict[tuple, dict] = {}
+  for r in rows:
+    first.setdefault(_hypothesis(r), r)
+  raw = [
+    r[key] if running_p is None or r["n"] >= r["planned"] else running_p for r in first.values()
+  ]
+  adjusted = dict(zip(first, stats_lib.holm(raw)))
+  return [adjusted[_hypothesis(r)] for r in rows]
+
+
+def _mark_unsettled(rows: list[dict], running: int) -> None:
+  """Marks provisional each finished comparison whose reading the ``running`` unfinished ones can
+  still change through Holm's correction (a test significant at one bound, not at the other)."""
+  bounds = {
+    (key, p): _holm_by_hypothesis(rows, key, p) for key in ("p", "p_tost") for p in (0.0, 1.0)
+  }
+  for i, row in enumerate(rows):
+    settled = all(
+      (bounds[key, 0.0][i] < stats_lib.ALPHA) == (bounds[key, 1.0][i] < stats_lib.ALPHA)
+      for key in ("p", "p_tost")
+    )
+    if not row["provisional"] and not settled:
+      row["provisional"] = True
+      row["reading"] += (
+        f" (provisional: Holm's correction waits for {running} test(s) still running)"
+      )
 
 
 def _p(p: float) -> str:

@@ -141,13 +141,13 @@ _READING_COLOURS = {"reproduces": "tab:green", "does": "tab:red", "inconclusive"
 def claims_forest(rows: list[dict], path: pathlib.Path) -> None:
   """The paper's claims: each comparison's mean paired difference a - b of test WER (points) with
   its 95% speaker-bootstrap interval (a bare point where there is none), coloured by its reading,
-  hollow while provisional (fewer replicates than planned), the equivalence margin shaded for
+  hollow while provisional (``report.comparison_rows``), the equivalence margin shaded for
   "similar" claims.
 
   Args:
-    rows: ``report.claim_rows``: dicts with ``table``, ``claim``, ``mean``, ``interval`` (a pair
-      or None), ``n``, ``planned``, ``expect``, ``margin`` and ``reading``; rows with ``n`` = 0 are
-      left out.
+    rows: ``report.comparison_rows``: dicts with ``table``, ``claim``, ``mean``, ``interval`` (a pair
+      or None), ``n``, ``planned``, ``provisional``, ``expect``, ``margin`` and ``reading``; rows
+      with ``n`` = 0 are left out.
   """
   rows = [r for r in rows if r["n"] > 0]
   labels = [f"{r['table']}: {r['claim']} (n={r['n']}/{r['planned']})" for r in reversed(rows)]
@@ -160,7 +160,7 @@ def claims_forest(rows: list[dict], path: pathlib.Path) -> None:
     if r["interval"] is not None:
       lo, hi = (100 * x for x in r["interval"])
       ax.plot([lo, hi], [y, y], color=colour, linewidth=2)
-    hollow = r["n"] < r["planned"]
+    hollow = r["provisional"]
     ax.plot([mean], [y], "o", color=colour, markerfacecolor="white" if hollow else colour)
     if r["expect"] == "equivalent":
       ax.fill_betweenx([y - 0.3, y + 0.3], -100 * r["margin"], 100 * r["margin"], alpha=0.15)

@@ -200,6 +200,68 @@ def test_report_holm_over_a_table(tmp_path):
   assert np.isclose(st.holm(raw), [2 * raw[0], max(2 * raw[0], raw[1])]).all()
 
 
+def test_report_holm_counts_a_comparison_and_its_mirror_once(tmp_path):
+  """T1 states column - row under both axis conventions: x - dense and dense - x are one test
+  (the same t and TOST p-values), so Holm's family has 2 members here, not 3."""
+  dense = ([0.30, 0.31, 0.32], [0.29, 0.30, 0.31])
+  x = ([0.33, 0.35, 0.34], [0.3] * 3)  # diffs .03, .04, .02
+  y = ([0.31, 0.33, 0.31], [0.3] * 3)  # diffs .01, .02, -.01
+  comparisons = [
+    dict(claim="x - dense", a="x", b="dense", metric="test_wer"),
+    dict(claim="dense - x", a="dense", b="x", metric="test_wer"),
+    dict(claim="y - dense", a="y", b="dense", metric="test_wer"),
+  ]
+  text = _write_table(tmp_path, {"dense": dense, "x": x, "y": y}, 0.5, comparisons)
+  raw = [st.paired_t([0.03, 0.04, 0.02])[1], st.paired_t([0.01, 0.02, -0.01])[1]]
+  x_adjusted, y_adjusted = st.holm(raw)
+  assert x_adjusted != st.holm(raw + raw[:1])[0]  # a family of 3 would adjust it differently
+  rows = [line for line in text.splitlines() if line.startswith(("| x - dense", "| dense - x"))]
+  assert len(rows) == 2 and all(f"| {x_adjusted:.3f} |" in row for row in rows)
+  assert f"| {y_adjusted:.3f} |" in next(r for r in text.splitlines() if r.startswith("| y - d"))
+
+
+def test_a_finished_comparison_is_provisional_while_holm_can_still_change_it(tmp_path):
+  """While a comparison of its table runs, a finished one's reading is provisional if the
+  unfinished p-values, anywhere in [0, 1], can move its Holm-adjusted p across 0.05; a reading no
+  outcome of theirs changes is final. Brute force: Holm over the finished p-values and a running
+  comparison's p on a grid."""
+  dense = ([0.30, 0.31, 0.32, 0.30, 0.31], [0.29, 0.30, 0.31, 0.29, 0.30])
+  clear = ([0.40, 0.42, 0.44, 0.41, 0.43], [0.3] * 5)  # +11 points: p ~ 1e-5
+  near = ([0.32, 0.31, 0.34, 0.31, 0.335], [0.3] * 5)  # diffs .02, 0, .02, .01, .025: p ~ .03
+  comparisons = [
+    dict(claim="clear - dense", a="clear", b="dense", metric="test_wer", expect="higher"),
+    dict(claim="near - dense", a="near", b="dense", metric="test_wer", expect="higher"),
+    dict(claim="later - dense", a="later", b="dense", metric="test_wer", expect="higher"),
+  ]
+  later = ([0.35], [0.3])  # 1 of its 5 replicates finished
+  arms = {"dense": dense, "clear": clear, "near": near, "later": later}
+  root = tmp_path / "running"
+  _write_table(root, arms, 0.5, comparisons)
+  index = json.loads((root / "t9.json").read_text())
+  for seed in range(1, 5):
+    index["runs"].append(
+      dict(arm="later", seed=seed, split=0, dir=f"runs/later-{seed}", state="pending", row="later",
+           col="", report=True)
+    )  # fmt: skip
+  (root / "t9.json").write_text(json.dumps(index))
+  text = report.render(root)
+  p_clear = st.paired_t([0.10, 0.11, 0.12, 0.11, 0.12])[1]
+  p_near = st.paired_t([0.02, 0.0, 0.02, 0.01, 0.025])[1]
+  grid = np.linspace(0.0, 1.0, 101)
+  near_can_cross = {st.holm([p_clear, p_near, q])[1] < st.ALPHA for q in grid}
+  clear_can_cross = {st.holm([p_clear, p_near, q])[0] < st.ALPHA for q in grid}
+  assert near_can_cross == {True, False} and clear_can_cross == {True}  # the case's premise
+  line = {r.split(" |")[0]: r for r in text.splitlines() if " - dense |" in r}
+  assert line["| clear - dense"].endswith("| reproduces |")
+  assert (
+    "(provisional: Holm's correction waits for 1 test(s) still running)" in (line["| near - dense"])
+  )
+  assert "(provisional: 1 of 5 replicates)" in line["| later - dense"]
+  # the same finished runs with the table complete: no reading provisional
+  _write_table(tmp_path / "done", {**arms, "later": (later[0] * 5, later[1] * 5)}, 0.5, comparisons)
+  assert "provisional" not in (tmp_path / "done" / "report" / "report.md").read_text()
+
+
 def test_report_claims_section_provisional_readings_and_tables_not_run(tmp_path):
   """The claims table repeats each claim's reading from its table (descriptive comparisons left
   out) with replicates done of planned; a reading on fewer replicates than planned is marked
@@ -266,6 +328,7 @@ def test_figures_keep_their_titles_labels_and_legends_inside(tmp_path, monkeypat
       interval=(0.0, 0.02 * k),
       n=10,
       planned=10,
+      provisional=False,
       expect="lower",
       margin=0.01,
       reading="reproduces",
