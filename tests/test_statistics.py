@@ -184,17 +184,23 @@ def test_report_gate_pass_and_each_failure(tmp_path):
   assert "(a) the warm start's dev WER is not recorded" in text
 
 
+# three arms of three replicates: (per-seed test WER, per-seed dev WER)
+HOLM_ARMS = {
+  "dense": ([0.30, 0.31, 0.32], [0.29, 0.30, 0.31]),
+  "x": ([0.33, 0.35, 0.34], [0.3] * 3),  # diffs .03, .04, .02
+  "y": ([0.31, 0.33, 0.31], [0.3] * 3),  # diffs .01, .02, -.01
+}
+HOLM_RAW = [st.paired_t([0.03, 0.04, 0.02])[1], st.paired_t([0.01, 0.02, -0.01])[1]]
+
+
 def test_report_holm_over_a_table(tmp_path):
   """Two comparisons: the t-test p-values in the table are Holm's of the raw ones."""
-  dense = ([0.30, 0.31, 0.32], [0.29, 0.30, 0.31])
-  x = ([0.33, 0.35, 0.34], [0.3] * 3)  # diffs .03, .04, .02
-  y = ([0.31, 0.33, 0.31], [0.3] * 3)  # diffs .01, .02, -.01
   comparisons = [
     dict(claim="x - dense", a="x", b="dense", metric="test_wer"),
     dict(claim="y - dense", a="y", b="dense", metric="test_wer"),
   ]
-  text = _write_table(tmp_path, {"dense": dense, "x": x, "y": y}, 0.5, comparisons)
-  raw = [st.paired_t([0.03, 0.04, 0.02])[1], st.paired_t([0.01, 0.02, -0.01])[1]]
+  text = _write_table(tmp_path, HOLM_ARMS, 0.5, comparisons)
+  raw = HOLM_RAW
   adjusted = sorted([2 * min(raw), max(2 * min(raw), max(raw))])
   assert f"| {adjusted[0]:.3f} |" in text and f"| {min(1.0, adjusted[1]):.3f} |" in text
   assert np.isclose(st.holm(raw), [2 * raw[0], max(2 * raw[0], raw[1])]).all()
@@ -203,16 +209,13 @@ def test_report_holm_over_a_table(tmp_path):
 def test_report_holm_counts_a_comparison_and_its_mirror_once(tmp_path):
   """T1 states column - row under both axis conventions: x - dense and dense - x are one test
   (the same t and TOST p-values), so Holm's family has 2 members here, not 3."""
-  dense = ([0.30, 0.31, 0.32], [0.29, 0.30, 0.31])
-  x = ([0.33, 0.35, 0.34], [0.3] * 3)  # diffs .03, .04, .02
-  y = ([0.31, 0.33, 0.31], [0.3] * 3)  # diffs .01, .02, -.01
   comparisons = [
     dict(claim="x - dense", a="x", b="dense", metric="test_wer"),
     dict(claim="dense - x", a="dense", b="x", metric="test_wer"),
     dict(claim="y - dense", a="y", b="dense", metric="test_wer"),
   ]
-  text = _write_table(tmp_path, {"dense": dense, "x": x, "y": y}, 0.5, comparisons)
-  raw = [st.paired_t([0.03, 0.04, 0.02])[1], st.paired_t([0.01, 0.02, -0.01])[1]]
+  text = _write_table(tmp_path, HOLM_ARMS, 0.5, comparisons)
+  raw = HOLM_RAW
   x_adjusted, y_adjusted = st.holm(raw)
   assert x_adjusted != st.holm(raw + raw[:1])[0]  # a family of 3 would adjust it differently
   rows = [line for line in text.splitlines() if line.startswith(("| x - dense", "| dense - x"))]
