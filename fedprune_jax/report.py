@@ -177,7 +177,7 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
     )
     row["out_of_regime"] = gate["failures"] + stats_lib.broken_arms(broken)
     rows.append(row)
-  running = len({_hypothesis(r) for r in rows if r["n"] < r["planned"]})
+  running = len({_hypothesis(r) for r in rows if _unfinished(r)})
   for key in ("p", "p_tost"):
     for row, adjusted in zip(rows, _holm_by_hypothesis(rows, key)):
       row[f"{key}_holm"] = adjusted
@@ -192,12 +192,17 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
       row["out_of_regime"],
       (row["a"], row["b"]),
     )
-    row["provisional"] = row["n"] < row["planned"]  # still running (or a run failed)
+    row["provisional"] = _unfinished(row)
     if row["provisional"]:
       row["reading"] += f" (provisional: {row['n']} of {row['planned']} replicates)"
   if running:
     _mark_unsettled(rows, running)
   return rows
+
+
+def _unfinished(row: dict) -> bool:
+  """Whether a comparison has fewer replicates than planned: still running (or a run failed)."""
+  return row["n"] < row["planned"]
 
 
 def _hypothesis(row: dict) -> tuple:
@@ -216,9 +221,7 @@ def _holm_by_hypothesis(rows: list[dict], key: str, running_p: float | None = No
   first: dict[tuple, dict] = {}
   for r in rows:
     first.setdefault(_hypothesis(r), r)
-  raw = [
-    r[key] if running_p is None or r["n"] >= r["planned"] else running_p for r in first.values()
-  ]
+  raw = [running_p if running_p is not None and _unfinished(r) else r[key] for r in first.values()]
   adjusted = dict(zip(first, stats_lib.holm(raw)))
   return [adjusted[_hypothesis(r)] for r in rows]
 
