@@ -182,22 +182,27 @@ def comparison_rows(index: dict, arms: dict, gate: dict) -> list[dict[str, Any]]
     for row, adjusted in zip(rows, _holm_by_hypothesis(rows, key)):
       row[f"{key}_holm"] = adjusted
   for row in rows:
-    row["reading"] = stats_lib.reading(
-      row.get("expect", ""),
-      row["mean"],
-      row["n"],
-      row["p_holm"],
-      row["p_tost_holm"],
-      row["margin"],
-      row["out_of_regime"],
-      (row["a"], row["b"]),
-    )
+    row["reading"] = _read(row, row["p_holm"], row["p_tost_holm"])
     row["provisional"] = _unfinished(row)
     if row["provisional"]:
       row["reading"] += f" (provisional: {row['n']} of {row['planned']} replicates)"
   if running:
     _mark_unsettled(rows, running)
   return rows
+
+
+def _read(row: dict, p_holm: float, p_tost_holm: float) -> str:
+  """The comparison's reading given its Holm-adjusted p-values."""
+  return stats_lib.reading(
+    row.get("expect", ""),
+    row["mean"],
+    row["n"],
+    p_holm,
+    p_tost_holm,
+    row["margin"],
+    row["out_of_regime"],
+    (row["a"], row["b"]),
+  )
 
 
 def _unfinished(row: dict) -> bool:
@@ -228,15 +233,12 @@ def _holm_by_hypothesis(rows: list[dict], key: str, running_p: float | None = No
 
 def _mark_unsettled(rows: list[dict], running: int) -> None:
   """Marks provisional each finished comparison whose reading the ``running`` unfinished ones can
-  still change through Holm's correction (a test significant at one bound, not at the other)."""
-  bounds = {
-    (key, p): _holm_by_hypothesis(rows, key, p) for key in ("p", "p_tost") for p in (0.0, 1.0)
-  }
+  still change through Holm's correction (one reading with their raw p-values at 0, another at 1;
+  a reading that does not use the p-values, e.g. out of regime, is settled)."""
+  bounds = {p: [_holm_by_hypothesis(rows, key, p) for key in ("p", "p_tost")] for p in (0.0, 1.0)}
   for i, row in enumerate(rows):
-    settled = all(
-      (bounds[key, 0.0][i] < stats_lib.ALPHA) == (bounds[key, 1.0][i] < stats_lib.ALPHA)
-      for key in ("p", "p_tost")
-    )
+    low, high = ((adjusted[i] for adjusted in bounds[p]) for p in (0.0, 1.0))
+    settled = _read(row, *low) == _read(row, *high)
     if not row["provisional"] and not settled:
       row["provisional"] = True
       row["reading"] += (

@@ -238,28 +238,39 @@ def test_a_finished_comparison_is_provisional_while_holm_can_still_change_it(tmp
   ]
   later = ([0.35], [0.3])  # 1 of its 5 replicates finished
   arms = {"dense": dense, "clear": clear, "near": near, "later": later}
-  root = tmp_path / "running"
-  _write_table(root, arms, 0.5, comparisons)
-  index = json.loads((root / "t9.json").read_text())
-  for seed in range(1, 5):
-    index["runs"].append(
-      dict(arm="later", seed=seed, split=0, dir=f"runs/later-{seed}", state="pending", row="later",
-           col="", report=True)
-    )  # fmt: skip
-  (root / "t9.json").write_text(json.dumps(index))
-  text = report.render(root)
+
+  def running_table(name: str, warm: float) -> dict[str, str]:
+    root = tmp_path / name
+    _write_table(root, arms, warm, comparisons)
+    index = json.loads((root / "t9.json").read_text())
+    for seed in range(1, 5):
+      index["runs"].append(
+        dict(arm="later", seed=seed, split=0, dir=f"runs/later-{seed}", state="pending",
+             row="later", col="", report=True)
+      )  # fmt: skip
+    (root / "t9.json").write_text(json.dumps(index))
+    text = report.render(root)
+    return {r.split(" |")[0]: r for r in text.splitlines() if " - dense |" in r}
+
   p_clear = st.paired_t([0.10, 0.11, 0.12, 0.11, 0.12])[1]
   p_near = st.paired_t([0.02, 0.0, 0.02, 0.01, 0.025])[1]
   grid = np.linspace(0.0, 1.0, 101)
   near_can_cross = {st.holm([p_clear, p_near, q])[1] < st.ALPHA for q in grid}
   clear_can_cross = {st.holm([p_clear, p_near, q])[0] < st.ALPHA for q in grid}
   assert near_can_cross == {True, False} and clear_can_cross == {True}  # the case's premise
-  line = {r.split(" |")[0]: r for r in text.splitlines() if " - dense |" in r}
+  line = running_table("running", 0.5)
   assert line["| clear - dense"].endswith("| reproduces |")
   assert (
     "(provisional: Holm's correction waits for 1 test(s) still running)" in (line["| near - dense"])
   )
   assert "(provisional: 1 of 5 replicates)" in line["| later - dense"]
+  # out of regime (the dense reference improves its warm start by 5 points, not 10): the reading
+  # does not use the p-values, so no outcome of the running test changes it
+  line = running_table("out_of_regime", 0.35)
+  assert line["| near - dense"].endswith(
+    "| inconclusive: setting out of regime ((a) dense federated training improves dev WER by 5.2"
+    " points over its warm start (35.0% -> 29.8%), needs >= 10.0: short by 4.8) |"
+  )
   # the same finished runs with the table complete: no reading provisional
   _write_table(tmp_path / "done", {**arms, "later": (later[0] * 5, later[1] * 5)}, 0.5, comparisons)
   assert "provisional" not in (tmp_path / "done" / "report" / "report.md").read_text()
