@@ -235,10 +235,12 @@ def _mark_unsettled(rows: list[dict], running: int) -> None:
   """Marks provisional each finished comparison whose reading the ``running`` unfinished ones can
   still change through Holm's correction (one reading with their raw p-values at 0, another at 1;
   a reading that does not use the p-values, e.g. out of regime, is settled)."""
-  bounds = {p: [_holm_by_hypothesis(rows, key, p) for key in ("p", "p_tost")] for p in (0.0, 1.0)}
+  low, high = (
+    list(zip(_holm_by_hypothesis(rows, "p", p), _holm_by_hypothesis(rows, "p_tost", p)))
+    for p in (0.0, 1.0)
+  )
   for i, row in enumerate(rows):
-    low, high = ((adjusted[i] for adjusted in bounds[p]) for p in (0.0, 1.0))
-    settled = _read(row, *low) == _read(row, *high)
+    settled = _read(row, *low[i]) == _read(row, *high[i])
     if not row["provisional"] and not settled:
       row["provisional"] = True
       row["reading"] += (
